@@ -1,0 +1,109 @@
+"""Rank and parameter counting: the one source used by training, freezing, export, reports and tests.
+
+A layer with kernel ``rows x cols`` kept at rank ``r`` costs ``r * (rows + cols)`` parameters, unless
+``r >= break_even_rank(rows, cols) = floor(rows * cols / (rows + cols))``: then the factors are no
+smaller than the kernel, export keeps it dense, and it costs ``rows * cols``. Biases are not counted.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from softlm_jax import tree
+from softlm_jax.config import CompressionConfig
+
+INT_MAX = 2**31 - 1
+
+
+def break_even_rank(rows: int, cols: int) -> int:
+  """floor(rows*cols / (rows+cols)): the rank from which a factored layer is kept dense."""
+  return rows * cols // (rows + cols)
+
+
+def layer_cost(rank: jax.typing.ArrayLike, rows: int, cols: int) -> jax.Array:
+  """Counted parameters of one layer at ``rank`` (scalar int array, jit-friendly)."""
+  rank = jnp.asarray(rank, jnp.int32)
+  return jnp.where(rank >= break_even_rank(rows, cols), rows * cols, rank * (rows + cols))
+
+
+def layer_shape(layer: Mapping) -> tuple[int, int]:
+  """(rows, cols) of the kernel a factored layer represents, in the module's storage layout."""
+  return int(np.shape(layer["left"])[0]), int(np.shape(layer["right"])[-1])
+
+
+def effective_rank(layer: Mapping) -> jax.Array:
+  """Rank a factored layer has after export (scalar int32; traced under jit).
+
+  SoftLM training form: ``#{s > alpha}`` (exactly the non-zero entries of ``Th(s)`` with c = 0).
+  LLRC training form: ``#{mask_logits > 0}`` (the hard mask). Exported form: the factors' width.
+  """
+  if "alpha" in layer:
+    return jnp.sum(layer["s"] > layer["alpha"]).astype(jnp.int32)
+  if "mask_logits" in layer:
+    return jnp.sum(layer["mask_logits"] > 0).astype(jnp.int32)
+  return jnp.asarray(np.shape(layer["left"])[1], jnp.int32)
+
+
+def layer_ranks(params: Mapping, cfg: Optional[CompressionConfig] = None) -> dict[str, jax.Array]:
+  """``{path: rank}`` of every factored layer; with ``cfg`` also selected dense kernels (full rank)."""
+  out = {path: effective_rank(layer) for path, layer in tree.factored_layers(params)}
+  if cfg is not None:
+    for path, k in tree.selected_kernels(params, cfg, strict=False):
+      out[path] = jnp.asarray(min(np.shape(k)), jnp.int32)
+  return out
+
+
+def _shapes(params: Mapping, cfg: Optional[CompressionConfig]) -> dict[str, tuple[int, int]]:
+  out = {path: layer_shape(layer) for path, layer in tree.factored_layers(params)}
+  if cfg is not None:
+    out.update({p: tuple(np.shape(k)) for p, k in tree.selected_kernels(params, cfg, strict=False)})
+  return out
+
+
+def count_params(params: Mapping, cfg: Optional[CompressionConfig] = None) -> jax.Array:
+  """Counted kernel parameters of the compressed layers (scalar int32 array; jit-friendly).
+
+  Counts every factored layer (training or exported form) with :func:`layer_cost`, and, when ``cfg``
+  is given, every dense kernel ``cfg`` selects at ``rows * cols`` (so on the dense model it gives the
+  dense total, and on an exported tree it also counts the layers export kept dense).
+  """
+  ranks = layer_ranks(params, cfg)
+  shapes = _shapes(params, cfg)
+  total = jnp.zeros((), jnp.int32)
+  for path, r in ranks.items():
+    total = total + layer_cost(r, *shapes[path])
+  return total
+
+
+def dense_params(params: Mapping, cfg: Optional[CompressionConfig] = None) -> int:
+  """Dense kernel parameters of the same layers that :func:`count_params` counts (static int)."""
+  total = sum(r * c for r, c in _shapes(params, cfg).values())
+  if total > INT_MAX:
+    raise ValueError(f"the selected layers hold {total} parameters, more than int32 counting allows; "
+                     "enable jax_enable_x64 or select fewer layers")
+  return total
+
+
+def target_params(params: Mapping, cfg: CompressionConfig) -> int:
+  """The budget: floor((1 - target_ratio) * dense_params)."""
+  return int(np.floor((1.0 - cfg.target_ratio) * dense_params(params, cfg)))
+
+
+def budget_report(params: Mapping, cfg: CompressionConfig) -> dict:
+  """Plain-Python summary (outside jit): per-layer rank and shape, totals, target, whether it is met."""
+  ranks = {p: int(r) for p, r in layer_ranks(params, cfg).items()}
+  shapes = _shapes(params, cfg)
+  counted = int(count_params(params, cfg))
+  dense = dense_params(params, cfg)
+  target = target_params(params, cfg)
+  return {
+      "layers": {p: {"rank": ranks[p], "shape": list(shapes[p]),
+                     "break_even": break_even_rank(*shapes[p]),
+                     "params": int(layer_cost(ranks[p], *shapes[p]))} for p in ranks},
+      "counted_params": counted, "dense_params": dense, "target_params": target,
+      "achieved_ratio": 1.0 - counted / dense if dense else 0.0, "budget_met": counted <= target,
+  }

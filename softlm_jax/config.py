@@ -1,0 +1,98 @@
+"""Compression configuration and layer selection.
+
+Names follow the SoftLM paper (arXiv 2411.10543): ``alpha`` is the per-layer learnable threshold on
+singular values, ``sharpness`` is the paper's ``s`` (called ``k`` in this project's docs) in
+``Th(x) = x * tanh(k (x - alpha))``, ``gamma`` weighs the compression loss, ``target_ratio`` is the
+compression ratio CR (the fraction of the selected layers' dense kernel parameters to remove).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Optional, Union
+
+#: Default selection: every kernel inside a numbered block of a transformer / SSM stack.
+#: Matches HF BERT ``encoder/layer/3/...``, GPT-2 ``h/3/...``, Llama/Mamba ``layers/3/...``.
+DEFAULT_INCLUDE = r"(^|/)(layer|layers|h|blocks?)/\d+/"
+#: Never compressed by default: embeddings, LM heads, poolers and classifier heads.
+DEFAULT_EXCLUDE = r"(embed|wte|wpe|lm_head|pooler|classifier|score|qa_outputs)"
+
+LOSSES = ("adaptive", "linear")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressionConfig:
+  """What to compress and how (SoftLM and the LLRC mask share it).
+
+  Attributes:
+    target_ratio: CR in (0, 1): fraction of the selected layers' dense kernel parameters to remove.
+      The parameter target is ``floor((1 - CR) * sum_l m_l * n_l)``.
+    sharpness: ``k`` in ``Th(s) = s * tanh(k (s - alpha))``. With ``normalize=True`` (default) it acts
+      on singular values divided by the layer's largest one at decomposition time, so ``k`` is unitless
+      and one value fits every layer and model.
+    normalize: scale each layer's spectrum so its largest singular value is 1 (the scale is folded into
+      the right factor, so the represented kernel is unchanged). Alpha then reads as "fraction of the
+      layer's top singular value". ``False`` keeps raw singular values as in the paper.
+    floor: the paper's constant ``c`` used below the threshold (0 in the paper).
+    gamma: weight of the compression loss: ``L = L_task + gamma * L_cmp``.
+    alpha_lr: learning rate of the thresholds (their own optax partition).
+    loss: ``"adaptive"`` (``sum exp(-alpha)``, paper eq. 9) or ``"linear"`` (``-sum alpha``, eq. 8).
+    init_rank: ``"full"`` (min(m, n)), ``"break_even"`` (floor(mn/(m+n)): factors cost no more than
+      the dense kernel) or an int (clipped to min(m, n)).
+    include: regex searched in each kernel's '/'-joined path; ``None`` = ``DEFAULT_INCLUDE``
+      restricted to 2-D kernels. An explicit pattern that selects a non-2-D kernel is an error.
+    exclude: regex; matching paths are never selected. ``None`` = ``DEFAULT_EXCLUDE``.
+    method: ``"softlm"`` (learned threshold) or ``"llrc"`` (learned singular-value masks).
+  """
+
+  target_ratio: float = 0.5
+  sharpness: float = 1000.0
+  normalize: bool = True
+  floor: float = 0.0
+  gamma: float = 0.01
+  alpha_lr: float = 1e-3
+  loss: str = "adaptive"
+  init_rank: Union[str, int] = "full"
+  include: Optional[str] = None
+  exclude: Optional[str] = None
+  method: str = "softlm"
+
+  def __post_init__(self):
+    if not (isinstance(self.target_ratio, (int, float)) and 0.0 < self.target_ratio < 1.0):
+      raise ValueError(f"target_ratio must be in (0, 1) (fraction of parameters to remove), "
+                       f"got {self.target_ratio!r}")
+    if not self.sharpness > 0:
+      raise ValueError(f"sharpness must be > 0, got {self.sharpness!r}")
+    if self.gamma < 0:
+      raise ValueError(f"gamma must be >= 0, got {self.gamma!r}")
+    if not self.alpha_lr > 0:
+      raise ValueError(f"alpha_lr must be > 0, got {self.alpha_lr!r}")
+    if self.loss not in LOSSES:
+      raise ValueError(f"unknown loss {self.loss!r}; expected one of {LOSSES}")
+    if self.method not in ("softlm", "llrc"):
+      raise ValueError(f"unknown method {self.method!r}; expected 'softlm' or 'llrc'")
+    if isinstance(self.init_rank, bool) or not (
+        self.init_rank in ("full", "break_even") or (isinstance(self.init_rank, int) and self.init_rank > 0)):
+      raise ValueError(f"init_rank must be 'full', 'break_even' or a positive int, got {self.init_rank!r}")
+    for name in ("include", "exclude"):
+      pattern = getattr(self, name)
+      if pattern is not None:
+        try:
+          re.compile(pattern)
+        except re.error as e:
+          raise ValueError(f"{name} is not a valid regex: {pattern!r} ({e})") from None
+
+  @property
+  def include_re(self) -> re.Pattern:
+    return re.compile(self.include if self.include is not None else DEFAULT_INCLUDE)
+
+  @property
+  def exclude_re(self) -> re.Pattern:
+    return re.compile(self.exclude if self.exclude is not None else DEFAULT_EXCLUDE)
+
+  def matches(self, path: str) -> bool:
+    """Whether the module at ``path`` ('/'-joined, without the leaf name) is selected by the regexes."""
+    return bool(self.include_re.search(path + "/")) and not self.exclude_re.search(path)
+
+  def replace(self, **changes) -> "CompressionConfig":
+    return dataclasses.replace(self, **changes)

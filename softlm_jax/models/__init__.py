@@ -1,0 +1,1 @@
+"""Model-specific glue (Hugging Face Flax models, a Flax Mamba port)."""

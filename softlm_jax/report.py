@@ -1,0 +1,66 @@
+"""Reports: results JSON, Markdown tables and the rank heatmap (paper Figure 6: blocks x layer types)."""
+from __future__ import annotations
+
+import json
+import re
+from typing import Mapping, Optional, Sequence
+
+
+def block_and_type(path: str) -> tuple[int, str]:
+  """``"bert/encoder/layer/3/attention/self/query"`` -> ``(3, "attention/self/query")``."""
+  m = re.search(r"/(\d+)/(.*)$", path)
+  if not m:
+    return -1, path
+  return int(m.group(1)), m.group(2)
+
+
+def rank_grid(ranks: Mapping[str, int]) -> tuple[list[str], list[int], list[list[Optional[int]]]]:
+  """(layer types, blocks, grid[type][block]) from ``{path: rank}``."""
+  cells = {block_and_type(p): int(r) for p, r in ranks.items()}
+  types = sorted({t for _, t in cells}, key=lambda t: list(dict.fromkeys(t2 for _, t2 in cells)).index(t))
+  blocks = sorted({b for b, _ in cells})
+  return types, blocks, [[cells.get((b, t)) for b in blocks] for t in types]
+
+
+def rank_heatmap(ranks: Mapping[str, int], path: str, title: str = "",
+                 full: Optional[Mapping[str, int]] = None) -> None:
+  """Writes a PNG heatmap of ranks (annotated; colour = rank / full rank when ``full`` is given)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+  types, blocks, grid = rank_grid(ranks)
+  if full is not None:
+    _, _, fgrid = rank_grid(full)
+    colour = np.array([[np.nan if r is None else r / f for r, f in zip(row, frow)]
+                       for row, frow in zip(grid, fgrid)], float)
+  else:
+    colour = np.array([[np.nan if r is None else r for r in row] for row in grid], float)
+  fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(blocks), 0.9 + 0.45 * len(types)))
+  im = ax.imshow(colour, cmap="viridis", aspect="auto", vmin=0, vmax=1 if full is not None else None)
+  for i, row in enumerate(grid):
+    for j, r in enumerate(row):
+      if r is not None:
+        ax.text(j, i, str(r), ha="center", va="center", color="w" if colour[i, j] < 0.6 * np.nanmax(colour) else "k",
+                fontsize=8)
+  ax.set_xticks(range(len(blocks)), [str(b) for b in blocks])
+  ax.set_yticks(range(len(types)), types, fontsize=8)
+  ax.set_xlabel("block")
+  fig.colorbar(im, ax=ax, label="rank / full rank" if full is not None else "rank")
+  ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def markdown_table(rows: Sequence[Mapping], columns: Sequence[str]) -> str:
+  def fmt(v):
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+  return "\n".join(lines) + "\n"
+
+
+def write_json(obj, path: str) -> None:
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=2, default=float)

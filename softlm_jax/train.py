@@ -1,0 +1,160 @@
+"""A jitted trainer with the paper's two phases, orbax checkpoints that resume, and a progress bar.
+
+Phase 1 (compress): ``L_task + gamma * L_cmp`` until the counted params reach the budget, at which
+point :func:`softlm_jax.budget_freeze` (inside the jitted step) stops the thresholds.
+Phase 2 (fine-tune): ``finetune_steps`` more steps with thresholds frozen. Trees without thresholds
+(dense fine-tuning, the static-SVD baseline) simply run ``steps`` steps with the same step function.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from softlm_jax import budget, losses
+from softlm_jax.config import CompressionConfig
+from softlm_jax.intercept import intercept
+from softlm_jax.optim import budget_state
+
+
+class TrainState(NamedTuple):
+  """step: int32 (); params, opt_state: pytrees; rng: uint32 (2,) raw PRNG key (checkpointable)."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def init_state(params, tx: optax.GradientTransformation, seed: int = 0) -> TrainState:
+  """Fresh state. Copies ``params``: the train step donates its state, and trees from
+  compress/static_svd share untouched leaves (embeddings, biases) with the caller's tree."""
+  params = jax.tree.map(jnp.array, params)
+  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(seed))
+
+
+def make_train_step(task_loss: Callable, tx: optax.GradientTransformation,
+                    cfg: Optional[CompressionConfig] = None) -> Callable:
+  """Returns ``train_step(state, batch) -> (state, metrics)``, jitted, the state donated.
+
+  Args:
+    task_loss: ``(params, batch, rng) -> scalar`` run under :func:`softlm_jax.intercept`.
+    tx: e.g. :func:`softlm_jax.make_optimizer`.
+    cfg: the compression config (adds ``gamma * L_cmp``); None for dense fine-tuning.
+  """
+  def step(state: TrainState, batch):
+    rng, sub = jax.random.split(state.rng)
+
+    def total(p):
+      with intercept(cfg):
+        task = task_loss(p, batch, sub)
+      cmp = losses.compression_loss(p, cfg) if cfg is not None else jnp.zeros(())
+      return task + cmp, (task, cmp)
+
+    (loss, (task, cmp)), grads = jax.value_and_grad(total, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "task_loss": task, "cmp_loss": cmp, "params": budget.count_params(params)}
+    bs = budget_state(opt_state)
+    if bs is not None:
+      metrics.update(frozen=bs.frozen, freeze_step=bs.freeze_step)
+    return TrainState(state.step + 1, params, opt_state, rng), metrics
+
+  return jax.jit(step, donate_argnums=(0,))
+
+
+def _manager(ckpt_dir: str, max_to_keep: int = 2):
+  import orbax.checkpoint as ocp
+  return ocp.CheckpointManager(os.path.abspath(ckpt_dir),
+                               options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+
+
+def save_checkpoint(ckpt_dir: str, state: TrainState, manager=None) -> None:
+  import orbax.checkpoint as ocp
+  mgr = manager or _manager(ckpt_dir)
+  mgr.save(int(state.step), args=ocp.args.StandardSave(state._asdict()), force=True)
+  mgr.wait_until_finished()
+
+
+def restore_checkpoint(ckpt_dir: str, like: TrainState, manager=None) -> Optional[TrainState]:
+  """Latest checkpoint in ``ckpt_dir`` restored into the structure of ``like``; None if none."""
+  import orbax.checkpoint as ocp
+  mgr = manager or _manager(ckpt_dir)
+  step = mgr.latest_step()
+  if step is None:
+    return None
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like._asdict())
+  return TrainState(**mgr.restore(step, args=ocp.args.StandardRestore(abstract)))
+
+
+def has_thresholds(params) -> bool:
+  return bool(losses.alphas(params).size)
+
+
+def fit(state: TrainState, train_step: Callable, batch_fn: Callable[[int], Any], *,
+        steps: Optional[int] = None, finetune_steps: int = 0, max_compress_steps: int = 1000,
+        ckpt_dir: Optional[str] = None, save_every: int = 100, progress: bool = True,
+        log_every: int = 10, stop_after: Optional[int] = None) -> tuple[TrainState, list[dict]]:
+  """Runs the training loop; resumes from ``ckpt_dir`` when it holds a checkpoint.
+
+  With thresholds in the tree the run ends ``finetune_steps`` after the budget froze them (or
+  ``max_compress_steps + finetune_steps`` if it never does); without, after ``steps``.
+  ``batch_fn(step)`` must be a pure function of the step (resume reproduces the same batches).
+  ``stop_after`` simulates an interruption (tests). Returns the final state and the logged metrics.
+  """
+  compress = has_thresholds(state.params)
+  if not compress and steps is None:
+    raise ValueError("steps is required for trees without thresholds")
+  mgr = _manager(ckpt_dir) if ckpt_dir else None
+  history: list[dict] = []
+  log_path = os.path.join(ckpt_dir, "history.jsonl") if ckpt_dir else None
+  if mgr is not None:
+    restored = restore_checkpoint(ckpt_dir, state, mgr)
+    if restored is not None:
+      state = restored
+      if log_path and os.path.exists(log_path):
+        with open(log_path) as f:
+          history = [r for r in map(json.loads, f) if r["step"] <= int(state.step)]
+
+  def end_step(_=None) -> int:
+    if not compress:
+      return steps
+    bs = budget_state(state.opt_state)
+    if bs is not None and bool(bs.frozen):
+      return int(bs.freeze_step) + finetune_steps
+    return max_compress_steps + finetune_steps
+
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=end_step(None), initial=int(state.step), dynamic_ncols=True, mininterval=2.0)
+  start = time.time()
+  step = int(state.step)
+  while step < end_step(None):
+    if stop_after is not None and step >= stop_after:
+      break
+    state, metrics = train_step(state, batch_fn(step))
+    step += 1
+    if step % log_every == 0 or step == end_step(None):
+      row = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()},
+             "time": time.time() - start}
+      history.append(row)
+      if log_path:
+        with open(log_path, "a") as f:
+          f.write(json.dumps(row) + "\n")
+      if bar is not None:
+        phase = "finetune" if row.get("frozen") else ("compress" if compress else "train")
+        bar.set_postfix(phase=phase, loss=f"{row['loss']:.4f}", params=int(row["params"]), refresh=False)
+    if bar is not None:
+      bar.total = end_step(None)
+      bar.update(1)
+    if mgr is not None and (step % save_every == 0 or step == end_step(None)):
+      save_checkpoint(ckpt_dir, state, mgr)
+  if bar is not None:
+    bar.close()
+  return state, history

@@ -1,0 +1,51 @@
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+VOCAB = 97
+
+
+def tiny_models():
+  """name -> (model class, config): tiny random HF Flax models (seconds to build and run)."""
+  from transformers import (BertConfig, FlaxBertForSequenceClassification, FlaxGPT2LMHeadModel,
+                            FlaxLlamaForCausalLM, GPT2Config, LlamaConfig)
+  return {
+      "bert": (FlaxBertForSequenceClassification,
+               BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=48, max_position_embeddings=64)),
+      "gpt2": (FlaxGPT2LMHeadModel,
+               GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
+      "llama": (FlaxLlamaForCausalLM,
+                LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64)),
+  }
+
+
+_CACHE = {}
+
+
+def build(name, seed=0):
+  if (name, seed) not in _CACHE:
+    cls, cfg = tiny_models()[name]
+    _CACHE[(name, seed)] = cls(cfg, seed=seed)
+  return _CACHE[(name, seed)]
+
+
+@pytest.fixture(params=["bert", "gpt2", "llama"])
+def tiny(request):
+  return request.param, build(request.param)
+
+
+@pytest.fixture
+def ids():
+  return jnp.asarray(np.random.RandomState(0).randint(0, VOCAB, (2, 12)), jnp.int32)
+
+
+def rel_err(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
