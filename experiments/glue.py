@@ -34,7 +34,7 @@ def parse(argv=None):
   ap.add_argument("--model", default="minilm", help="'minilm' (embedded) or a HF name/folder")
   ap.add_argument("--methods", default="softlm,static,dense")
   ap.add_argument("--cr", type=float, default=0.5, help="compression ratio (fraction removed)")
-  ap.add_argument("--finetune-steps", type=int, default=180, help="steps after the budget is met")
+  ap.add_argument("--finetune-steps", type=int, default=150, help="steps after the budget is met")
   ap.add_argument("--max-compress-steps", type=int, default=300)
   ap.add_argument("--steps", type=int, default=None,
                   help="steps for dense/static (default: the SoftLM run's total, else 240)")
@@ -42,7 +42,7 @@ def parse(argv=None):
   ap.add_argument("--max-len", type=int, default=None)
   ap.add_argument("--lr", type=float, default=5e-5)
   ap.add_argument("--alpha-lr", type=float, default=5e-3)
-  ap.add_argument("--gamma", type=float, default=0.01)
+  ap.add_argument("--gamma", type=float, default=1.0)
   ap.add_argument("--sharpness", type=float, default=1000.0)
   ap.add_argument("--loss", default="adaptive", choices=["adaptive", "linear"])
   ap.add_argument("--init-rank", default="full")

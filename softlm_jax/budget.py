@@ -38,13 +38,11 @@ def layer_shape(layer: Mapping) -> tuple[int, int]:
 def effective_rank(layer: Mapping) -> jax.Array:
   """Rank a factored layer has after export (scalar int32; traced under jit).
 
-  SoftLM training form: ``#{s > alpha}`` (exactly the non-zero entries of ``Th(s)`` with c = 0).
-  LLRC training form: ``#{mask_logits > 0}`` (the hard mask). Exported form: the factors' width.
+  Training form: ``#{s > alpha}`` (exactly the non-zero entries of ``Th(s)`` with c = 0).
+  Exported form: the factors' width.
   """
   if "alpha" in layer:
     return jnp.sum(layer["s"] > layer["alpha"]).astype(jnp.int32)
-  if "mask_logits" in layer:
-    return jnp.sum(layer["mask_logits"] > 0).astype(jnp.int32)
   return jnp.asarray(np.shape(layer["left"])[1], jnp.int32)
 
 

@@ -66,19 +66,13 @@ def decompose(params: Mapping, cfg: CompressionConfig) -> dict[str, tuple]:
   return out
 
 
-def _init_mask_logits(k: int) -> np.ndarray:
-  # LLRC: start near 1 (sigmoid(3) = 0.95), decreasing with the index so the mask prefers a prefix.
-  return np.linspace(3.0, 2.0, k, dtype=np.float32)
-
-
 def compress_params(params: Mapping, cfg: CompressionConfig) -> dict:
   """Replaces each selected kernel by its SVD factors plus a threshold.
 
   Each selected module's ``{"kernel": K, "bias": b}`` (``K`` rows x cols in the module's storage
   layout: in x out for ``nn.Dense``, out x in for HF's ``FlaxConv1D``) becomes
   ``{"left": (rows, k), "s": (k,), "right": (k, cols), "alpha": (), "bias": b}`` with
-  ``K = left @ diag(s) @ right``; for ``cfg.method == "llrc"`` ``alpha`` is replaced by
-  ``mask_logits (k,)``. With ``cfg.normalize`` the spectrum is divided by its largest value and the
+  ``K = left @ diag(s) @ right``. With ``cfg.normalize`` the spectrum is divided by its largest value and the
   scale moved into ``right``. Everything else is returned unchanged (as plain dicts).
 
   Raises:
@@ -98,24 +92,18 @@ def compress_params(params: Mapping, cfg: CompressionConfig) -> dict:
     new["left"] = jnp.asarray(u[:, :k], dtype)
     new["s"] = jnp.asarray(s[:k] / scale, dtype)
     new["right"] = jnp.asarray(vt[:k] * scale, dtype)
-    if cfg.method == "llrc":
-      new["mask_logits"] = jnp.asarray(_init_mask_logits(k))
-    else:
-      new["alpha"] = jnp.zeros((), jnp.float32)
+    new["alpha"] = jnp.zeros((), jnp.float32)
     return new
 
   return tree.map_modules(params, replace)
 
 
-def singular_scale(layer: Mapping, cfg: CompressionConfig, *, hard: bool = False) -> jax.Array:
-  """The vector that multiplies the factors' ``k`` columns, shape ``(k,)``.
+def singular_scale(layer: Mapping, cfg: CompressionConfig) -> jax.Array:
+  """The vector that multiplies a training-form layer's ``k`` factor columns: ``Th(s)``, shape ``(k,)``.
 
-  SoftLM: ``Th(s)``. LLRC: ``s * mask`` (relaxed sigmoid mask in training, straight-through hard mask
-  when ``hard`` or in the forward value). Exported layers have none (their scale is merged).
+  Exported layers have none (it is merged into ``left``). This is the one place a selection rule
+  turns singular values into the forward pass's scale; export merges exactly this vector.
   """
   if "alpha" in layer:
     return soft_threshold(layer["s"], layer["alpha"], sharpness=cfg.sharpness, floor=cfg.floor)
-  if "mask_logits" in layer:
-    from softlm_jax import llrc  # local import: llrc builds on this module
-    return layer["s"] * llrc.mask(layer["mask_logits"], cfg, hard=hard).astype(layer["s"].dtype)
-  raise ValueError("layer has no singular values (already exported?)")
+  raise ValueError(f"layer with keys {sorted(layer)} has no threshold (already exported?)")

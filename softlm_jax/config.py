@@ -22,7 +22,7 @@ LOSSES = ("adaptive", "linear")
 
 @dataclasses.dataclass(frozen=True)
 class CompressionConfig:
-  """What to compress and how (SoftLM and the LLRC mask share it).
+  """What to compress and how.
 
   Attributes:
     target_ratio: CR in (0, 1): fraction of the selected layers' dense kernel parameters to remove.
@@ -42,20 +42,18 @@ class CompressionConfig:
     include: regex searched in each kernel's '/'-joined path; ``None`` = ``DEFAULT_INCLUDE``
       restricted to 2-D kernels. An explicit pattern that selects a non-2-D kernel is an error.
     exclude: regex; matching paths are never selected. ``None`` = ``DEFAULT_EXCLUDE``.
-    method: ``"softlm"`` (learned threshold) or ``"llrc"`` (learned singular-value masks).
   """
 
   target_ratio: float = 0.5
   sharpness: float = 1000.0
   normalize: bool = True
   floor: float = 0.0
-  gamma: float = 0.01
-  alpha_lr: float = 1e-3
+  gamma: float = 1.0
+  alpha_lr: float = 5e-3
   loss: str = "adaptive"
   init_rank: Union[str, int] = "full"
   include: Optional[str] = None
   exclude: Optional[str] = None
-  method: str = "softlm"
 
   def __post_init__(self):
     if not (isinstance(self.target_ratio, (int, float)) and 0.0 < self.target_ratio < 1.0):
@@ -69,8 +67,6 @@ class CompressionConfig:
       raise ValueError(f"alpha_lr must be > 0, got {self.alpha_lr!r}")
     if self.loss not in LOSSES:
       raise ValueError(f"unknown loss {self.loss!r}; expected one of {LOSSES}")
-    if self.method not in ("softlm", "llrc"):
-      raise ValueError(f"unknown method {self.method!r}; expected 'softlm' or 'llrc'")
     if isinstance(self.init_rank, bool) or not (
         self.init_rank in ("full", "break_even") or (isinstance(self.init_rank, int) and self.init_rank > 0)):
       raise ValueError(f"init_rank must be 'full', 'break_even' or a positive int, got {self.init_rank!r}")

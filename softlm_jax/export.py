@@ -21,7 +21,7 @@ def _emit(node: Mapping, left: np.ndarray, right: np.ndarray, dtype) -> dict:
   """Module params for factors ``left (rows, r)``, ``right (r, cols)``: factored or, at/above
   break-even, dense."""
   rows, r, cols = left.shape[0], left.shape[1], right.shape[1]
-  keep = {k: v for k, v in node.items() if k not in ("left", "right", "s", "alpha", "mask_logits", "kernel")}
+  keep = {k: v for k, v in node.items() if k not in ("left", "right", "s", "alpha", "kernel")}
   if r >= budget.break_even_rank(rows, cols):
     keep["kernel"] = jnp.asarray(left.astype(np.float32) @ right.astype(np.float32), dtype)
   else:
@@ -34,7 +34,7 @@ def export_params(params: Mapping, cfg: Optional[CompressionConfig] = None) -> d
   """Compact inference tree from a training-form tree.
 
   For each training-form layer: ``left <- (left * scale)[:, kept]``, ``right <- right[kept]`` with
-  ``scale = Th(s)`` (SoftLM) or ``s * hard_mask`` (LLRC) and ``kept = scale != 0``; the rank is
+  ``scale = Th(s)`` and ``kept = scale != 0``; the rank is
   :func:`softlm_jax.budget.effective_rank`. Already-exported layers and dense modules pass through.
   Run it outside ``jit`` (output shapes depend on the learned ranks).
   """
@@ -44,7 +44,7 @@ def export_params(params: Mapping, cfg: Optional[CompressionConfig] = None) -> d
     if not tree.is_factored(node) or "s" not in node:
       return node
     rank = int(budget.effective_rank(node))
-    scale = np.asarray(singular_scale(node, cfg, hard=True), np.float32)
+    scale = np.asarray(singular_scale(node, cfg), np.float32)
     # Rank and kept set must agree: keep the `rank` largest |scale| entries (ties cannot add rank).
     kept = np.sort(np.argsort(-np.abs(scale), kind="stable")[:rank])
     left = np.asarray(node["left"], np.float32)[:, kept] * scale[kept]

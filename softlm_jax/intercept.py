@@ -78,7 +78,7 @@ def make_interceptor(cfg: Optional[CompressionConfig] = None) -> Callable:
       raise TypeError(f"layer '{path}': module type {type(module).__name__} holds factored params but "
                       f"softlm_jax does not know its kernel layout; call "
                       f"softlm_jax.register_layout({type(module).__name__}, 'in_out' or 'out_in')")
-    layer = {k: module.get_variable("params", k) for k in ("left", "right", "s", "alpha", "mask_logits")
+    layer = {k: module.get_variable("params", k) for k in ("left", "right", "s", "alpha")
              if module.has_variable("params", k)}
     bias = module.get_variable("params", "bias") if module.has_variable("params", "bias") else None
     scale = singular_scale(layer, cfg) if "s" in layer else None

@@ -14,7 +14,7 @@ import optax
 from softlm_jax import budget, tree
 from softlm_jax.config import CompressionConfig
 
-THRESHOLD_KEYS = ("alpha", "mask_logits")
+THRESHOLD_KEYS = ("alpha",)
 
 
 class BudgetState(NamedTuple):
@@ -43,7 +43,7 @@ def _path(keypath) -> tuple[str, ...]:
 
 
 def param_labels(params) -> object:
-  """Tree of labels: ``"alpha"`` for thresholds (and LLRC mask logits), ``"weights"`` otherwise."""
+  """Tree of labels: ``"alpha"`` for thresholds, ``"weights"`` otherwise."""
   return jax.tree_util.tree_map_with_path(
       lambda kp, _: "alpha" if _path(kp)[-1] in THRESHOLD_KEYS else "weights", params)
 

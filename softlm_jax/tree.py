@@ -2,7 +2,7 @@
 
 A *factored layer* is a module's parameter dict that holds ``left`` (rows x k) and ``right``
 (k x cols) instead of ``kernel`` (rows x cols, in the module's own storage layout), plus, in training
-form, ``s`` (k,) and either ``alpha`` () (SoftLM) or ``mask_logits`` (k,) (LLRC).
+form, ``s`` (k,) and the threshold ``alpha`` ().
 """
 from __future__ import annotations
 

