@@ -18,3 +18,5 @@ __all__ = [
     "intercept", "layer_cost", "layer_ranks", "linear_loss", "make_optimizer", "register_layout",
     "singular_scale", "soft_threshold", "static_ranks", "static_svd", "target_params",
 ]
+
+from softlm_jax import data, metrics, models, report, train, tree  # noqa: E402  (submodules)

@@ -1,1 +1,2 @@
-"""Model-specific glue (Hugging Face Flax models, a Flax Mamba port)."""
+"""Model-specific glue (Hugging Face Flax models)."""
+from softlm_jax.models import hf  # noqa: F401
