@@ -110,7 +110,8 @@ def run_method(method, args, cfg, model, train_enc, train_labels, dev_enc, dev_l
   state, history = train.fit(state, step_fn, batch_fn, steps=steps, finetune_steps=args.finetune_steps,
                              max_compress_steps=args.max_compress_steps,
                              ckpt_dir=os.path.join(out, "ckpt"), save_every=50,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress,
+                             target=sl.target_params(params, cfg) if method == "softlm" else None)
   train_time = time.time() - t0
   predict = predict_fn(model, step_cfg)
   res = {"method": method, "task": args.task, "model": args.model, "eval_split": args.split,

@@ -99,13 +99,15 @@ def has_thresholds(params) -> bool:
 def fit(state: TrainState, train_step: Callable, batch_fn: Callable[[int], Any], *,
         steps: Optional[int] = None, finetune_steps: int = 0, max_compress_steps: int = 1000,
         ckpt_dir: Optional[str] = None, save_every: int = 100, progress: bool = True,
-        log_every: int = 10, stop_after: Optional[int] = None) -> tuple[TrainState, list[dict]]:
+        log_every: int = 10, stop_after: Optional[int] = None,
+        target: Optional[int] = None) -> tuple[TrainState, list[dict]]:
   """Runs the training loop; resumes from ``ckpt_dir`` when it holds a checkpoint.
 
   With thresholds in the tree the run ends ``finetune_steps`` after the budget froze them (or
   ``max_compress_steps + finetune_steps`` if it never does); without, after ``steps``.
   ``batch_fn(step)`` must be a pure function of the step (resume reproduces the same batches).
-  ``stop_after`` simulates an interruption (tests). Returns the final state and the logged metrics.
+  ``stop_after`` simulates an interruption (tests); ``target`` is shown next to the param count in
+  the progress bar. Returns the final state and the logged metrics.
   """
   compress = has_thresholds(state.params)
   if not compress and steps is None:
@@ -149,7 +151,8 @@ def fit(state: TrainState, train_step: Callable, batch_fn: Callable[[int], Any],
           f.write(json.dumps(row) + "\n")
       if bar is not None:
         phase = "finetune" if row.get("frozen") else ("compress" if compress else "train")
-        bar.set_postfix(phase=phase, loss=f"{row['loss']:.4f}", params=int(row["params"]), refresh=False)
+        count = f"{int(row['params'])}" + (f"/{target}" if target is not None else "")
+        bar.set_postfix(phase=phase, loss=f"{row['loss']:.4f}", params=count, refresh=False)
     if bar is not None:
       bar.total = end_step(None)
       bar.update(1)
