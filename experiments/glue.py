@@ -40,7 +40,7 @@ def parse(argv=None):
                   help="steps for dense/static (default: the SoftLM run's total, else 240)")
   ap.add_argument("--batch-size", type=int, default=16)
   ap.add_argument("--max-len", type=int, default=None)
-  ap.add_argument("--lr", type=float, default=5e-5)
+  ap.add_argument("--lr", type=float, default=1e-4)
   ap.add_argument("--alpha-lr", type=float, default=5e-3)
   ap.add_argument("--gamma", type=float, default=1.0)
   ap.add_argument("--sharpness", type=float, default=1000.0)
