@@ -19,4 +19,4 @@ __all__ = [
     "singular_scale", "soft_threshold", "static_ranks", "static_svd", "target_params",
 ]
 
-from softlm_jax import data, metrics, models, report, train, tree  # noqa: E402  (submodules)
+from softlm_jax import data, metrics, models, report, train, tree  # noqa: E402,F401  (submodules)

@@ -60,3 +60,9 @@ def test_ranks_and_counts_on_model_trees():
 def test_init_rank(init_rank, expect):
   cp = sl.compress_params(build("bert").params, sl.CompressionConfig(init_rank=init_rank))
   assert int(sl.layer_ranks(cp)["bert/encoder/layer/0/attention/self/query"]) == expect
+
+
+def test_public_api_names_resolve():
+  missing = [n for n in sl.__all__ if not hasattr(sl, n)]
+  assert not missing, missing
+  assert callable(sl.train.fit) and callable(sl.models.hf.minilm_dir)

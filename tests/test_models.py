@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import softlm_jax as sl
-from tests.conftest import build, rel_err
+from tests.conftest import rel_err
 
 
 def logits(model, params, ids, cfg=None):
