@@ -122,7 +122,7 @@ def fit(state: TrainState, train_step: Callable, batch_fn: Callable[[int], Any],
         with open(log_path) as f:
           history = [r for r in map(json.loads, f) if r["step"] <= int(state.step)]
 
-  def end_step(_=None) -> int:
+  def end_step(state: TrainState) -> int:
     if not compress:
       return steps
     bs = budget_state(state.opt_state)
@@ -130,18 +130,18 @@ def fit(state: TrainState, train_step: Callable, batch_fn: Callable[[int], Any],
       return int(bs.freeze_step) + finetune_steps
     return max_compress_steps + finetune_steps
 
+  step, end = int(state.step), end_step(state)
   bar = None
   if progress:
     from tqdm.auto import tqdm
-    bar = tqdm(total=end_step(None), initial=int(state.step), dynamic_ncols=True, mininterval=2.0)
+    bar = tqdm(total=end, initial=step, dynamic_ncols=True, mininterval=2.0)
   start = time.time()
-  step = int(state.step)
-  while step < end_step(None):
+  while step < end:
     if stop_after is not None and step >= stop_after:
       break
     state, metrics = train_step(state, batch_fn(step))
-    step += 1
-    if step % log_every == 0 or step == end_step(None):
+    step, end = step + 1, end_step(state)  # the end moves once the budget freezes the thresholds
+    if step % log_every == 0 or step == end:
       row = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()},
              "time": time.time() - start}
       history.append(row)
@@ -153,9 +153,9 @@ def fit(state: TrainState, train_step: Callable, batch_fn: Callable[[int], Any],
         count = f"{int(row['params'])}" + (f"/{target}" if target is not None else "")
         bar.set_postfix(phase=phase, loss=f"{row['loss']:.4f}", params=count, refresh=False)
     if bar is not None:
-      bar.total = end_step(None)
+      bar.total = end
       bar.update(1)
-    if mgr is not None and (step % save_every == 0 or step == end_step(None)):
+    if mgr is not None and (step % save_every == 0 or step == end):
       save_checkpoint(ckpt_dir, state, mgr)
   if bar is not None:
     bar.close()
