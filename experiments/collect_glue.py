@@ -1,5 +1,7 @@
 """Collects runs/glue/<task>/<method>/results.json into one Markdown table (for BENCHMARKS.md).
 
+Rows are glue.py's own summary rows, plus the main metric's difference to the dense run of the task.
+
   python experiments/collect_glue.py runs/glue > runs/glue/all.md
 """
 import glob
@@ -7,33 +9,25 @@ import json
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from glue import summary_row  # noqa: E402
+from softlm_jax import report  # noqa: E402
+
 ORDER = {"dense": 0, "static": 1, "softlm": 2}
 
 
 def main(root):
+  runs = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(root, "*", "*", "results.json")))]
+  runs.sort(key=lambda r: (r["task"], ORDER.get(r["method"], 9)))
+  dense = {r["task"]: r["metrics"][r["main_metric"]] for r in runs if r["method"] == "dense"}
   rows = []
-  for path in sorted(glob.glob(os.path.join(root, "*", "*", "results.json"))):
-    r = json.load(open(path))
-    rows.append(r)
-  dense = {r["task"]: r for r in rows if r["method"] == "dense"}
-  print("| task (dev) | method | selected-linear params | removed | main metric | value | vs dense | "
-        "other | steps | budget met at | wall (s) |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|")
-  for r in sorted(rows, key=lambda r: (r["task"], ORDER.get(r["method"], 9))):
-    b = r.get("budget")
-    main = r["main_metric"]
-    val = r["metrics"][main]
-    rel = f"{val - dense[r['task']]['metrics'][main]:+.4f}" if r["task"] in dense else ""
-    other = ", ".join(f"{k} {v:.4f}" for k, v in r["metrics"].items() if k != main)
-    print(f"| {r['task']} | {r['method']} | {b['counted_params'] if b else b_dense(r)} | "
-          f"{b['achieved_ratio']:.3f} | {main} | {val:.4f} | {rel} | {other} | {r['train_steps']} | "
-          f"{r.get('freeze_step', '')} | {r['wall_s']:.0f} |" if b else
-          f"| {r['task']} | {r['method']} | {b_dense(r)} | 0 | {main} | {val:.4f} | | {other} | "
-          f"{r['train_steps']} | | {r['wall_s']:.0f} |")
-
-
-def b_dense(r):
-  return "dense"
+  for r in runs:
+    row = summary_row(r)
+    if r["method"] != "dense" and r["task"] in dense:
+      row["main metric vs dense"] = f"{r['metrics'][r['main_metric']] - dense[r['task']]:+.4f}"
+    rows.append(row)
+  print(report.markdown_table(rows, list(dict.fromkeys(c for row in rows for c in row))), end="")
 
 
 if __name__ == "__main__":
