@@ -12,6 +12,10 @@ from softlm_jax import budget, tree
 from softlm_jax.config import CompressionConfig
 from softlm_jax.threshold import soft_threshold
 
+#: Parameter names of a factored layer (any selection rule); everything else in the module (bias)
+#: passes through untouched.
+FACTOR_KEYS = ("left", "right", "s", "alpha", "mask_logits")
+
 
 def init_rank(rows: int, cols: int, cfg: CompressionConfig) -> int:
   """Number of singular triplets kept at decomposition time (``cfg.init_rank``)."""

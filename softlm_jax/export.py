@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from softlm_jax import budget, tree
-from softlm_jax.compress import decompose, singular_scale
+from softlm_jax.compress import FACTOR_KEYS, decompose, singular_scale
 from softlm_jax.config import CompressionConfig
 
 
@@ -21,7 +21,7 @@ def _emit(node: Mapping, left: np.ndarray, right: np.ndarray, dtype) -> dict:
   """Module params for factors ``left (rows, r)``, ``right (r, cols)``: factored or, at/above
   break-even, dense."""
   rows, r, cols = left.shape[0], left.shape[1], right.shape[1]
-  keep = {k: v for k, v in node.items() if k not in ("left", "right", "s", "alpha", "kernel")}
+  keep = {k: v for k, v in node.items() if k not in FACTOR_KEYS + ("kernel",)}
   if r >= budget.break_even_rank(rows, cols):
     keep["kernel"] = jnp.asarray(left.astype(np.float32) @ right.astype(np.float32), dtype)
   else:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
-from softlm_jax.compress import singular_scale
+from softlm_jax.compress import FACTOR_KEYS, singular_scale
 from softlm_jax.config import CompressionConfig
 
 #: Module class name -> kernel storage layout. "in_out": y = x @ K (nn.Dense);
@@ -78,7 +78,7 @@ def make_interceptor(cfg: Optional[CompressionConfig] = None) -> Callable:
       raise TypeError(f"layer '{path}': module type {type(module).__name__} holds factored params but "
                       f"softlm_jax does not know its kernel layout; call "
                       f"softlm_jax.register_layout({type(module).__name__}, 'in_out' or 'out_in')")
-    layer = {k: module.get_variable("params", k) for k in ("left", "right", "s", "alpha")
+    layer = {k: module.get_variable("params", k) for k in FACTOR_KEYS
              if module.has_variable("params", k)}
     bias = module.get_variable("params", "bias") if module.has_variable("params", "bias") else None
     scale = singular_scale(layer, cfg) if "s" in layer else None
