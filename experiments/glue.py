@@ -48,7 +48,8 @@ def parse(argv=None):
   ap.add_argument("--init-rank", default="full")
   ap.add_argument("--split", default="dev", help="evaluation split (GLUE test labels are hidden)")
   ap.add_argument("--eval-limit", type=int, default=None)
-  ap.add_argument("--data-dir", default=None, help="local data root (default $SOFTLM_DATA_DIR, ../shared/data, else hub)")
+  ap.add_argument("--data-dir", default=None,
+                  help="local data root (default $SOFTLM_DATA_DIR, ../shared/data, else hub)")
   ap.add_argument("--out", default="runs/glue/mrpc")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--no-progress", action="store_true")

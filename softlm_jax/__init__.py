@@ -1,22 +1,29 @@
-"""softlm-jax: learned per-layer low-rank SVD compression for Flax models (SoftLM, arXiv 2411.10543)."""
+"""softlm-jax: learned per-layer low-rank SVD compression for Flax models.
+
+Two selection rules on one decomposition/interception/counting/export core: SoftLM (learned
+thresholds, arXiv 2411.10543) and LLRC (learned singular-value masks with frozen weights).
+"""
 from softlm_jax.budget import (break_even_rank, budget_report, count_params, dense_params,
-                               effective_rank, layer_cost, layer_ranks, target_params)
+                               effective_rank, kept, layer_cost, layer_ranks, relaxed_count, target_params)
 from softlm_jax.compress import compress_params, init_rank, singular_scale
 from softlm_jax.config import CompressionConfig
 from softlm_jax.export import export_params, static_ranks, static_svd
 from softlm_jax.intercept import factored_apply, intercept, register_layout
-from softlm_jax.losses import adaptive_loss, compression_loss, linear_loss
+from softlm_jax.losses import (adaptive_loss, compression_loss, distillation_loss, linear_loss, llrc_loss,
+                               total_variation)
 from softlm_jax.optim import BudgetState, budget_freeze, budget_state, make_optimizer
-from softlm_jax.threshold import hard_threshold, soft_threshold
+from softlm_jax.threshold import hard_threshold, relaxed_mask, soft_threshold, straight_through_mask
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BudgetState", "CompressionConfig", "adaptive_loss", "break_even_rank", "budget_freeze",
     "budget_report", "budget_state", "compress_params", "compression_loss", "count_params",
-    "dense_params", "effective_rank", "export_params", "factored_apply", "hard_threshold", "init_rank",
-    "intercept", "layer_cost", "layer_ranks", "linear_loss", "make_optimizer", "register_layout",
-    "singular_scale", "soft_threshold", "static_ranks", "static_svd", "target_params",
+    "dense_params", "distillation_loss", "effective_rank", "export_params", "factored_apply",
+    "hard_threshold", "init_rank", "intercept", "kept", "layer_cost", "layer_ranks", "linear_loss",
+    "llrc_loss", "make_optimizer", "register_layout", "relaxed_count", "relaxed_mask", "singular_scale",
+    "soft_threshold", "static_ranks", "static_svd", "straight_through_mask", "target_params",
+    "total_variation",
 ]
 
 from softlm_jax import data, metrics, models, report, train, tree  # noqa: E402,F401  (submodules)

@@ -35,14 +35,26 @@ def layer_shape(layer: Mapping) -> tuple[int, int]:
   return int(np.shape(layer["left"])[0]), int(np.shape(layer["right"])[-1])
 
 
+def kept(layer: Mapping) -> jax.Array:
+  """Which singular triplets of a training-form layer survive export: bool ``(k,)``.
+
+  SoftLM: ``s > alpha`` (exactly the non-zero entries of ``Th(s)`` with c = 0); LLRC:
+  ``mask_logits > 0`` (the hard mask).
+  """
+  if "alpha" in layer:
+    return layer["s"] > layer["alpha"]
+  if "mask_logits" in layer:
+    return layer["mask_logits"] > 0
+  raise ValueError(f"layer with keys {sorted(layer)} is not in training form")
+
+
 def effective_rank(layer: Mapping) -> jax.Array:
   """Rank a factored layer has after export (scalar int32; traced under jit).
 
-  Training form: ``#{s > alpha}`` (exactly the non-zero entries of ``Th(s)`` with c = 0).
-  Exported form: the factors' width.
+  Training form: ``sum(kept(layer))``. Exported form: the factors' width.
   """
-  if "alpha" in layer:
-    return jnp.sum(layer["s"] > layer["alpha"]).astype(jnp.int32)
+  if "alpha" in layer or "mask_logits" in layer:
+    return jnp.sum(kept(layer)).astype(jnp.int32)
   return jnp.asarray(np.shape(layer["left"])[1], jnp.int32)
 
 
@@ -74,6 +86,23 @@ def count_params(params: Mapping, cfg: Optional[CompressionConfig] = None) -> ja
   total = jnp.zeros((), jnp.int32)
   for path, r in ranks.items():
     total = total + layer_cost(r, *shapes[path])
+  return total
+
+
+def relaxed_count(params: Mapping, cfg: CompressionConfig) -> jax.Array:
+  """Differentiable stand-in for :func:`count_params` on LLRC trees (scalar float32).
+
+  Each layer costs ``sum(relaxed_mask) * (rows + cols)``: the factored cost with the relaxed rank.
+  The break-even rule is left out on purpose (it would give zero gradient while a layer is above
+  break-even, e.g. at the start); the hard count decides when the budget is met.
+  """
+  from softlm_jax.threshold import relaxed_mask
+  total = jnp.zeros((), jnp.float32)
+  for _, layer in tree.factored_layers(params):
+    if "mask_logits" in layer:
+      rows, cols = layer_shape(layer)
+      soft = relaxed_mask(layer["mask_logits"], temperature=cfg.mask_temperature)
+      total = total + jnp.sum(soft.astype(jnp.float32)) * (rows + cols)
   return total
 
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from softlm_jax import budget, tree
 from softlm_jax.config import CompressionConfig
-from softlm_jax.threshold import soft_threshold
+from softlm_jax.threshold import soft_threshold, straight_through_mask
 
 #: Parameter names of a factored layer (any selection rule); everything else in the module (bias)
 #: passes through untouched.
@@ -70,14 +70,22 @@ def decompose(params: Mapping, cfg: CompressionConfig) -> dict[str, tuple]:
   return out
 
 
+def initial_mask_logits(k: int, cfg: CompressionConfig) -> jax.Array:
+  """LLRC's starting logits, ``(k,)`` float32: linear from ``cfg.mask_init[0]`` (largest singular
+  value) to ``cfg.mask_init[1]`` (smallest); all > 0, so the hard mask starts all ones."""
+  first, last = cfg.mask_init
+  return jnp.asarray(np.linspace(first, last, k) if k > 1 else [first], jnp.float32)
+
+
 def compress_params(params: Mapping, cfg: CompressionConfig) -> dict:
-  """Replaces each selected kernel by its SVD factors plus a threshold.
+  """Replaces each selected kernel by its SVD factors plus the selection rule's parameters.
 
   Each selected module's ``{"kernel": K, "bias": b}`` (``K`` rows x cols in the module's storage
   layout: in x out for ``nn.Dense``, out x in for HF's ``FlaxConv1D``) becomes
   ``{"left": (rows, k), "s": (k,), "right": (k, cols), "alpha": (), "bias": b}`` with
-  ``K = left @ diag(s) @ right``. With ``cfg.normalize`` the spectrum is divided by its largest value and the
-  scale moved into ``right``. Everything else is returned unchanged (as plain dicts).
+  ``K = left @ diag(s) @ right`` (``cfg.method="llrc"``: ``"mask_logits": (k,)`` instead of
+  ``alpha``). With ``cfg.normalize`` the spectrum is divided by its largest value and the scale moved
+  into ``right``. Everything else is returned unchanged (as plain dicts).
 
   Raises:
     ValueError: naming the layer and shape for NaN/Inf kernels, non-2-D selected kernels, or a
@@ -96,7 +104,10 @@ def compress_params(params: Mapping, cfg: CompressionConfig) -> dict:
     new["left"] = jnp.asarray(u[:, :k], dtype)
     new["s"] = jnp.asarray(s[:k] / scale, dtype)
     new["right"] = jnp.asarray(vt[:k] * scale, dtype)
-    new["alpha"] = jnp.zeros((), jnp.float32)
+    if cfg.method == "llrc":
+      new["mask_logits"] = initial_mask_logits(k, cfg)
+    else:
+      new["alpha"] = jnp.zeros((), jnp.float32)
     return new
 
   return tree.map_modules(params, replace)
@@ -105,9 +116,13 @@ def compress_params(params: Mapping, cfg: CompressionConfig) -> dict:
 def singular_scale(layer: Mapping, cfg: CompressionConfig) -> jax.Array:
   """The vector that multiplies a training-form layer's ``k`` factor columns: ``Th(s)``, shape ``(k,)``.
 
-  Exported layers have none (it is merged into ``left``). This is the one place a selection rule
-  turns singular values into the forward pass's scale; export merges exactly this vector.
+  SoftLM: ``Th(s)``; LLRC: ``s * mask`` with the straight-through hard mask. Exported layers have
+  none (it is merged into ``left``). This is the one place a selection rule turns singular values
+  into the forward pass's scale; export merges exactly this vector, and its zeros are exactly the
+  entries :func:`softlm_jax.budget.kept` drops.
   """
   if "alpha" in layer:
     return soft_threshold(layer["s"], layer["alpha"], sharpness=cfg.sharpness, floor=cfg.floor)
-  raise ValueError(f"layer with keys {sorted(layer)} has no threshold (already exported?)")
+  if "mask_logits" in layer:
+    return layer["s"] * straight_through_mask(layer["mask_logits"], temperature=cfg.mask_temperature)
+  raise ValueError(f"layer with keys {sorted(layer)} has no threshold or mask (already exported?)")

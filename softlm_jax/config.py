@@ -18,6 +18,9 @@ DEFAULT_INCLUDE = r"(^|/)(layer|layers|h|blocks?)/\d+/"
 DEFAULT_EXCLUDE = r"(embed|wte|wpe|lm_head|pooler|classifier|score|qa_outputs)"
 
 LOSSES = ("adaptive", "linear")
+#: Selection rules: "softlm" (a learned threshold per layer, weights fine-tuned; arXiv 2411.10543) or
+#: "llrc" (a learned mask per singular value, weights frozen; Sundrani, Tudisco, Minervini).
+METHODS = ("softlm", "llrc")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,11 +37,20 @@ class CompressionConfig:
       the right factor, so the represented kernel is unchanged). Alpha then reads as "fraction of the
       layer's top singular value". ``False`` keeps raw singular values as in the paper.
     floor: the paper's constant ``c`` used below the threshold (0 in the paper).
-    gamma: weight of the compression loss: ``L = L_task + gamma * L_cmp``.
+    gamma: weight of the compression loss: ``L = L_task + gamma * L_cmp`` (LLRC: of the budget term).
     alpha_lr: learning rate of the thresholds (their own optax partition).
     loss: ``"adaptive"`` (``sum exp(-alpha)``, paper eq. 9) or ``"linear"`` (``-sum alpha``, eq. 8).
     init_rank: ``"full"`` (min(m, n)), ``"break_even"`` (floor(mn/(m+n)): factors cost no more than
       the dense kernel) or an int (clipped to min(m, n)).
+    method: the selection rule, ``"softlm"`` or ``"llrc"``. Both share decomposition, interception,
+      counting and export; they differ in what a layer learns (``alpha`` vs ``mask_logits``) and in
+      the compression loss (:func:`softlm_jax.compression_loss`).
+    mask_lr: LLRC: learning rate of the mask logits (the only trained parameters).
+    mask_temperature: LLRC: ``T`` in the relaxed mask ``sigmoid(logit / T)``; the forward pass uses
+      the hard mask ``logit > 0`` with the relaxed one's gradient (straight-through).
+    mask_init: LLRC: ``(first, last)`` initial logits, linear in the singular-value index, both > 0
+      so the model starts exactly dense and the tail is the first to be dropped.
+    tv_weight: LLRC: weight of the total-variation term (kept values form a prefix).
     include: regex searched in each kernel's '/'-joined path; ``None`` = ``DEFAULT_INCLUDE``
       restricted to 2-D kernels. An explicit pattern that selects a non-2-D kernel is an error.
     exclude: regex; matching paths are never selected. ``None`` = ``DEFAULT_EXCLUDE``.
@@ -52,6 +64,11 @@ class CompressionConfig:
   alpha_lr: float = 5e-3
   loss: str = "adaptive"
   init_rank: Union[str, int] = "full"
+  method: str = "softlm"
+  mask_lr: float = 5e-2
+  mask_temperature: float = 1.0
+  mask_init: tuple = (3.0, 1.0)
+  tv_weight: float = 1e-3
   include: Optional[str] = None
   exclude: Optional[str] = None
 
@@ -70,6 +87,14 @@ class CompressionConfig:
     if isinstance(self.init_rank, bool) or not (
         self.init_rank in ("full", "break_even") or (isinstance(self.init_rank, int) and self.init_rank > 0)):
       raise ValueError(f"init_rank must be 'full', 'break_even' or a positive int, got {self.init_rank!r}")
+    if self.method not in METHODS:
+      raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
+    if not (self.mask_lr > 0 and self.mask_temperature > 0 and self.tv_weight >= 0):
+      raise ValueError(f"need mask_lr > 0, mask_temperature > 0, tv_weight >= 0; got {self.mask_lr!r}, "
+                       f"{self.mask_temperature!r}, {self.tv_weight!r}")
+    if len(tuple(self.mask_init)) != 2 or min(self.mask_init) <= 0:
+      raise ValueError(f"mask_init must be (first, last) logits, both > 0 (the mask starts all ones), "
+                       f"got {self.mask_init!r}")
     for name in ("include", "exclude"):
       pattern = getattr(self, name)
       if pattern is not None:

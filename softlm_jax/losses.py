@@ -1,4 +1,4 @@
-"""Compression losses (paper section 4.4)."""
+"""Compression losses: SoftLM's (paper section 4.4) and LLRC's (distillation, total variation, budget)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -6,8 +6,9 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from softlm_jax import tree
+from softlm_jax import budget, tree
 from softlm_jax.config import CompressionConfig
+from softlm_jax.threshold import relaxed_mask
 
 
 def adaptive_loss(alpha: jax.typing.ArrayLike) -> jax.Array:
@@ -26,8 +27,62 @@ def alphas(params: Mapping) -> jax.Array:
   return jnp.stack([jnp.asarray(a, jnp.float32) for a in found]) if found else jnp.zeros((0,))
 
 
+def total_variation(mask: jax.typing.ArrayLike) -> jax.Array:
+  """``sum_i |m_{i+1} - m_i|`` over ``[1, m_1 .. m_k, 0]``; mask ``(k,)`` -> scalar.
+
+  The padding makes a prefix of ones (keep the top singular values, drop the tail) the unique
+  minimiser among 0/1 masks: it costs exactly 1, any other 0/1 mask at least 2.
+  """
+  mask = jnp.asarray(mask)
+  padded = jnp.concatenate([jnp.ones((1,), mask.dtype), mask, jnp.zeros((1,), mask.dtype)])
+  return jnp.sum(jnp.abs(jnp.diff(padded)))
+
+
+def distillation_loss(student_logits: jax.typing.ArrayLike, teacher_logits: jax.typing.ArrayLike,
+                      *, where: jax.typing.ArrayLike | None = None, temperature: float = 1.0) -> jax.Array:
+  """Mean ``KL(teacher || student)`` of the softmax distributions (LLRC's distillation term).
+
+  Args:
+    student_logits, teacher_logits: ``(..., V)``.
+    where: optional bool ``(...)``: positions that count (e.g. the attention mask).
+    temperature: softens both distributions; the loss is multiplied by ``T**2`` (Hinton et al.).
+
+  Returns:
+    Scalar float32.
+  """
+  s = jax.nn.log_softmax(jnp.asarray(student_logits, jnp.float32) / temperature, axis=-1)
+  t = jax.nn.log_softmax(jax.lax.stop_gradient(jnp.asarray(teacher_logits, jnp.float32)) / temperature, axis=-1)
+  kl = jnp.sum(jnp.exp(t) * (t - s), axis=-1)
+  if where is None:
+    return jnp.mean(kl) * temperature**2
+  w = jnp.asarray(where, jnp.float32)
+  return jnp.sum(kl * w) / jnp.maximum(jnp.sum(w), 1.0) * temperature**2
+
+
+def llrc_loss(params: Mapping, cfg: CompressionConfig) -> jax.Array:
+  """LLRC's regularisers (scalar): ``tv_weight * sum_l TV(mask_l) + gamma * budget``.
+
+  ``budget = relaxed_count / dense_params`` while the hard count (:func:`softlm_jax.count_params`)
+  is above the target, else 0: it drives the count to the target and stops pressing once it is met.
+  The TV term acts on the relaxed masks ``sigmoid(logits / T)``.
+  """
+  layers = [layer for _, layer in tree.factored_layers(params) if "mask_logits" in layer]
+  if not layers:
+    return jnp.zeros(())
+  tv = sum(total_variation(relaxed_mask(layer["mask_logits"], temperature=cfg.mask_temperature))
+           for layer in layers)
+  over = budget.count_params(params) > budget.target_params(params, cfg)
+  press = budget.relaxed_count(params, cfg) / budget.dense_params(params)
+  return cfg.tv_weight * tv + cfg.gamma * jnp.where(over, press, 0.0)
+
+
 def compression_loss(params: Mapping, cfg: CompressionConfig) -> jax.Array:
-  """``gamma * L_cmp`` over all thresholds in ``params`` (already weighted by ``cfg.gamma``); scalar."""
+  """The selection rule's regulariser, already weighted; scalar.
+
+  SoftLM: ``gamma * L_cmp`` over all thresholds (adaptive or linear). LLRC: :func:`llrc_loss`.
+  """
+  if cfg.method == "llrc":
+    return llrc_loss(params, cfg)
   fn = adaptive_loss if cfg.loss == "adaptive" else linear_loss
   a = alphas(params)
   return cfg.gamma * fn(a) if a.size else jnp.zeros(())

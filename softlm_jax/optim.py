@@ -15,6 +15,8 @@ from softlm_jax import budget, tree
 from softlm_jax.config import CompressionConfig
 
 THRESHOLD_KEYS = ("alpha",)
+#: Per-singular-value leaves whose pruned entries stay pruned once the budget is met.
+PER_VALUE_KEYS = ("s", "mask_logits")
 
 
 class BudgetState(NamedTuple):
@@ -43,9 +45,12 @@ def _path(keypath) -> tuple[str, ...]:
 
 
 def param_labels(params) -> object:
-  """Tree of labels: ``"alpha"`` for thresholds, ``"weights"`` otherwise."""
-  return jax.tree_util.tree_map_with_path(
-      lambda kp, _: "alpha" if _path(kp)[-1] in THRESHOLD_KEYS else "weights", params)
+  """Tree of labels: ``"alpha"`` for thresholds, ``"mask"`` for LLRC mask logits, ``"weights"``
+  otherwise."""
+  def label(kp, _):
+    name = _path(kp)[-1]
+    return "alpha" if name in THRESHOLD_KEYS else ("mask" if name == "mask_logits" else "weights")
+  return jax.tree_util.tree_map_with_path(label, params)
 
 
 def budget_freeze(inner: optax.GradientTransformation, target: Optional[int] = None,
@@ -54,8 +59,9 @@ def budget_freeze(inner: optax.GradientTransformation, target: Optional[int] = N
 
   At each update the params *before* the update are counted with :func:`softlm_jax.count_params`;
   once ``count <= target`` the state flips to frozen (sticky). While frozen: every ``alpha`` update is
-  zero, and so is the update of every singular value at or below its threshold (a pruned value stays
-  pruned, so the count can only fall and the budget stays met while fine-tuning goes on).
+  zero, and so is the update of every pruned entry (``~budget.kept``: a singular value at or below
+  its threshold, an LLRC mask logit at or below 0), so a pruned value stays pruned, the count can
+  only fall and the budget stays met while training goes on.
 
   Args:
     inner: the transformation for all params (e.g. :func:`make_optimizer`'s partition).
@@ -78,16 +84,16 @@ def budget_freeze(inner: optax.GradientTransformation, target: Optional[int] = N
     frozen = jnp.logical_or(state.frozen, count <= goal)
     freeze_step = jnp.where(newly, state.step, state.freeze_step)
     updates, inner_state = inner.update(updates, state.inner, params)
-    alpha_of = {path: layer["alpha"] for path, layer in tree.factored_layers(params) if "alpha" in layer}
+    kept_of = {path: budget.kept(layer) for path, layer in tree.factored_layers(params)
+               if "alpha" in layer or "mask_logits" in layer}
 
     def mask(keypath, u):
       path = _path(keypath)
       if path[-1] in THRESHOLD_KEYS:
         return jnp.where(frozen, jnp.zeros_like(u), u)
       parent = "/".join(path[:-1])
-      if path[-1] == "s" and parent in alpha_of:
-        s = _lookup(params, path)
-        return jnp.where(frozen & (s <= alpha_of[parent]), jnp.zeros_like(u), u)
+      if path[-1] in PER_VALUE_KEYS and parent in kept_of:
+        return jnp.where(frozen & ~kept_of[parent], jnp.zeros_like(u), u)
       return u
 
     updates = jax.tree_util.tree_map_with_path(mask, updates)
@@ -96,24 +102,29 @@ def budget_freeze(inner: optax.GradientTransformation, target: Optional[int] = N
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _lookup(params, path):
-  for p in path:
-    params = params[p]
-  return params
-
-
-def make_optimizer(cfg: CompressionConfig, weights_tx: optax.GradientTransformation,
+def make_optimizer(cfg: CompressionConfig, weights_tx: Optional[optax.GradientTransformation] = None,
                    alpha_tx: Optional[optax.GradientTransformation] = None,
                    target: Optional[int] = None) -> optax.GradientTransformation:
-  """``budget_freeze(partition({"weights": weights_tx, "alpha": alpha_tx}))``.
+  """``budget_freeze(partition({"weights": ..., "alpha": ..., "mask": ...}))``.
 
-  ``alpha_tx`` defaults to ``optax.adam(cfg.alpha_lr)`` (the paper's AdamW without decay on the
-  thresholds). Works on trees without thresholds too (e.g. fine-tuning a static-SVD export): then the
-  freeze is a no-op.
+  SoftLM (``cfg.method="softlm"``): ``weights_tx`` for the weights (required; pass
+  ``optax.set_to_zero()`` for thresholds-only training), ``alpha_tx`` (default
+  ``optax.adam(cfg.alpha_lr)``, the paper's AdamW without decay) for the thresholds.
+  LLRC: only the mask logits train (``optax.adam(cfg.mask_lr)``); every weight gets a zero update,
+  so the weights stay bit-identical (fine-tune after export instead). Works on trees without
+  thresholds too (e.g. fine-tuning a static-SVD export): then the freeze is a no-op.
   """
-  alpha_tx = alpha_tx or optax.adam(cfg.alpha_lr)
-  part = optax.multi_transform({"weights": weights_tx, "alpha": alpha_tx}, param_labels)
-  return budget_freeze(part, target=target, cfg=cfg)
+  if cfg.method == "llrc":
+    if weights_tx is not None:
+      raise ValueError("LLRC keeps the weights frozen (only mask logits train): pass weights_tx=None "
+                       "and fine-tune the exported model instead")
+    txs = {"weights": optax.set_to_zero(), "alpha": optax.set_to_zero(), "mask": optax.adam(cfg.mask_lr)}
+  else:
+    if weights_tx is None:
+      raise ValueError("SoftLM needs weights_tx (e.g. optax.adam(5e-5); optax.set_to_zero() to train "
+                       "the thresholds alone)")
+    txs = {"weights": weights_tx, "alpha": alpha_tx or optax.adam(cfg.alpha_lr), "mask": optax.set_to_zero()}
+  return budget_freeze(optax.multi_transform(txs, param_labels), target=target, cfg=cfg)
 
 
 def budget_state(opt_state) -> Optional[BudgetState]:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from softlm_jax import budget, losses
+from softlm_jax import budget, losses, tree
 from softlm_jax.config import CompressionConfig
 from softlm_jax.intercept import intercept
 from softlm_jax.optim import budget_state
@@ -92,7 +92,8 @@ def restore_checkpoint(ckpt_dir: str, like: TrainState, manager=None) -> Optiona
 
 
 def has_thresholds(params) -> bool:
-  return bool(losses.alphas(params).size)
+  """Whether ``params`` has learnable selections (SoftLM thresholds or LLRC masks)."""
+  return any("alpha" in layer or "mask_logits" in layer for _, layer in tree.factored_layers(params))
 
 
 def fit(state: TrainState, train_step: Callable, batch_fn: Callable[[int], Any], *,

@@ -28,7 +28,7 @@ def run(cfg, steps, task_weight=1.0):
 
   def loss(p):
     # task term pushes every singular value up (also the pruned ones): the freeze must hold them
-    task = -task_weight * sum(jnp.sum(l["s"]) for _, l in sl.tree.factored_layers(p))
+    task = -task_weight * sum(jnp.sum(layer["s"]) for _, layer in sl.tree.factored_layers(p))
     return task + sl.compression_loss(p, cfg)
 
   @jax.jit
