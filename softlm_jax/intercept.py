@@ -9,6 +9,8 @@ form from :func:`export_params`) is computed from the factors instead of calling
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import math
 from typing import Callable, Optional
 
 import flax.linen as nn
@@ -38,8 +40,44 @@ def _layout(module: nn.Module) -> Optional[str]:
   return None
 
 
+#: How :func:`factored_apply` computes a layer: ``"factored"`` ``(x @ first) @ second``,
+#: ``"merged"`` ``x @ W`` with ``W`` built from the factors in the step, ``"auto"`` the cheaper of the
+#: two in FLOPs (decided per layer at trace time from static shapes, see :func:`apply_costs`).
+MODES = ("auto", "factored", "merged")
+
+_MODE: contextvars.ContextVar[str] = contextvars.ContextVar("softlm_jax_apply_mode", default="auto")
+
+
+@contextlib.contextmanager
+def apply_mode(mode: str):
+  """Sets the mode of every factored layer traced inside (benchmarks and tests: e.g. time a jitted
+  train step with ``"factored"`` forced against the default ``"auto"``). Takes effect at trace time,
+  so wrap the first call (or ``.lower()``) of a jitted function."""
+  if mode not in MODES:
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+  token = _MODE.set(mode)
+  try:
+    yield
+  finally:
+    _MODE.reset(token)
+
+
+def apply_costs(tokens: int, rows: int, k: int, cols: int) -> dict[str, int]:
+  """Multiply-adds of one forward pass of a factored layer, per way of computing it.
+
+  ``factored``: ``tokens * k * (rows + cols)``; ``merged``: ``rows * k * cols`` to build the kernel
+  once plus ``tokens * rows * cols`` to apply it. The backward pass costs twice the forward in both
+  (``dx``, ``d(first)``, ``d(second)`` resp. ``dx``, ``dW``, then ``dW`` into both factors), so the
+  cheaper forward is also the cheaper forward + backward. Merging wins when ``k`` is near full rank
+  and ``tokens`` is large compared with ``k`` (training-form layers at ``init_rank="full"``); export
+  keeps layers at/above break-even dense, so exported factored layers never merge.
+  """
+  return {"factored": tokens * k * (rows + cols), "merged": rows * k * cols + tokens * rows * cols}
+
+
 def factored_apply(x: jax.Array, left: jax.Array, right: jax.Array, scale: Optional[jax.Array],
-                   bias: Optional[jax.Array], *, layout: str = "in_out", precision=None) -> jax.Array:
+                   bias: Optional[jax.Array], *, layout: str = "in_out", precision=None,
+                   mode: str = "auto") -> jax.Array:
   """``y = x @ W + b`` with ``W`` given as factors.
 
   Args:
@@ -48,24 +86,40 @@ def factored_apply(x: jax.Array, left: jax.Array, right: jax.Array, scale: Optio
       ``K = left @ diag(scale) @ right`` (``scale=None`` means ones: exported form).
       ``layout="in_out"``: ``W = K`` (rows = in); ``"out_in"``: ``W = K.T`` (rows = out).
     bias: ``(out,)`` or None.
+    mode: one of :data:`MODES`. Both ways give the same function and the same gradients (up to
+      float rounding); ``"auto"`` picks the one with fewer FLOPs (:func:`apply_costs`), from static
+      shapes, so the choice costs nothing at run time.
 
   Returns:
-    ``(..., out)``. Cost ``k * (in + out)`` multiply-adds per row of ``x`` instead of ``in * out``.
+    ``(..., out)``. Factored cost ``k * (in + out)`` multiply-adds per row of ``x`` instead of
+    ``in * out``.
   """
-  if layout == "in_out":
-    first, second = left, right
-  else:
-    first, second = right.T, left.T
-  h = jnp.matmul(x, first, precision=precision)
+  if mode not in MODES:
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+  if mode == "auto":
+    tokens = math.prod(x.shape[:-1])
+    costs = apply_costs(tokens, left.shape[0], left.shape[1], right.shape[1])
+    mode = "merged" if costs["merged"] < costs["factored"] else "factored"
   if scale is not None:
-    h = h * scale
-  y = jnp.matmul(h, second, precision=precision)
+    # Scale the (rows, k) factor, not the (tokens, k) activations: the same product and gradients,
+    # k * rows multiplies instead of k * tokens, and the backward pass keeps one (tokens, k)
+    # residual per layer instead of two (before and after the scale).
+    left = left * scale
+  if mode == "merged":
+    kernel = jnp.matmul(left, right, precision=precision)  # K, storage layout (rows, cols)
+    y = jnp.matmul(x, kernel if layout == "in_out" else kernel.T, precision=precision)
+  else:
+    first, second = (left, right) if layout == "in_out" else (right.T, left.T)
+    y = jnp.matmul(jnp.matmul(x, first, precision=precision), second, precision=precision)
   return y if bias is None else y + bias
 
 
-def make_interceptor(cfg: Optional[CompressionConfig] = None) -> Callable:
-  """The ``intercept_methods`` interceptor (see :func:`intercept`)."""
+def make_interceptor(cfg: Optional[CompressionConfig] = None, *, mode: Optional[str] = None) -> Callable:
+  """The ``intercept_methods`` interceptor (see :func:`intercept`). ``mode=None``: the mode set by
+  :func:`apply_mode` when the layer is traced (default ``"auto"``)."""
   cfg = cfg or CompressionConfig()
+  if mode is not None and mode not in MODES:
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
@@ -90,20 +144,22 @@ def make_interceptor(cfg: Optional[CompressionConfig] = None) -> Callable:
       raise ValueError(f"layer '{path}': input has {x.shape[-1]} features but the factored kernel "
                        f"(left {left.shape}, right {right.shape}, layout {layout}) expects {fan_in}")
     return factored_apply(x, left, right, scale, bias, layout=layout,
-                          precision=getattr(module, "precision", None))
+                          precision=getattr(module, "precision", None), mode=mode or _MODE.get())
 
   return interceptor
 
 
 @contextlib.contextmanager
-def intercept(cfg: Optional[CompressionConfig] = None):
+def intercept(cfg: Optional[CompressionConfig] = None, *, mode: Optional[str] = None):
   """Context under which unmodified Flax models run trees from compress/export/static_svd.
 
   ``cfg`` supplies the threshold's ``sharpness`` and ``floor`` for training-form trees (default
-  config when None); exported trees need none. Example::
+  config when None); exported trees need none. ``mode`` (see :func:`factored_apply`; default: the
+  :func:`apply_mode` in effect, ``"auto"``) is for benchmarks and tests: ``"auto"`` picks the cheaper
+  computation per layer. Example::
 
     with softlm_jax.intercept(cfg):
       logits = model(input_ids, params=cparams).logits
   """
-  with nn.intercept_methods(make_interceptor(cfg)):
+  with nn.intercept_methods(make_interceptor(cfg, mode=mode)):
     yield
