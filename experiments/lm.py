@@ -41,6 +41,9 @@ import softlm_jax as sl  # noqa: E402
 from softlm_jax import data, report, train  # noqa: E402
 
 EVAL_CHARS = 200_000
+#: CR -> the exported tree and results of an ``llrc`` run in this process, reused by ``llrc-ft``
+_LLRC_DONE: dict = {}
+_LLRC_KEYS = ("train_steps", "history", "freeze_step", "training_form_ppl", "export_max_abs_logit_diff")
 FROZEN = ("softlm-noft", "llrc", "llrc-ft")
 
 
@@ -185,14 +188,12 @@ def run(method, cr, args, logits_fn, dense, train_windows, calib, test_windows, 
 
   def calib_batch(step):
     idx = data.batch_indices(len(calib), args.batch_size, step, args.seed)
-    return {"ids": jnp.asarray(calib[idx]), "teacher": dense}
+    return {"inputs": jnp.asarray(calib[idx]), "teacher": dense}
 
   def lm_task(p, batch, rng):
     return lm_loss(logits_fn(p, batch["ids"]), batch["ids"])
 
-  def distill_task(p, batch, rng):
-    teacher = logits_fn(batch["teacher"], batch["ids"])  # the dense tree: nothing to intercept
-    return sl.distillation_loss(logits_fn(p, batch["ids"]), teacher)
+  distill_task = train.distill_task(logits_fn)
 
   final, eval_cfg = dense, None
   if method == "dense":
@@ -215,12 +216,19 @@ def run(method, cr, args, logits_fn, dense, train_windows, calib, test_windows, 
       tx, task, batches, ft = sl.make_optimizer(cfg, optax.set_to_zero()), distill_task, calib_batch, 0
     else:
       tx, task, batches, ft = sl.make_optimizer(cfg), distill_task, calib_batch, 0
-    state, hist = train_tree(args, cp, tx, cfg, task, batches, ckpt, finetune_steps=ft, target=target)
-    bs = sl.budget_state(state.opt_state)
-    res.update(train_steps=int(state.step), history=hist, freeze_step=int(bs.freeze_step))
-    res["training_form_ppl"] = perplexity(logits_fn, state.params, cfg, test_windows)
-    final = sl.export_params(state.params, cfg)
-    res["export_max_abs_logit_diff"] = export_gap(logits_fn, state.params, final, cfg, test_windows[:1, :128])
+    if method == "llrc-ft" and cr in _LLRC_DONE:  # the llrc run of this CR, earlier in this process
+      done = _LLRC_DONE[cr]
+      final = done["exported"]
+      res.update({k: v for k, v in done["res"].items() if k in _LLRC_KEYS}, llrc_reused=True)
+    else:
+      state, hist = train_tree(args, cp, tx, cfg, task, batches, ckpt, finetune_steps=ft, target=target)
+      bs = sl.budget_state(state.opt_state)
+      res.update(train_steps=int(state.step), history=hist, freeze_step=int(bs.freeze_step))
+      res["training_form_ppl"] = perplexity(logits_fn, state.params, cfg, test_windows)
+      final = sl.export_params(state.params, cfg)
+      res["export_max_abs_logit_diff"] = export_gap(logits_fn, state.params, final, cfg, test_windows[:1, :128])
+      if method == "llrc":
+        _LLRC_DONE[cr] = {"exported": final, "res": res}
     if method == "llrc-ft":
       ft_state, ft_hist = train_tree(args, final, optax.adam(args.lr), None, lm_task, lm_batch,
                                      os.path.join(out, "ckpt_ft"), steps=args.llrc_ft_steps)
@@ -276,7 +284,8 @@ def main(argv=None):
   results = []
   softlm_steps = {}
   for cr in crs:
-    for method in sorted(methods, key=lambda m: m != "softlm"):  # SoftLM first: it sets the step budget
+    # SoftLM first (it sets the step budget), llrc before llrc-ft (which continues from its export)
+    for method in sorted(methods, key=lambda m: (m != "softlm", m == "llrc-ft")):
       if method in ("dense", "dense-ft") and cr != crs[0]:
         continue
       hint = args.steps or softlm_steps.get(cr) or softlm_steps.get(crs[0]) or \

@@ -161,3 +161,18 @@ def fit(state: TrainState, train_step: Callable, batch_fn: Callable[[int], Any],
   if bar is not None:
     bar.close()
   return state, history
+
+
+def distill_task(logits_fn: Callable) -> Callable:
+  """``task_loss`` for frozen-weight selection (LLRC; SoftLM thresholds without fine-tuning).
+
+  ``logits_fn(params, inputs) -> (..., vocab)`` logits. The returned ``task_loss(p, batch, rng)``
+  is ``KL(teacher || student)`` (:func:`softlm_jax.distillation_loss`) with the student ``p`` and
+  the teacher's dense tree passed *in the batch* as ``batch["teacher"]``, inputs as
+  ``batch["inputs"]``: a tree closed over would be baked into the jitted step as constants.
+  """
+  def task(p, batch, rng):
+    del rng
+    teacher = jax.lax.stop_gradient(logits_fn(batch["teacher"], batch["inputs"]))
+    return losses.distillation_loss(logits_fn(p, batch["inputs"]), teacher)
+  return task

@@ -47,3 +47,24 @@ def test_glue_script_end_to_end(tmp_path):
     assert (out / m / "ranks.png").stat().st_size > 1000
   summary = (out / "summary.md").read_text()
   assert all(m in summary for m in res) and "mcc" in summary
+
+
+def test_glue_llrc_script_end_to_end(tmp_path):
+  """Teacher fine-tune, then static / SoftLM-without-fine-tuning / LLRC / LLRC + fine-tune at one CR."""
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import glue_llrc
+  out = tmp_path / "llrc"
+  glue_llrc.main(["--task", "sst2", "--model", tiny_checkpoint(tmp_path), "--out", str(out), "--crs", "0.5",
+                  "--teacher-steps", "4", "--ft-steps", "2", "--max-compress-steps", "150", "--alpha-lr", "0.05",
+                  "--calib", "16", "--batch-size", "8", "--max-len", "16", "--eval-limit", "40", "--no-progress"])
+  res = {m: json.load(open(out / f"{m}_cr0.5" / "results.json"))
+         for m in ("static-noft", "softlm-noft", "llrc", "llrc-ft")}
+  for m, r in res.items():
+    assert r["budget"]["counted_params"] <= r["budget"]["target_params"], m
+  for m in ("softlm-noft", "llrc"):
+    assert res[m]["export_max_abs_logit_diff"] < 1e-4, m
+    assert res[m]["metrics"] == pytest.approx(res[m]["training_form_metrics"]), m
+  assert res["llrc-ft"]["train_steps"] == res["llrc"]["train_steps"] + 2
+  assert res["llrc-ft"]["ranks"] == res["llrc"]["ranks"]  # fine-tuning keeps the exported shapes
+  summary = (out / "summary.md").read_text()
+  assert "dense teacher" in summary and "llrc-ft" in summary
