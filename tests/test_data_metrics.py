@@ -54,3 +54,28 @@ def test_local_glue_row_counts(task, split, rows):
 def test_qnli_train_is_reported_missing():
   with pytest.raises(FileNotFoundError, match="only QNLI dev"):
     data.load_glue("qnli", "train")
+
+
+@pytest.mark.skipif(data.find_data_dir() is None, reason="needs ../shared/data")
+def test_wikitext_local_splits_are_the_files():
+  root = data.find_data_dir()
+  raw = data.load_wikitext("test_raw")
+  with open(root / data.WIKITEXT_FILES["test_raw"]) as f:
+    lines = [line.rstrip("\n") for line in f if line.strip()]
+  assert raw == "\n".join(lines)
+  with open(root / data.WIKITEXT_FILES["valid"]) as f:
+    paragraphs = [line for line in f if line.strip()]  # the file's 3,760 lines minus whitespace-only ones
+  assert data.load_wikitext("valid").count("\n") + 1 == len(paragraphs) > 2000
+  with pytest.raises(FileNotFoundError, match="offline splits"):
+    data.load_wikitext("train_raw")
+  with pytest.raises(ValueError, match="unknown WikiText-2 split"):
+    data.load_wikitext("train")
+
+
+def test_lm_windows():
+  ids = np.arange(23)
+  w = data.lm_windows(ids, 5)
+  assert w.shape == (4, 5) and w.dtype == np.int32 and np.array_equal(w.reshape(-1), ids[:20])
+  assert data.lm_windows(ids, 5, 2).shape == (2, 5)
+  with pytest.raises(ValueError, match="only 4 windows"):
+    data.lm_windows(ids, 5, 5)
