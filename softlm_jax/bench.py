@@ -821,7 +821,9 @@ def plot_speedup(results: Sequence[dict], path: str) -> Optional[str]:
           groups.setdefault((r["mode"], r["batch"], r["seq"]), []).append(r)
       for (mode, b, s_), rows in groups.items():
         o = min(max(rows[0]["outside_share"], 0.0), 1.0)
-        label = f"{mode} {b}x{s_}" + (" (1 token)" if mode == "decode" else "")
+        flags = res.get("device", {}).get("xla_flags") or ""
+        label = f"{mode} {b}x{s_}" + (" (1 token)" if mode == "decode" else "") + \
+            (f"\n  XLA_FLAGS={flags}" if flags else "")
         line = ax.plot(cr, 1 / (o + (1 - o) * (1 - cr)), ":", lw=1)[0]
         m = next(markers)
         for r in rows:
@@ -837,8 +839,8 @@ def plot_speedup(results: Sequence[dict], path: str) -> Optional[str]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
   dev = results[0]["device"]
-  fig.suptitle(f"measured (points), Amdahl bound (dotted), ideal (dashed); {dev['platform']} {dev['cpu']}, "
-               f"{dev['cpu_cores']} cores", fontsize=9)
+  fig.suptitle(f"measured (points, bars p25-p75), Amdahl bound (dotted), ideal (dashed)\n"
+               f"{dev['platform']} {dev['cpu']}, {dev['cpu_cores']} cores", fontsize=9)
   fig.tight_layout()
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   fig.savefig(path, dpi=110)
@@ -850,7 +852,7 @@ def summary_table(results: Sequence[dict], cases: Optional[Sequence[str]] = None
   """Compact markdown over several inference results (e.g. BENCHMARKS.md): one row per model,
   mode, shape and compressed case (``cases`` filters by case name)."""
   head = ("| model | mode | batch x seq | case | removed | dense ms | case ms | speed-up [p25, p75] | "
-          "FLOP ideal | Amdahl bound | of bound | linears alone | weight saving | peak-mem saving | load |")
+          "FLOP ideal | Amdahl bound | of bound | linears alone | weight saving | peak-mem saving | load | XLA_FLAGS |")
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
   for res in results:
     rows = res["cases"]
@@ -869,7 +871,8 @@ def summary_table(results: Sequence[dict], cases: Optional[Sequence[str]] = None
           f"**{r['speedup']:.2f}** [{r['speedup_p25']:.2f}, {r['speedup_p75']:.2f}] | "
           f"{r['ideal_linear_speedup']:.2f} | {r['amdahl_bound']:.2f} | {r['of_bound']:.2f} | "
           f"{'' if lin is None else f'{lin:.2f}'} | {r['weight_saving']:.2f} | "
-          f"{'' if not (pk and dpk) else f'{1 - pk / dpk:.2f}'} | {'' if load is None else load[0]} |")
+          f"{'' if not (pk and dpk) else f'{1 - pk / dpk:.2f}'} | {'' if load is None else load[0]} | "
+          f"{res.get('device', {}).get('xla_flags') or 'default'} |")
   return "\n".join(lines) + "\n"
 
 
