@@ -147,15 +147,8 @@ def run_method(method, args, cfg, model, train_enc, train_labels, dev_enc, dev_l
 
 
 def summary_row(res) -> dict:
-  b = res.get("budget", {})
-  row = {"method": res["method"], "task": res["task"],
-         "params (selected linears)": b.get("counted_params", "dense"),
-         "removed": f"{b['achieved_ratio']:.3f}" if b else "0",
-         **{k: round(v, 4) for k, v in res["metrics"].items()},
-         "steps": res["train_steps"], "wall (s)": round(res["wall_s"])}
-  if "freeze_step" in res:
-    row["budget met at step"] = res["freeze_step"]
-  return row
+  return report.summary_row(res, {"method": res["method"], "task": res["task"]},
+                            {k: round(v, 4) for k, v in res["metrics"].items()})
 
 
 def main(argv=None):

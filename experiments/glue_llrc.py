@@ -156,10 +156,7 @@ def main(argv=None):
       report.rank_heatmap(res["ranks"], os.path.join(out, "ranks.png"),
                           full={p: min(v["shape"]) for p, v in rep["layers"].items()},
                           title=f"{method} {args.model} {args.task} CR={cr}: rank per layer")
-      res["row"] = {"method": method, "CR": cr, "removed": f"{res['budget']['achieved_ratio']:.3f}",
-                    **{k: round(v, 4) for k, v in ev.items()}, "steps": steps, "wall (s)": round(res["wall_s"])}
-      if "freeze_step" in res:
-        res["row"]["budget met at step"] = res["freeze_step"]
+      res["row"] = report.summary_row(res, {"method": method, "CR": cr}, {k: round(v, 4) for k, v in ev.items()})
       report.write_json(res, done)
       for d in ("ckpt", "ckpt_ft"):
         shutil.rmtree(os.path.join(out, d), ignore_errors=True)

@@ -256,13 +256,7 @@ def run(method, cr, args, logits_fn, dense, train_windows, calib, test_windows, 
 
 
 def summary_row(res) -> dict:
-  b = res.get("budget", {})
-  row = {"method": res["method"], "CR": res["cr"], "removed": f"{b['achieved_ratio']:.3f}" if b else "0",
-         "params (selected linears)": b.get("counted_params", "dense"), "test ppl": round(res["ppl"], 2),
-         "steps": res["train_steps"], "wall (s)": round(res["wall_s"])}
-  if "freeze_step" in res:
-    row["budget met at step"] = res["freeze_step"]
-  return row
+  return report.summary_row(res, {"method": res["method"], "CR": res["cr"]}, {"test ppl": round(res["ppl"], 2)})
 
 
 def main(argv=None):

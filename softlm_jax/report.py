@@ -64,3 +64,16 @@ def markdown_table(rows: Sequence[Mapping], columns: Sequence[str]) -> str:
 def write_json(obj, path: str) -> None:
   with open(path, "w") as f:
     json.dump(obj, f, indent=2, default=float)
+
+
+def summary_row(res: Mapping, head: Mapping, metrics: Mapping) -> dict:
+  """One row of an experiment's results table: ``head`` columns (method, task/CR ...), the budget
+  columns from ``res["budget"]`` (``"dense"`` / ``"0"`` without one), ``metrics``, steps, wall time
+  and, for runs with learned thresholds, the step the budget was met."""
+  b = res.get("budget", {})
+  row = {**head, "params (selected linears)": b.get("counted_params", "dense"),
+         "removed": f"{b['achieved_ratio']:.3f}" if b else "0", **metrics,
+         "steps": res["train_steps"], "wall (s)": round(res["wall_s"])}
+  if "freeze_step" in res:
+    row["budget met at step"] = res["freeze_step"]
+  return row
