@@ -272,16 +272,11 @@ def linear_shapes(params: Mapping, cfg: CompressionConfig) -> dict[str, tuple[in
   return {p: tuple(int(d) for d in np.shape(k)) for p, k in tree.selected_kernels(params, cfg)}
 
 
-def flop_ratio(variant: Mapping, shapes: Mapping[str, tuple[int, int]]) -> float:
-  """Multiply-adds per token of the compressed linears over the dense ones (``r (m + n)`` for a
-  factored layer, ``m n`` for one kept dense)."""
-  factored = dict(tree.factored_layers(variant))
-  dense = sum(m * n for m, n in shapes.values())
-  cost = 0
-  for path, (m, n) in shapes.items():
-    layer = factored.get(path)
-    cost += m * n if layer is None else int(np.shape(layer["left"])[1]) * (m + n)
-  return cost / dense
+def flop_ratio(variant: Mapping, cfg: CompressionConfig) -> float:
+  """Multiply-adds per token of the compressed linears over the dense ones. A linear's
+  multiply-adds per token equal its counted params (``r (m + n)`` factored, ``m n`` kept dense), so
+  this is :func:`softlm_jax.count_params` over :func:`softlm_jax.dense_params`."""
+  return int(budget.count_params(variant, cfg)) / budget.dense_params(variant, cfg)
 
 
 def linear_bytes(variant: Mapping, shapes: Mapping[str, tuple[int, int]]) -> int:
@@ -585,7 +580,7 @@ def run_benchmark(model: str = "bert-base", *, batches: Sequence[int] = (8,), se
   meta = {}
   for name, v in variants.items():
     p = v["params"]
-    fr = flop_ratio(p, shapes)
+    fr = flop_ratio(p, cfg)
     ranks = {path: int(np.shape(layer["left"])[1]) for path, layer in tree.factored_layers(p)}
     meta[name] = {"kind": v["kind"], "cr": v["cr"], "rank_multiple": v["rank_multiple"], "flop_ratio": fr,
                   "ideal_linear_speedup": 1.0 / fr,
@@ -705,17 +700,8 @@ def train_cost(model: str = "minilm", *, batch: int = 32, seq: int = 128, reps: 
   for name, params, c, m in specs:
     tx = make_optimizer(cfg, optax.adam(lr)) if c is not None else optax.adam(lr)
     step = train.make_train_step(loss, tx, c)
-    state = train.init_state(params, tx)
-    case = Case(name, None, (state, data), carry=lambda a, o: (o[0], a[1]))
-    with apply_mode(m):
-      t = time.perf_counter()
-      lowered = step.lower(state, data)
-      case.lower_s = time.perf_counter() - t
-    t = time.perf_counter()
-    case.compiled = lowered.compile()
-    case.compile_s = time.perf_counter() - t
-    case.memory = memory_stats(case.compiled)
-    cases.append(case)
+    cases.append(Case(name, step, (train.init_state(params, tx), data), donate=(0,),
+                      ctx=lambda m=m: apply_mode(m), carry=lambda a, o: (o[0], a[1])).compile())
   log(f"[train] {bm.name} {batch}x{seq}: compiled {len(cases)} steps (load {loadavg()})")
   times = time_interleaved(cases, reps, warmup)
   rows = {}

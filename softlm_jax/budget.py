@@ -35,6 +35,15 @@ def layer_shape(layer: Mapping) -> tuple[int, int]:
   return int(np.shape(layer["left"])[0]), int(np.shape(layer["right"])[-1])
 
 
+#: A training-form layer's learnable selection: SoftLM's threshold or LLRC's per-value mask logits.
+SELECTION_KEYS = ("alpha", "mask_logits")
+
+
+def has_selection(layer: Mapping) -> bool:
+  """Whether a factored layer is in training form (has a threshold or mask logits to learn)."""
+  return any(k in layer for k in SELECTION_KEYS)
+
+
 def kept(layer: Mapping) -> jax.Array:
   """Which singular triplets of a training-form layer survive export: bool ``(k,)``.
 
@@ -53,7 +62,7 @@ def effective_rank(layer: Mapping) -> jax.Array:
 
   Training form: ``sum(kept(layer))``. Exported form: the factors' width.
   """
-  if "alpha" in layer or "mask_logits" in layer:
+  if has_selection(layer):
     return jnp.sum(kept(layer)).astype(jnp.int32)
   return jnp.asarray(np.shape(layer["left"])[1], jnp.int32)
 

@@ -85,7 +85,7 @@ def budget_freeze(inner: optax.GradientTransformation, target: Optional[int] = N
     freeze_step = jnp.where(newly, state.step, state.freeze_step)
     updates, inner_state = inner.update(updates, state.inner, params)
     kept_of = {path: budget.kept(layer) for path, layer in tree.factored_layers(params)
-               if "alpha" in layer or "mask_logits" in layer}
+               if budget.has_selection(layer)}
 
     def mask(keypath, u):
       path = _path(keypath)

@@ -93,7 +93,7 @@ def restore_checkpoint(ckpt_dir: str, like: TrainState, manager=None) -> Optiona
 
 def has_thresholds(params) -> bool:
   """Whether ``params`` has learnable selections (SoftLM thresholds or LLRC masks)."""
-  return any("alpha" in layer or "mask_logits" in layer for _, layer in tree.factored_layers(params))
+  return any(budget.has_selection(layer) for _, layer in tree.factored_layers(params))
 
 
 def fit(state: TrainState, train_step: Callable, batch_fn: Callable[[int], Any], *,
@@ -173,6 +173,6 @@ def distill_task(logits_fn: Callable) -> Callable:
   """
   def task(p, batch, rng):
     del rng
-    teacher = jax.lax.stop_gradient(logits_fn(batch["teacher"], batch["inputs"]))
+    teacher = logits_fn(batch["teacher"], batch["inputs"])  # distillation_loss stops its gradient
     return losses.distillation_loss(logits_fn(p, batch["inputs"]), teacher)
   return task
