@@ -124,7 +124,8 @@ def main(argv=None):
                                  method="llrc" if method.startswith("llrc") else "softlm")
       res = {"method": method, "cr": cr, "task": args.task, "eval_split": args.split,
              "calibration": f"{args.task} train, first {args.calib} sentences", "config": vars(args)}
-      steps = 0
+      predict = glue.predict_fn(model, cfg)
+      steps, ev = 0, None  # ev: dev metrics of `final` once computed
       if method == "static-noft":
         final = sl.static_svd(teacher, cfg)
       elif method == "llrc-ft" and cr in exported_llrc:
@@ -136,10 +137,9 @@ def main(argv=None):
                           target=sl.target_params(cp, cfg))
         steps = int(state.step)
         res.update(history=hist, freeze_step=int(sl.budget_state(state.opt_state).freeze_step))
-        train_form, train_logits = glue.evaluate(glue.predict_fn(model, cfg), state.params, dev_enc, dv_labels,
-                                                 args.task, 64)
+        train_form, train_logits = glue.evaluate(predict, state.params, dev_enc, dv_labels, args.task, 64)
         final = sl.export_params(state.params, cfg)
-        _, exp_logits = glue.evaluate(glue.predict_fn(model, cfg), final, dev_enc, dv_labels, args.task, 64)
+        ev, exp_logits = glue.evaluate(predict, final, dev_enc, dv_labels, args.task, 64)
         res.update(training_form_metrics=train_form,
                    export_max_abs_logit_diff=float(abs(exp_logits - train_logits).max()))
         if method == "llrc":
@@ -147,8 +147,9 @@ def main(argv=None):
       if method == "llrc-ft":
         ft_state, res["finetune_history"] = fit(final, optax.adam(args.lr), None, task_loss, label_batch,
                                                 os.path.join(out, "ckpt_ft"), steps=args.ft_steps)
-        final, steps = ft_state.params, steps + args.ft_steps
-      ev, _ = glue.evaluate(glue.predict_fn(model, cfg), final, dev_enc, dv_labels, args.task, 64)
+        final, steps, ev = ft_state.params, steps + args.ft_steps, None
+      if ev is None:
+        ev, _ = glue.evaluate(predict, final, dev_enc, dv_labels, args.task, 64)
       rep = sl.budget_report(final, cfg)
       res.update(metrics=ev, budget={k: v for k, v in rep.items() if k != "layers"},
                  ranks={p: v["rank"] for p, v in rep["layers"].items()}, train_steps=steps,

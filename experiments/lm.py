@@ -44,7 +44,6 @@ EVAL_CHARS = 200_000
 #: CR -> the exported tree and results of an ``llrc`` run in this process, reused by ``llrc-ft``
 _LLRC_DONE: dict = {}
 _LLRC_KEYS = ("train_steps", "history", "freeze_step", "training_form_ppl", "export_max_abs_logit_diff")
-FROZEN = ("softlm-noft", "llrc", "llrc-ft")
 
 
 def parse(argv=None):
@@ -195,7 +194,7 @@ def run(method, cr, args, logits_fn, dense, train_windows, calib, test_windows, 
 
   distill_task = train.distill_task(logits_fn)
 
-  final, eval_cfg = dense, None
+  final = dense
   if method == "dense":
     res["train_steps"] = 0
   elif method == "dense-ft":
@@ -207,33 +206,32 @@ def run(method, cr, args, logits_fn, dense, train_windows, calib, test_windows, 
       state, hist = train_tree(args, final, optax.adam(args.lr), None, lm_task, lm_batch, ckpt, steps=steps_hint)
       final, res["history"] = state.params, hist
     res["train_steps"] = steps_hint if method == "static" else 0
+  elif method == "llrc-ft" and cr in _LLRC_DONE:  # the llrc run of this CR, earlier in this process
+    done = _LLRC_DONE[cr]
+    final = done["exported"]
+    res.update({k: v for k, v in done["res"].items() if k in _LLRC_KEYS}, llrc_reused=True)
   else:
     cp = sl.compress_params(dense, cfg)
-    target = sl.target_params(cp, cfg)
     if method == "softlm":
       tx, task, batches, ft = sl.make_optimizer(cfg, optax.adam(args.lr)), lm_task, lm_batch, args.finetune_steps
     elif method == "softlm-noft":
       tx, task, batches, ft = sl.make_optimizer(cfg, optax.set_to_zero()), distill_task, calib_batch, 0
     else:
       tx, task, batches, ft = sl.make_optimizer(cfg), distill_task, calib_batch, 0
-    if method == "llrc-ft" and cr in _LLRC_DONE:  # the llrc run of this CR, earlier in this process
-      done = _LLRC_DONE[cr]
-      final = done["exported"]
-      res.update({k: v for k, v in done["res"].items() if k in _LLRC_KEYS}, llrc_reused=True)
-    else:
-      state, hist = train_tree(args, cp, tx, cfg, task, batches, ckpt, finetune_steps=ft, target=target)
-      bs = sl.budget_state(state.opt_state)
-      res.update(train_steps=int(state.step), history=hist, freeze_step=int(bs.freeze_step))
-      res["training_form_ppl"] = perplexity(logits_fn, state.params, cfg, test_windows)
-      final = sl.export_params(state.params, cfg)
-      res["export_max_abs_logit_diff"] = export_gap(logits_fn, state.params, final, cfg, test_windows[:1, :128])
-      if method == "llrc":
-        _LLRC_DONE[cr] = {"exported": final, "res": res}
-    if method == "llrc-ft":
-      ft_state, ft_hist = train_tree(args, final, optax.adam(args.lr), None, lm_task, lm_batch,
-                                     os.path.join(out, "ckpt_ft"), steps=args.llrc_ft_steps)
-      final, res["finetune_history"] = ft_state.params, ft_hist
-      res["train_steps"] += args.llrc_ft_steps
+    state, hist = train_tree(args, cp, tx, cfg, task, batches, ckpt, finetune_steps=ft,
+                             target=sl.target_params(cp, cfg))
+    bs = sl.budget_state(state.opt_state)
+    res.update(train_steps=int(state.step), history=hist, freeze_step=int(bs.freeze_step))
+    res["training_form_ppl"] = perplexity(logits_fn, state.params, cfg, test_windows)
+    final = sl.export_params(state.params, cfg)
+    res["export_max_abs_logit_diff"] = export_gap(logits_fn, state.params, final, cfg, test_windows[:1, :128])
+    if method == "llrc":
+      _LLRC_DONE[cr] = {"exported": final, "res": res}
+  if method == "llrc-ft":
+    ft_state, ft_hist = train_tree(args, final, optax.adam(args.lr), None, lm_task, lm_batch,
+                                   os.path.join(out, "ckpt_ft"), steps=args.llrc_ft_steps)
+    final, res["finetune_history"] = ft_state.params, ft_hist
+    res["train_steps"] += args.llrc_ft_steps
   if method not in ("dense", "dense-ft"):
     rep = sl.budget_report(final, cfg)
     res["budget"] = {k: v for k, v in rep.items() if k != "layers"}
@@ -241,7 +239,7 @@ def run(method, cr, args, logits_fn, dense, train_windows, calib, test_windows, 
     full = {p: min(v["shape"]) for p, v in rep["layers"].items()}
     report.rank_heatmap(res["ranks"], os.path.join(out, "ranks.png"), full=full,
                         title=f"{method} {args.model} CR={cr}: rank per layer")
-  res["ppl"] = perplexity(logits_fn, final, eval_cfg, test_windows)
+  res["ppl"] = perplexity(logits_fn, final, None, test_windows)  # dense or exported: no thresholds
   if "training_form_ppl" in res and method != "llrc-ft":
     res["export_ppl_rel_diff"] = abs(res["ppl"] - res["training_form_ppl"]) / res["training_form_ppl"]
   res["wall_s"] = time.time() - t0
