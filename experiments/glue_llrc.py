@@ -51,6 +51,8 @@ def parse(argv=None):
   ap.add_argument("--mask-lr", type=float, default=5e-2)
   ap.add_argument("--tv-weight", type=float, default=1e-3)
   ap.add_argument("--gamma", type=float, default=1.0)
+  ap.add_argument("--budget-growth", type=float, default=1.0,
+                  help="LLRC: the budget weight is gamma * growth**step until the budget is met (1 = constant)")
   ap.add_argument("--sharpness", type=float, default=1000.0)
   ap.add_argument("--split", default="dev")
   ap.add_argument("--eval-limit", type=int, default=None)
@@ -121,6 +123,7 @@ def main(argv=None):
       t0 = time.time()
       cfg = sl.CompressionConfig(target_ratio=cr, sharpness=args.sharpness, gamma=args.gamma,
                                  alpha_lr=args.alpha_lr, mask_lr=args.mask_lr, tv_weight=args.tv_weight,
+                                 budget_growth=args.budget_growth,
                                  method="llrc" if method.startswith("llrc") else "softlm")
       res = {"method": method, "cr": cr, "task": args.task, "eval_split": args.split,
              "calibration": f"{args.task} train, first {args.calib} sentences", "config": vars(args)}

@@ -64,6 +64,9 @@ def parse(argv=None):
   ap.add_argument("--calib", type=int, default=256, help="calibration sequences (frozen-weight methods)")
   ap.add_argument("--mask-lr", type=float, default=5e-2)
   ap.add_argument("--tv-weight", type=float, default=1e-3)
+  ap.add_argument("--budget-growth", type=float, default=1.0,
+                  help="LLRC: the budget weight is gamma * growth**step until the budget is met (1 = constant)")
+  ap.add_argument("--mask-init", default="3,1", help="LLRC: first,last initial mask logits (both > 0)")
   ap.add_argument("--llrc-ft-steps", type=int, default=50)
   ap.add_argument("--eval-windows", type=int, default=16)
   ap.add_argument("--eval-len", type=int, default=512)
@@ -127,7 +130,9 @@ def compression_config(args, cr: float, method: str) -> sl.CompressionConfig:
   return sl.CompressionConfig(target_ratio=cr, sharpness=args.sharpness, gamma=args.gamma,
                               alpha_lr=args.alpha_lr, include=include,
                               method="llrc" if method.startswith("llrc") else "softlm",
-                              mask_lr=args.mask_lr, tv_weight=args.tv_weight)
+                              mask_lr=args.mask_lr, tv_weight=args.tv_weight,
+                              budget_growth=args.budget_growth,
+                              mask_init=tuple(float(v) for v in args.mask_init.split(",")))
 
 
 def lm_loss(logits: jax.Array, ids: jax.Array) -> jax.Array:

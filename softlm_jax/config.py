@@ -51,6 +51,10 @@ class CompressionConfig:
     mask_init: LLRC: ``(first, last)`` initial logits, linear in the singular-value index, both > 0
       so the model starts exactly dense and the tail is the first to be dropped.
     tv_weight: LLRC: weight of the total-variation term (kept values form a prefix).
+    budget_growth: LLRC: the budget term's weight at update ``t`` is
+      ``gamma * min(budget_growth**t, 1e6)`` while the hard count is over the target: a price that
+      rises until the budget is met (like dual ascent on the constraint), so a fixed ``gamma`` need
+      not be tuned against the distillation loss's scale. 1.0 keeps ``gamma`` constant.
     include: regex searched in each kernel's '/'-joined path; ``None`` = ``DEFAULT_INCLUDE``
       restricted to 2-D kernels. An explicit pattern that selects a non-2-D kernel is an error.
     exclude: regex; matching paths are never selected. ``None`` = ``DEFAULT_EXCLUDE``.
@@ -69,6 +73,7 @@ class CompressionConfig:
   mask_temperature: float = 1.0
   mask_init: tuple = (3.0, 1.0)
   tv_weight: float = 1e-3
+  budget_growth: float = 1.0
   include: Optional[str] = None
   exclude: Optional[str] = None
 
@@ -92,6 +97,8 @@ class CompressionConfig:
     if not (self.mask_lr > 0 and self.mask_temperature > 0 and self.tv_weight >= 0):
       raise ValueError(f"need mask_lr > 0, mask_temperature > 0, tv_weight >= 0; got {self.mask_lr!r}, "
                        f"{self.mask_temperature!r}, {self.tv_weight!r}")
+    if not self.budget_growth >= 1.0:
+      raise ValueError(f"budget_growth must be >= 1 (1 keeps gamma constant), got {self.budget_growth!r}")
     if len(tuple(self.mask_init)) != 2 or min(self.mask_init) <= 0:
       raise ValueError(f"mask_init must be (first, last) logits, both > 0 (the mask starts all ones), "
                        f"got {self.mask_init!r}")

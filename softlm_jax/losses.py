@@ -5,6 +5,7 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from softlm_jax import budget, tree
 from softlm_jax.config import CompressionConfig
@@ -59,12 +60,25 @@ def distillation_loss(student_logits: jax.typing.ArrayLike, teacher_logits: jax.
   return jnp.sum(kl * w) / jnp.maximum(jnp.sum(w), 1.0) * temperature**2
 
 
-def llrc_loss(params: Mapping, cfg: CompressionConfig) -> jax.Array:
-  """LLRC's regularisers (scalar): ``tv_weight * sum_l TV(mask_l) + gamma * budget``.
+#: Cap on LLRC's rising budget price ``budget_growth**step`` (keeps float32 finite).
+MAX_BUDGET_PRICE = 1e6
+
+
+def budget_price(cfg: CompressionConfig, step: jax.typing.ArrayLike | None = None) -> jax.Array:
+  """``min(cfg.budget_growth**step, MAX_BUDGET_PRICE)`` (float32 scalar); 1 when ``step`` is None."""
+  if step is None or cfg.budget_growth == 1.0:
+    return jnp.ones((), jnp.float32)
+  log_price = jnp.asarray(step, jnp.float32) * np.log(cfg.budget_growth)
+  return jnp.exp(jnp.minimum(log_price, np.log(MAX_BUDGET_PRICE)))
+
+
+def llrc_loss(params: Mapping, cfg: CompressionConfig, step: jax.typing.ArrayLike | None = None) -> jax.Array:
+  """LLRC's regularisers (scalar): ``tv_weight * sum_l TV(mask_l) + gamma * price(step) * budget``.
 
   ``budget = relaxed_count / dense_params`` while the hard count (:func:`softlm_jax.count_params`)
   is above the target, else 0: it drives the count to the target and stops pressing once it is met.
-  The TV term acts on the relaxed masks ``sigmoid(logits / T)``.
+  ``price`` is :func:`budget_price` (``cfg.budget_growth**step``, 1 by default). The TV term acts on
+  the relaxed masks ``sigmoid(logits / T)``.
   """
   layers = [layer for _, layer in tree.factored_layers(params) if "mask_logits" in layer]
   if not layers:
@@ -73,16 +87,18 @@ def llrc_loss(params: Mapping, cfg: CompressionConfig) -> jax.Array:
            for layer in layers)
   over = budget.count_params(params) > budget.target_params(params, cfg)
   press = budget.relaxed_count(params, cfg) / budget.dense_params(params)
-  return cfg.tv_weight * tv + cfg.gamma * jnp.where(over, press, 0.0)
+  return cfg.tv_weight * tv + cfg.gamma * budget_price(cfg, step) * jnp.where(over, press, 0.0)
 
 
-def compression_loss(params: Mapping, cfg: CompressionConfig) -> jax.Array:
+def compression_loss(params: Mapping, cfg: CompressionConfig,
+                     step: jax.typing.ArrayLike | None = None) -> jax.Array:
   """The selection rule's regulariser, already weighted; scalar.
 
-  SoftLM: ``gamma * L_cmp`` over all thresholds (adaptive or linear). LLRC: :func:`llrc_loss`.
+  SoftLM: ``gamma * L_cmp`` over all thresholds (adaptive or linear). LLRC: :func:`llrc_loss`, whose
+  budget price rises with ``step`` (the update index) when ``cfg.budget_growth > 1``.
   """
   if cfg.method == "llrc":
-    return llrc_loss(params, cfg)
+    return llrc_loss(params, cfg, step)
   fn = adaptive_loss if cfg.loss == "adaptive" else linear_loss
   a = alphas(params)
   return cfg.gamma * fn(a) if a.size else jnp.zeros(())

@@ -52,7 +52,7 @@ def make_train_step(task_loss: Callable, tx: optax.GradientTransformation,
     def total(p):
       with intercept(cfg):
         task = task_loss(p, batch, sub)
-      cmp = losses.compression_loss(p, cfg) if cfg is not None else jnp.zeros(())
+      cmp = losses.compression_loss(p, cfg, state.step) if cfg is not None else jnp.zeros(())
       return task + cmp, (task, cmp)
 
     (loss, (task, cmp)), grads = jax.value_and_grad(total, has_aux=True)(state.params)

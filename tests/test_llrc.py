@@ -149,6 +149,31 @@ def test_llrc_meets_budget_and_only_masks_change():
   assert rel_err(logits(model, ex, ids), logits(model, state.params, ids, cfg)) < 1e-5
 
 
+def test_budget_price_scales_only_the_budget_term():
+  cfg = LLRC.replace(gamma=2.0, budget_growth=1.5)
+  cp = sl.compress_params(build("llama").params, cfg)
+  base = float(sl.llrc_loss(cp, cfg))  # step None: price 1
+  tv = float(sl.llrc_loss(cp, cfg.replace(gamma=0.0)))
+  for t in (0, 3, 7):
+    assert float(sl.losses.budget_price(cfg, t)) == pytest.approx(1.5**t, rel=1e-5)
+    np.testing.assert_allclose(float(sl.llrc_loss(cp, cfg, t)) - tv, (base - tv) * 1.5**t, rtol=1e-5)
+  assert float(sl.losses.budget_price(cfg, 10_000)) == pytest.approx(sl.losses.MAX_BUDGET_PRICE, rel=1e-5)
+  assert float(sl.losses.budget_price(LLRC, 50)) == 1.0  # budget_growth 1: constant gamma
+  with pytest.raises(ValueError, match="budget_growth"):
+    sl.CompressionConfig(method="llrc", budget_growth=0.9)
+
+
+def test_rising_budget_price_meets_a_budget_a_weak_constant_gamma_misses():
+  """A gamma too small against the distillation loss stalls; the rising price gets there anyway."""
+  weak = LLRC.replace(target_ratio=0.4, gamma=1e-4)
+  _, state, hist, _ = llrc_run("llama", 120, weak)
+  assert not bool(sl.budget_state(state.opt_state).frozen), f"weak gamma met the budget: {hist[-1]}"
+  _, state, hist, _ = llrc_run("llama", 120, weak.replace(budget_growth=1.1))
+  bs = sl.budget_state(state.opt_state)
+  assert bool(bs.frozen), f"rising price did not meet the budget in 120 steps: {hist[-1]}"
+  assert int(sl.count_params(state.params)) <= sl.target_params(state.params, weak)
+
+
 def test_llrc_optimizer_rejects_weight_updates_and_configs_validate():
   with pytest.raises(ValueError, match="frozen"):
     sl.make_optimizer(LLRC, optax.adam(1e-3))
