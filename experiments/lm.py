@@ -66,6 +66,8 @@ def parse(argv=None):
   ap.add_argument("--tv-weight", type=float, default=1e-3)
   ap.add_argument("--budget-growth", type=float, default=1.0,
                   help="LLRC: the budget weight is gamma * growth**step until the budget is met (1 = constant)")
+  ap.add_argument("--refill", action="store_true",
+                  help="LLRC: after the budget is met, re-enable dropped values up to the target (refill_to_target)")
   ap.add_argument("--mask-init", default="3,1", help="LLRC: first,last initial mask logits (both > 0)")
   ap.add_argument("--llrc-ft-steps", type=int, default=50)
   ap.add_argument("--eval-windows", type=int, default=16)
@@ -227,9 +229,13 @@ def run(method, cr, args, logits_fn, dense, train_windows, calib, test_windows, 
                              target=sl.target_params(cp, cfg))
     bs = sl.budget_state(state.opt_state)
     res.update(train_steps=int(state.step), history=hist, freeze_step=int(bs.freeze_step))
-    res["training_form_ppl"] = perplexity(logits_fn, state.params, cfg, test_windows)
-    final = sl.export_params(state.params, cfg)
-    res["export_max_abs_logit_diff"] = export_gap(logits_fn, state.params, final, cfg, test_windows[:1, :128])
+    trained = state.params
+    if method == "llrc" and args.refill and bool(bs.frozen):
+      res["counted_before_refill"] = int(sl.count_params(trained))
+      trained = sl.refill_to_target(trained, cfg)
+    res["training_form_ppl"] = perplexity(logits_fn, trained, cfg, test_windows)
+    final = sl.export_params(trained, cfg)
+    res["export_max_abs_logit_diff"] = export_gap(logits_fn, trained, final, cfg, test_windows[:1, :128])
     if method == "llrc":
       _LLRC_DONE[cr] = {"exported": final, "res": res}
   if method == "llrc-ft":

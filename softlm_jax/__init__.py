@@ -4,7 +4,8 @@ Two selection rules on one decomposition/interception/counting/export core: Soft
 thresholds, arXiv 2411.10543) and LLRC (learned singular-value masks with frozen weights).
 """
 from softlm_jax.budget import (break_even_rank, budget_report, count_params, dense_params,
-                               effective_rank, kept, layer_cost, layer_ranks, relaxed_count, target_params)
+                               effective_rank, kept, layer_cost, layer_ranks, refill_to_target, relaxed_count,
+                               target_params)
 from softlm_jax.compress import compress_params, init_rank, singular_scale
 from softlm_jax.config import CompressionConfig
 from softlm_jax.export import export_params, static_ranks, static_svd
@@ -21,8 +22,8 @@ __all__ = [
     "budget_report", "budget_state", "compress_params", "compression_loss", "count_params",
     "dense_params", "distillation_loss", "effective_rank", "export_params", "factored_apply",
     "hard_threshold", "init_rank", "intercept", "kept", "layer_cost", "layer_ranks", "linear_loss",
-    "llrc_loss", "make_optimizer", "register_layout", "relaxed_count", "relaxed_mask", "singular_scale",
-    "soft_threshold", "static_ranks", "static_svd", "straight_through_mask", "target_params",
+    "llrc_loss", "make_optimizer", "refill_to_target", "register_layout", "relaxed_count", "relaxed_mask",
+    "singular_scale", "soft_threshold", "static_ranks", "static_svd", "straight_through_mask", "target_params",
     "total_variation",
 ]
 

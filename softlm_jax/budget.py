@@ -115,6 +115,51 @@ def relaxed_count(params: Mapping, cfg: CompressionConfig) -> jax.Array:
   return total
 
 
+def refill_to_target(params: Mapping, cfg: CompressionConfig, *, logit: float = 1e-3) -> dict:
+  """Re-enables dropped LLRC singular values, most-nearly-kept first, while the count stays <= target.
+
+  The budget freeze stops at the first update whose count is at or under the target, and that update
+  can drop several percent of the parameters at once (Adam moves every logit by about ``mask_lr``).
+  This takes back the overshoot: the dropped triplets (``mask_logits <= 0``) of all layers are
+  visited in order of decreasing logit, and each is turned back on (its logit set to ``logit`` > 0)
+  if the counted parameters (:func:`layer_cost`, break-even rule included) stay ``<=``
+  :func:`target_params`. Pure: returns a new tree; only ``mask_logits`` change. Plain Python/numpy,
+  outside jit (one sort over all singular values).
+
+  Args:
+    params: an LLRC training-form tree (every factored layer has ``mask_logits``).
+    cfg: the config it was compressed with (gives the target).
+    logit: the value a re-enabled logit gets.
+
+  Returns:
+    The tree with ``count_params(out) <= target_params`` and no dropped triplet left that would fit.
+  """
+  layers = dict(tree.factored_layers(params))
+  if not layers or not all("mask_logits" in lay for lay in layers.values()):
+    raise ValueError("refill_to_target needs an LLRC training-form tree (mask_logits in every factored layer)")
+  if not logit > 0:
+    raise ValueError(f"logit must be > 0 (a kept value), got {logit!r}")
+  target = target_params(params, cfg)
+  logits = {p: np.array(lay["mask_logits"], np.float32) for p, lay in layers.items()}
+  ranks = {p: int(np.sum(lg > 0)) for p, lg in logits.items()}
+  costs = {p: np.asarray(layer_cost(np.arange(len(lg) + 1), *layer_shape(layers[p]))) for p, lg in logits.items()}
+  total = int(sum(int(costs[p][ranks[p]]) for p in logits))
+  if total > target:
+    raise ValueError(f"the tree counts {total} params, over the target {target}: train until the budget is met")
+  cands = [(float(lg[i]), p, i) for p, lg in logits.items() for i in np.flatnonzero(lg <= 0)]
+  for _, p, i in sorted(cands, key=lambda c: -c[0]):
+    extra = int(costs[p][ranks[p] + 1]) - int(costs[p][ranks[p]])
+    if total + extra <= target:
+      total, ranks[p] = total + extra, ranks[p] + 1
+      logits[p][i] = logit
+
+  def visit(path, node):
+    if path in logits:
+      return {**node, "mask_logits": jnp.asarray(logits[path], jnp.asarray(node["mask_logits"]).dtype)}
+    return node
+  return tree.map_modules(params, visit)
+
+
 def dense_params(params: Mapping, cfg: Optional[CompressionConfig] = None) -> int:
   """Dense kernel parameters of the same layers that :func:`count_params` counts (static int)."""
   total = sum(r * c for r, c in _shapes(params, cfg).values())

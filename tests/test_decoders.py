@@ -51,7 +51,7 @@ def test_lm_script_end_to_end(tmp_path):
   lm.main(["--model", "tiny-llama", "--methods", "dense,softlm,static,llrc", "--crs", "0.5",
            "--seq-len", "32", "--batch-size", "4", "--finetune-steps", "3", "--max-compress-steps", "150",
            "--alpha-lr", "0.05", "--lr", "1e-3", "--calib", "16", "--eval-windows", "2", "--eval-len", "64",
-           "--out", str(out), "--no-progress"])
+           "--refill", "--out", str(out), "--no-progress"])
   res = {m: json.load(open(out / m / "results.json")) for m in ("dense", "softlm_cr0.5", "static_cr0.5",
                                                                   "llrc_cr0.5")}
   for m in ("softlm_cr0.5", "llrc_cr0.5"):
@@ -60,6 +60,8 @@ def test_lm_script_end_to_end(tmp_path):
     assert res[m]["export_max_abs_logit_diff"] < 1e-3, m
     assert res[m]["ppl"] == pytest.approx(res[m]["training_form_ppl"], rel=1e-3), m
     assert (out / m / "ranks.png").stat().st_size > 1000
+  llrc = res["llrc_cr0.5"]  # --refill: the count only grows back towards the target
+  assert llrc["counted_before_refill"] <= llrc["budget"]["counted_params"] <= llrc["budget"]["target_params"]
   soft = res["softlm_cr0.5"]
   assert soft["train_steps"] == soft["freeze_step"] + 3
   assert res["static_cr0.5"]["train_steps"] == soft["train_steps"]

@@ -174,6 +174,34 @@ def test_rising_budget_price_meets_a_budget_a_weak_constant_gamma_misses():
   assert int(sl.count_params(state.params)) <= sl.target_params(state.params, weak)
 
 
+def test_refill_to_target_takes_back_the_overshoot():
+  cfg = LLRC.replace(target_ratio=0.4)
+  cp, state, _, model = llrc_run("llama", 300, cfg)
+  trained = state.params
+  target, before = sl.target_params(cp, cfg), int(sl.count_params(trained))
+  filled = sl.refill_to_target(trained, cfg)
+  after = int(sl.count_params(filled))
+  assert before < after <= target  # this run overshoots (about 5.7k of 9.2k kept) and gets it back
+  # brute force over the layers: no single dropped triplet still fits (re-enabling any one breaks it)
+  for path, lay in sl.tree.factored_layers(filled):
+    rows, cols = sl.budget.layer_shape(lay)
+    r = int(np.sum(np.asarray(lay["mask_logits"]) > 0))
+    if r < len(lay["mask_logits"]):
+      extra = int(sl.layer_cost(r + 1, rows, cols)) - int(sl.layer_cost(r, rows, cols))
+      assert after + extra > target, (path, r, extra, after, target)
+  # only logits that were <= 0 changed, and they changed to kept; the export equals the training form
+  for (_, a), (_, b) in zip(sl.tree.factored_layers(trained), sl.tree.factored_layers(filled)):
+    a, b = np.asarray(a["mask_logits"]), np.asarray(b["mask_logits"])
+    changed = a != b
+    assert np.all(a[changed] <= 0) and np.all(b[changed] > 0)
+  ex = sl.export_params(filled, cfg)
+  assert int(sl.count_params(ex, cfg)) == after
+  ids = jnp.asarray(np.random.RandomState(5).randint(0, VOCAB, (2, 12)), jnp.int32)
+  assert rel_err(logits(model, ex, ids), logits(model, filled, ids, cfg)) < 1e-5
+  with pytest.raises(ValueError, match="over the target"):
+    sl.refill_to_target(cp, cfg)  # the dense start is over budget
+
+
 def test_llrc_optimizer_rejects_weight_updates_and_configs_validate():
   with pytest.raises(ValueError, match="frozen"):
     sl.make_optimizer(LLRC, optax.adam(1e-3))
