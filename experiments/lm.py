@@ -43,7 +43,8 @@ from softlm_jax import data, report, train  # noqa: E402
 EVAL_CHARS = 200_000
 #: CR -> the exported tree and results of an ``llrc`` run in this process, reused by ``llrc-ft``
 _LLRC_DONE: dict = {}
-_LLRC_KEYS = ("train_steps", "history", "freeze_step", "training_form_ppl", "export_max_abs_logit_diff")
+_LLRC_KEYS = ("train_steps", "history", "freeze_step", "training_form_ppl", "export_max_abs_logit_diff",
+              "counted_before_refill")
 
 
 def parse(argv=None):

@@ -141,12 +141,13 @@ def refill_to_target(params: Mapping, cfg: CompressionConfig, *, logit: float = 
     raise ValueError(f"logit must be > 0 (a kept value), got {logit!r}")
   target = target_params(params, cfg)
   logits = {p: np.array(lay["mask_logits"], np.float32) for p, lay in layers.items()}
-  ranks = {p: int(np.sum(lg > 0)) for p, lg in logits.items()}
+  kept_of = {p: np.asarray(kept(lay)) for p, lay in layers.items()}
+  ranks = {p: int(np.sum(k)) for p, k in kept_of.items()}
   costs = {p: np.asarray(layer_cost(np.arange(len(lg) + 1), *layer_shape(layers[p]))) for p, lg in logits.items()}
   total = int(sum(int(costs[p][ranks[p]]) for p in logits))
   if total > target:
     raise ValueError(f"the tree counts {total} params, over the target {target}: train until the budget is met")
-  cands = [(float(lg[i]), p, i) for p, lg in logits.items() for i in np.flatnonzero(lg <= 0)]
+  cands = [(float(logits[p][i]), p, i) for p, k in kept_of.items() for i in np.flatnonzero(~k)]
   for _, p, i in sorted(cands, key=lambda c: -c[0]):
     extra = int(costs[p][ranks[p] + 1]) - int(costs[p][ranks[p]])
     if total + extra <= target:
