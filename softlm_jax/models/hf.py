@@ -36,3 +36,27 @@ def load_classifier(name: str, num_labels: int, seed: int = 0):
   finally:
     logging.set_verbosity(verbosity)
   return model, AutoTokenizer.from_pretrained(path)
+
+
+def generate(model, params, input_ids, *, max_new_tokens: int, cfg=None, attention_mask=None):
+  """Greedy continuation with the model's own Flax ``generate`` (its jitted while-loop and KV cache),
+  run under :func:`softlm_jax.intercept` so exported (factored) trees work.
+
+  Args:
+    model: a HF Flax causal LM (GPT-2, Llama, :class:`~softlm_jax.models.gguf_llama.FlaxLlamaGGUFForCausalLM`).
+    params: its dense, training-form or exported (e.g. :func:`softlm_jax.load_compact`) tree.
+    input_ids: ``(batch, prompt_len)`` int32 prompt, left-padded when the prompts differ in length
+      (with ``attention_mask`` ``(batch, prompt_len)`` 0 on the padding).
+    max_new_tokens: tokens to add.
+    cfg: the compression config (selects which layers the interceptor handles); default config.
+
+  Returns:
+    ``(batch, prompt_len + max_new_tokens)`` int32: the prompt and the greedy continuation.
+  """
+  from softlm_jax.intercept import intercept
+  kw = {} if attention_mask is None else {"attention_mask": attention_mask}
+  pad = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
+  with intercept(cfg):
+    out = model.generate(input_ids, params=params, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=pad if pad is not None else 0, **kw)
+  return out.sequences

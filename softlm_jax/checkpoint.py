@@ -1,0 +1,279 @@
+"""Compact checkpoints: the exported (cut-to-rank) tree on disk, and back, at its compact size.
+
+One file, ``<name>.safetensors``: the arrays under flat ``'/'``-joined keys (``bert/encoder/layer/0/
+attention/self/query/left``), and in the safetensors header's metadata, under ``"softlm"``, a JSON
+manifest::
+
+  format            "softlm-compact"
+  format_version    FORMAT_VERSION (load refuses other versions)
+  library_version   softlm_jax.__version__ of the writer
+  method            "softlm" / "llrc" / "static_svd" / ... (from ``metadata["method"]``, else ``cfg.method``)
+  target_ratio      cfg.target_ratio (the CR asked for); achieved_ratio, counted_params, dense_params
+  layers            {path: {"rank", "shape", "break_even", "params", "form": "factored" | "dense"}}:
+                    :func:`softlm_jax.budget.budget_report`, the one counting source
+  arrays            {key: {"shape", "dtype"}} of every array in the file
+  dtype             the floating dtype of the parameters ("float32", "bfloat16", or "mixed")
+  source_model      ``metadata["source_model"]`` (e.g. "minilm", a HF name or path) or null
+  compression       the CompressionConfig fields; model_config: the HF config dict (or null)
+  metadata          the caller's ``metadata`` (JSON-able)
+
+Any safetensors reader opens the file (``safetensors.safe_open(path, "flax").metadata()["softlm"]``
+is the manifest). The bytes on disk are the compact parameters plus the header: no optimizer state,
+no singular values, no thresholds. A training-form tree (thresholds or masks still in it) is refused:
+export it first (:func:`softlm_jax.export_params`).
+
+The write is atomic: the file is written to a temporary name in the destination folder, flushed to
+disk, then renamed over ``path`` (``os.replace``). An interrupted save leaves the previous file (or
+nothing) at ``path``, never a half-written file that loads.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import Any, Optional, Union
+
+import jax.numpy as jnp
+import numpy as np
+
+from softlm_jax import budget, tree
+from softlm_jax.config import CompressionConfig
+
+FORMAT = "softlm-compact"
+FORMAT_VERSION = 1
+MANIFEST_KEY = "softlm"
+
+
+class CheckpointError(ValueError):
+  """A compact checkpoint that cannot be loaded: corrupt, another format version, or arrays that
+  disagree with the manifest. The message names the file and the key."""
+
+
+def flatten(params: Mapping, prefix: str = "") -> dict[str, Any]:
+  """``{"a": {"b": x}}`` -> ``{"a/b": x}`` (nested mappings only; leaves are arrays)."""
+  out = {}
+  for k, v in params.items():
+    key = f"{prefix}{k}"
+    if "/" in str(k):
+      raise ValueError(f"parameter name {key!r} contains '/', which the flat checkpoint keys use as separator")
+    if isinstance(v, Mapping):
+      out.update(flatten(v, key + "/"))
+    else:
+      out[key] = v
+  return out
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict:
+  """Inverse of :func:`flatten`."""
+  out: dict = {}
+  for key, v in flat.items():
+    node = out
+    *parents, leaf = key.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = v
+  return out
+
+
+def _dtype_name(flat: Mapping[str, Any]) -> str:
+  names = {str(jnp.asarray(v).dtype) for v in flat.values() if jnp.issubdtype(jnp.asarray(v).dtype, jnp.floating)}
+  return names.pop() if len(names) == 1 else ("mixed" if names else "none")
+
+
+def _config_dict(cfg: CompressionConfig) -> dict:
+  return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def config_from_manifest(info: Mapping) -> CompressionConfig:
+  """The :class:`CompressionConfig` a checkpoint was saved with (fields this version does not know are
+  ignored, so a newer writer's extra options do not stop an older reader)."""
+  known = {f.name for f in dataclasses.fields(CompressionConfig)}
+  conf = {k: (tuple(v) if isinstance(v, list) else v) for k, v in (info.get("compression") or {}).items()
+          if k in known}
+  return CompressionConfig(**conf)
+
+
+def _model_config_dict(model_config) -> Optional[dict]:
+  if model_config is None:
+    return None
+  if hasattr(model_config, "to_dict"):
+    return model_config.to_dict()
+  if isinstance(model_config, Mapping):
+    return dict(model_config)
+  raise TypeError(f"model_config must be a transformers config, a dict or None, got {type(model_config).__name__}")
+
+
+def manifest(params: Mapping, cfg: Optional[CompressionConfig] = None, *, model_config=None,
+             metadata: Optional[Mapping] = None) -> dict:
+  """The manifest :func:`save_compact` writes for an exported tree (see the module docstring).
+
+  Raises ValueError naming the layer when ``params`` is in training form.
+  """
+  cfg = cfg or CompressionConfig()
+  for path, layer in tree.factored_layers(params):
+    if budget.has_selection(layer):
+      held = [k for k in budget.SELECTION_KEYS if k in layer]
+      raise ValueError(f"layer '{path}' is in training form (it has {held}):"
+                       " a compact checkpoint holds the exported tree; call softlm_jax.export_params(params, cfg) "
+                       "first (or save the training state with softlm_jax.train.save_checkpoint)")
+  flat = flatten(params)
+  rep = budget.budget_report(params, cfg)
+  factored = {p for p, _ in tree.factored_layers(params)}
+  layers = {p: {**v, "form": "factored" if p in factored else "dense"} for p, v in rep["layers"].items()}
+  metadata = dict(metadata or {})
+  import softlm_jax
+  return {
+      "format": FORMAT, "format_version": FORMAT_VERSION, "library_version": softlm_jax.__version__,
+      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "method": metadata.get("method", cfg.method), "target_ratio": cfg.target_ratio,
+      "achieved_ratio": rep["achieved_ratio"], "counted_params": rep["counted_params"],
+      "dense_params": rep["dense_params"], "target_params": rep["target_params"],
+      "source_model": metadata.get("source_model"), "dtype": _dtype_name(flat),
+      "layers": layers,
+      "arrays": {k: {"shape": list(np.shape(v)), "dtype": str(jnp.asarray(v).dtype)} for k, v in flat.items()},
+      "compression": _config_dict(cfg), "model_config": _model_config_dict(model_config), "metadata": metadata,
+  }
+
+
+def _write(path: str, tensors: dict, header: dict) -> None:
+  """Writes the safetensors file (a seam for the interrupted-save test)."""
+  from safetensors.flax import save_file
+  save_file(tensors, path, metadata=header)
+
+
+def save_compact(path: Union[str, os.PathLike], params: Mapping, *, cfg: Optional[CompressionConfig] = None,
+                 model_config=None, metadata: Optional[Mapping] = None) -> dict:
+  """Saves an exported tree as a compact checkpoint (one ``.safetensors`` file), atomically.
+
+  Args:
+    path: the file to write (its folder is created).
+    params: an exported tree (:func:`softlm_jax.export_params` / :func:`softlm_jax.static_svd`): factored
+      layers ``left (rows, r)``, ``right (r, cols)`` and dense modules; arrays of any dtype.
+    cfg: the compression config (selection regexes, CR); default ``CompressionConfig()``.
+    model_config: the model's ``transformers`` config (or its dict) to rebuild the model; optional.
+    metadata: JSON-able extras, e.g. ``{"method": "softlm", "source_model": "minilm", "model_class": ...}``.
+
+  Returns:
+    The manifest written. Raises ValueError for a training-form tree (export first).
+  """
+  path = os.fspath(path)
+  man = manifest(params, cfg, model_config=model_config, metadata=metadata)
+  tensors = {k: jnp.asarray(v) for k, v in flatten(params).items()}
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+  os.close(fd)
+  try:
+    _write(tmp, tensors, {MANIFEST_KEY: json.dumps(man)})
+    with open(tmp, "rb") as f:
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  return man
+
+
+def read_manifest(path: Union[str, os.PathLike]) -> dict:
+  """The manifest of a compact checkpoint, without reading the arrays (header only)."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"compact checkpoint {path} does not exist")
+  from safetensors import safe_open
+  try:
+    with safe_open(path, framework="flax") as f:
+      meta = f.metadata() or {}
+  except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for bad headers
+    raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e}); "
+                          "it may be truncated or corrupt") from None
+  if MANIFEST_KEY not in meta:
+    raise CheckpointError(f"{path}: no '{MANIFEST_KEY}' manifest in the safetensors metadata (keys: "
+                          f"{sorted(meta)}); it was not written by softlm_jax.save_compact")
+  try:
+    man = json.loads(meta[MANIFEST_KEY])
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{path}: the manifest is not valid JSON ({e})") from None
+  if man.get("format") != FORMAT:
+    raise CheckpointError(f"{path}: format {man.get('format')!r}, expected {FORMAT!r}")
+  if man.get("format_version") != FORMAT_VERSION:
+    raise CheckpointError(f"{path}: format_version {man.get('format_version')!r} is not supported by this "
+                          f"softlm_jax (reads version {FORMAT_VERSION}); written by softlm_jax "
+                          f"{man.get('library_version')}")
+  return man
+
+
+def _check(path: str, man: Mapping, flat: Mapping[str, Any]) -> None:
+  arrays = man["arrays"]
+  missing, extra = sorted(set(arrays) - set(flat)), sorted(set(flat) - set(arrays))
+  if missing:
+    raise CheckpointError(f"{path}: key '{missing[0]}' is in the manifest but not in the file "
+                          f"({len(missing)} missing)")
+  if extra:
+    raise CheckpointError(f"{path}: key '{extra[0]}' is in the file but not in the manifest")
+  for key, spec in arrays.items():
+    got = list(np.shape(flat[key]))
+    if got != list(spec["shape"]):
+      raise CheckpointError(f"{path}: key '{key}' has shape {tuple(got)}, the manifest says {tuple(spec['shape'])}")
+    if str(flat[key].dtype) != spec["dtype"]:
+      raise CheckpointError(f"{path}: key '{key}' has dtype {flat[key].dtype}, the manifest says {spec['dtype']}")
+  for layer, spec in man["layers"].items():
+    rows, cols = spec["shape"]
+    if spec["form"] == "factored":
+      want = {f"{layer}/left": [rows, spec["rank"]], f"{layer}/right": [spec["rank"], cols]}
+    else:
+      want = {f"{layer}/kernel": [rows, cols]}
+    for key, shape in want.items():
+      if key not in flat:
+        raise CheckpointError(f"{path}: layer '{layer}' ({spec['form']}, rank {spec['rank']}) needs key '{key}'")
+      if list(np.shape(flat[key])) != shape:
+        raise CheckpointError(f"{path}: key '{key}' has shape {tuple(np.shape(flat[key]))}, but layer '{layer}' "
+                              f"at rank {spec['rank']} of {tuple(spec['shape'])} needs {tuple(shape)}")
+
+
+def load_compact(path: Union[str, os.PathLike]) -> tuple[dict, dict]:
+  """Loads a compact checkpoint: ``(params, info)``.
+
+  ``params``: the exported tree (nested dicts of ``jax.Array``, the saved dtypes), to run under
+  :func:`softlm_jax.intercept`; ``info``: the manifest. Checks the format version, every array's
+  shape and dtype against the manifest, each layer's factors against its rank, and the ranks against
+  :func:`softlm_jax.layer_ranks`; raises FileNotFoundError or :class:`CheckpointError` naming the
+  file and the key.
+  """
+  path = os.fspath(path)
+  man = read_manifest(path)
+  from safetensors import safe_open
+  try:
+    with safe_open(path, framework="flax") as f:
+      flat = {k: f.get_tensor(k) for k in f.keys()}
+  except Exception as e:  # noqa: BLE001
+    raise CheckpointError(f"{path}: cannot read the arrays ({type(e).__name__}: {e}); "
+                          "the file may be truncated or corrupt") from None
+  _check(path, man, flat)
+  params = unflatten(flat)
+  ranks = {p: int(r) for p, r in budget.layer_ranks(params).items()}
+  for layer, spec in man["layers"].items():
+    if spec["form"] == "factored" and ranks.get(layer) != spec["rank"]:
+      raise CheckpointError(f"{path}: layer '{layer}' has rank {ranks.get(layer)}, the manifest says {spec['rank']}")
+  return params, man
+
+
+def file_report(path: Union[str, os.PathLike]) -> dict:
+  """Sizes of a compact checkpoint (plain ints): ``file_bytes``, ``header_bytes`` (JSON header incl.
+  manifest), ``array_bytes``; ``params`` (every array's elements) = ``counted_params`` (the compressed
+  linears, :func:`softlm_jax.count_params`) + ``other_params`` (embeddings, norms, biases, heads), and
+  both times 4 bytes (float32) for comparison with the file."""
+  path = os.fspath(path)
+  man = read_manifest(path)
+  with open(path, "rb") as f:
+    header = 8 + int.from_bytes(f.read(8), "little")
+  arrays = man["arrays"].values()
+  array_bytes = sum(int(np.prod(s["shape"])) * jnp.dtype(s["dtype"]).itemsize for s in arrays)
+  total = sum(int(np.prod(s["shape"])) for s in arrays)
+  return {"file_bytes": os.path.getsize(path), "header_bytes": header, "array_bytes": array_bytes,
+          "params": total, "counted_params": man["counted_params"], "other_params": total - man["counted_params"],
+          "params_x4_bytes": 4 * total, "counted_params_x4_bytes": 4 * man["counted_params"]}
+

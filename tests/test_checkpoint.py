@@ -1,0 +1,188 @@
+"""Compact checkpoints: bit-equal round trips (BERT, GPT-2 out_in, Llama GQA), the manifest's ranks,
+the errors for truncated / wrong-version / mismatched files, an interrupted save, and generation."""
+import json
+import os
+import struct
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import softlm_jax as sl
+from softlm_jax import checkpoint
+from tests.conftest import build
+
+CFG = sl.CompressionConfig(target_ratio=0.5)
+
+
+def trained_export(model, seed=0):
+  """A SoftLM-form tree with non-uniform thresholds, exported: uneven ranks, some layers kept dense."""
+  cp = sl.compress_params(model.params, CFG)
+  qs = np.roll([0.7, 0.85, 0.02, 0.6, 0.9], seed)  # quantile of s at which each layer's threshold sits
+  order = {p: i for i, (p, _) in enumerate(sl.tree.factored_layers(cp))}
+
+  def visit(path, node):
+    if path in order:
+      return {**node, "alpha": jnp.quantile(node["s"], qs[order[path] % len(qs)])}
+    return node
+  trained = sl.tree.map_modules(cp, visit)
+  return trained, sl.export_params(trained, CFG)
+
+
+def logits(model, params, ids):
+  with sl.intercept(CFG):
+    return np.asarray(jax.jit(lambda p, x: model(x, params=p).logits)(params, ids))
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
+def test_round_trip_bit_equal_logits_and_manifest_ranks(tmp_path, name, ids):
+  model = build(name)
+  trained, ex = trained_export(model)
+  path = tmp_path / "m.safetensors"
+  man = sl.save_compact(path, ex, cfg=CFG, model_config=model.config,
+                        metadata={"method": "softlm", "source_model": f"tiny-{name}"})
+  loaded, info = sl.load_compact(path)
+  assert np.array_equal(logits(model, loaded, ids), logits(model, ex, ids))
+  assert info == json.loads(json.dumps(man))
+  forms = {v["form"] for v in info["layers"].values()}
+  assert forms == {"factored", "dense"}, forms  # the quantile 0.02 layers are kept dense by export
+  assert {p: v["rank"] for p, v in info["layers"].items()} == {p: int(r) for p, r in sl.layer_ranks(ex, CFG).items()}
+  trained_ranks = {p: int(r) for p, r in sl.layer_ranks(trained, CFG).items()}
+  assert all(trained_ranks[p] == v["rank"] for p, v in info["layers"].items() if v["form"] == "factored")
+  assert {p: int(r) for p, r in sl.layer_ranks(loaded).items()} == \
+      {p: v["rank"] for p, v in info["layers"].items() if v["form"] == "factored"}
+  assert info["counted_params"] == int(sl.count_params(ex, CFG)) == int(sl.count_params(trained, CFG))
+  assert info["method"] == "softlm" and info["source_model"] == f"tiny-{name}" and info["dtype"] == "float32"
+  assert info["model_config"]["model_type"] == model.config.model_type
+  assert info["format_version"] == checkpoint.FORMAT_VERSION and info["library_version"] == sl.__version__
+  # on disk: the compact arrays plus the header, nothing else
+  rep = checkpoint.file_report(path)
+  leaves = jax.tree.leaves(ex)
+  assert rep["array_bytes"] == sum(x.nbytes for x in leaves)
+  assert rep["file_bytes"] == rep["array_bytes"] + rep["header_bytes"]
+  assert rep["params"] == rep["counted_params"] + rep["other_params"] == sum(x.size for x in leaves)
+
+
+def test_bfloat16_round_trip(tmp_path, ids):
+  model = build("gpt2")
+  _, ex = trained_export(model)
+  ex16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), ex)
+  sl.save_compact(tmp_path / "b.safetensors", ex16, cfg=CFG)
+  loaded, info = sl.load_compact(tmp_path / "b.safetensors")
+  assert info["dtype"] == "bfloat16"
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(ex16)):
+    assert a.dtype == b.dtype and np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_training_form_is_refused(tmp_path):
+  trained, _ = trained_export(build("bert"))
+  with pytest.raises(ValueError, match=r"layer 'bert/encoder/layer/0/.*training form.*export_params"):
+    sl.save_compact(tmp_path / "t.safetensors", trained, cfg=CFG)
+  assert not os.listdir(tmp_path)  # nothing written, not even a temp file
+
+
+def saved(tmp_path):
+  _, ex = trained_export(build("bert"))
+  path = tmp_path / "m.safetensors"
+  sl.save_compact(path, ex, cfg=CFG)
+  return path, ex
+
+
+def rewrite_header(path, edit):
+  """Rewrites a safetensors file's JSON header through ``edit(header_dict)``; the data is kept."""
+  raw = path.read_bytes()
+  n = struct.unpack("<Q", raw[:8])[0]
+  header = json.loads(raw[8:8 + n])
+  edit(header)
+  new = json.dumps(header).encode()
+  new += b" " * (-len(new) % 8)
+  path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n:])
+
+
+def test_missing_and_truncated_files(tmp_path):
+  with pytest.raises(FileNotFoundError, match="nope.safetensors does not exist"):
+    sl.load_compact(tmp_path / "nope.safetensors")
+  path, _ = saved(tmp_path)
+  raw = path.read_bytes()
+  path.write_bytes(raw[:len(raw) - 100])  # cut inside the data
+  with pytest.raises(sl.CheckpointError, match=r"m\.safetensors.*truncated or corrupt"):
+    sl.load_compact(path)
+  path.write_bytes(raw[:50])  # cut inside the header
+  with pytest.raises(sl.CheckpointError, match=r"m\.safetensors.*truncated or corrupt"):
+    sl.load_compact(path)
+
+
+def test_wrong_format_version(tmp_path):
+  path, _ = saved(tmp_path)
+
+  def bump(h):
+    man = json.loads(h["__metadata__"]["softlm"])
+    man["format_version"] = 99
+    h["__metadata__"]["softlm"] = json.dumps(man)
+  rewrite_header(path, bump)
+  with pytest.raises(sl.CheckpointError, match=r"m\.safetensors: format_version 99 is not supported.*reads version 1"):
+    sl.load_compact(path)
+
+
+def test_shape_mismatch_names_file_and_key(tmp_path):
+  path, ex = saved(tmp_path)
+  man = checkpoint.read_manifest(path)
+  layer = next(p for p, v in man["layers"].items() if v["form"] == "factored")
+  key = f"{layer}/left"
+
+  def lie(h):  # the manifest claims one rank more than the arrays have
+    m = json.loads(h["__metadata__"]["softlm"])
+    m["layers"][layer]["rank"] += 1
+    h["__metadata__"]["softlm"] = json.dumps(m)
+  rewrite_header(path, lie)
+  with pytest.raises(sl.CheckpointError, match=rf"m\.safetensors: key '{key}' has shape .* needs"):
+    sl.load_compact(path)
+
+  path2, _ = saved(tmp_path / "b")
+
+  def lie_array(h):  # the manifest's array list disagrees with the tensor
+    m = json.loads(h["__metadata__"]["softlm"])
+    m["arrays"][key]["shape"] = [7, 7]
+    h["__metadata__"]["softlm"] = json.dumps(m)
+  rewrite_header(path2, lie_array)
+  with pytest.raises(sl.CheckpointError, match=rf"key '{key}' has shape .*manifest says \(7, 7\)"):
+    sl.load_compact(path2)
+
+
+def test_interrupted_save_keeps_previous_file(tmp_path, monkeypatch, ids):
+  model = build("bert")
+  path, ex = saved(tmp_path)
+  before = path.read_bytes()
+  _, other = trained_export(model, seed=1)
+  real = checkpoint._write
+
+  def dies_half_way(tmp, tensors, header):
+    real(tmp, tensors, header)
+    with open(tmp, "r+b") as f:  # a partial file at the temp name, then the process "dies"
+      f.truncate(os.path.getsize(tmp) // 2)
+    raise KeyboardInterrupt("killed during the write")
+  monkeypatch.setattr(checkpoint, "_write", dies_half_way)
+  with pytest.raises(KeyboardInterrupt):
+    sl.save_compact(path, other, cfg=CFG)
+  assert path.read_bytes() == before and os.listdir(tmp_path) == ["m.safetensors"]
+  loaded, _ = sl.load_compact(path)
+  assert np.array_equal(logits(model, loaded, ids), logits(model, ex, ids))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_generate_from_loaded_compact_model(tmp_path, name):
+  """HF Flax ``generate`` (greedy) runs under intercept on a loaded compact tree, and agrees with a
+  greedy loop over full forwards."""
+  from softlm_jax.models import hf
+  model = build(name)
+  _, ex = trained_export(model)
+  sl.save_compact(tmp_path / "g.safetensors", ex, cfg=CFG)
+  loaded, _ = sl.load_compact(tmp_path / "g.safetensors")
+  prompt = jnp.asarray(np.random.RandomState(3).randint(1, 97, (2, 5)), jnp.int32)
+  out = hf.generate(model, loaded, prompt, max_new_tokens=6, cfg=CFG)
+  seq = prompt
+  for _ in range(6):
+    nxt = logits(model, loaded, seq)[:, -1].argmax(-1)
+    seq = jnp.concatenate([seq, jnp.asarray(nxt, jnp.int32)[:, None]], 1)
+  assert out.shape == (2, 11) and np.array_equal(np.asarray(out), np.asarray(seq))
