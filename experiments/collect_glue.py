@@ -17,15 +17,20 @@ from softlm_jax import report  # noqa: E402
 ORDER = {"dense": 0, "static": 1, "softlm": 2}
 
 
+def main_value(res) -> float:
+  """The main metric on the first evaluation split (results hold ``{split: {metric: value}}``)."""
+  return next(iter(res["metrics"].values()))[res["main_metric"]]
+
+
 def main(root):
   runs = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(root, "*", "*", "results.json")))]
   runs.sort(key=lambda r: (r["task"], ORDER.get(r["method"], 9)))
-  dense = {r["task"]: r["metrics"][r["main_metric"]] for r in runs if r["method"] == "dense"}
+  dense = {r["task"]: main_value(r) for r in runs if r["method"] == "dense"}
   rows = []
   for r in runs:
     row = summary_row(r)
     if r["method"] != "dense" and r["task"] in dense:
-      row["main metric vs dense"] = f"{r['metrics'][r['main_metric']] - dense[r['task']]:+.4f}"
+      row["main metric vs dense"] = f"{main_value(r) - dense[r['task']]:+.4f}"
     rows.append(row)
   print(report.markdown_table(rows, list(dict.fromkeys(c for row in rows for c in row))), end="")
 

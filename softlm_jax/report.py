@@ -77,3 +77,41 @@ def summary_row(res: Mapping, head: Mapping, metrics: Mapping) -> dict:
   if "freeze_step" in res:
     row["budget met at step"] = res["freeze_step"]
   return row
+
+
+def comparison_plot(results: Mapping[str, Mapping], path: str, title: str = "") -> None:
+  """Writes a PNG with two panels: each method's main metric on every evaluation split (bars), and
+  its training loss against the step (the step SoftLM met its budget dotted). ``results``: method ->
+  the ``results.json`` of a run (``metrics``, ``main_metric``, ``history``, optional ``freeze_step``)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+  methods = list(results)
+  splits = list(dict.fromkeys(s for r in results.values() for s in r["metrics"]))
+  main = next(iter(results.values()))["main_metric"]
+  fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.8))
+  width = 0.8 / max(len(splits), 1)
+  for j, split in enumerate(splits):
+    vals = [results[m]["metrics"].get(split, {}).get(main, np.nan) for m in methods]
+    bars = ax.bar(np.arange(len(methods)) + j * width, vals, width, label=split)
+    ax.bar_label(bars, fmt="%.3f", fontsize=8)
+  ax.set_xticks(np.arange(len(methods)) + width * (len(splits) - 1) / 2, methods)
+  ax.set_ylabel(main)
+  ax.set_title(f"{main} (exported models)", fontsize=9)
+  if len(splits) > 1:
+    ax.legend(fontsize=8)
+  for m in methods:
+    hist = results[m].get("history") or []
+    if hist:
+      line = bx.plot([h["step"] for h in hist], [h["task_loss"] for h in hist], label=m)[0]
+      if results[m].get("freeze_step"):
+        bx.axvline(results[m]["freeze_step"], color=line.get_color(), ls=":", lw=1)
+  bx.set_xlabel("step")
+  bx.set_ylabel("training task loss")
+  bx.set_title("training loss (dotted: SoftLM budget met)", fontsize=9)
+  bx.legend(fontsize=8)
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

@@ -40,11 +40,13 @@ def test_glue_script_end_to_end(tmp_path):
   assert soft["budget"]["budget_met"] and soft["budget"]["counted_params"] <= soft["budget"]["target_params"]
   assert soft["train_steps"] == soft["freeze_step"] + 3
   assert soft["export_max_abs_logit_diff"] < 1e-4
-  assert soft["metrics"] == pytest.approx(soft["training_form_metrics"])
+  assert soft["metrics"]["dev"] == pytest.approx(soft["training_form_metrics"])
   assert res["static"]["budget"]["counted_params"] <= res["static"]["budget"]["target_params"]
   assert res["static"]["train_steps"] == res["dense"]["train_steps"] == soft["train_steps"]
   for m in ("softlm", "static"):
     assert (out / m / "ranks.png").stat().st_size > 1000
+    assert (out / m / "compact.safetensors").exists() and not (out / m / "ckpt").exists()
+  assert (out / "comparison.png").stat().st_size > 1000
   summary = (out / "summary.md").read_text()
   assert all(m in summary for m in res) and "mcc" in summary
 
