@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import glue  # noqa: E402  (experiments/glue.py: evaluation helpers)
 
 import softlm_jax as sl  # noqa: E402
-from softlm_jax import data, metrics, report, train  # noqa: E402
+from softlm_jax import data, finetune, metrics, report, train  # noqa: E402
 from softlm_jax.models import hf  # noqa: E402
 
 METHODS = ("static-noft", "softlm-noft", "llrc", "llrc-ft")
@@ -39,7 +39,8 @@ def parse(argv=None):
   ap.add_argument("--task", default="sst2", choices=sorted(metrics.GLUE_METRICS))
   ap.add_argument("--model", default="minilm")
   ap.add_argument("--methods", default=",".join(METHODS))
-  ap.add_argument("--crs", default="0.2,0.3,0.5")
+  ap.add_argument("--crs", type=finetune.fractions, default="0.2,0.3,0.5",
+                  help="compression ratios in (0, 1), comma-separated")
   ap.add_argument("--teacher-steps", type=int, default=215)
   ap.add_argument("--ft-steps", type=int, default=50)
   ap.add_argument("--max-compress-steps", type=int, default=300)
@@ -110,7 +111,7 @@ def main(argv=None):
 
   exported_llrc = {}
   methods = args.methods.split(",")
-  for cr in [float(c) for c in args.crs.split(",")]:
+  for cr in args.crs:
     for method in sorted(methods, key=lambda m: m == "llrc-ft"):
       out = os.path.join(args.out, f"{method}_cr{cr}")
       done = os.path.join(out, "results.json")

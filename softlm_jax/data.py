@@ -130,6 +130,8 @@ def read_tsv(path: Path, *, header: bool = True, columns: Optional[Sequence[str]
   if not rows:
     raise ValueError(f"{path} is empty")
   names = list(rows.pop(0)) if header else list(columns)
+  if not rows:
+    raise ValueError(f"{path} is empty: no data rows after the header {names}")
   fixed = []
   for i, r in enumerate(rows):
     if len(r) > len(names):

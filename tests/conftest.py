@@ -48,3 +48,26 @@ def ids():
 def rel_err(a, b):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def tiny_folder(path, kind="classifier", num_labels=2):
+  """A saved tiny random HF model with the real MiniLM tokenizer (vocab 30522), for end-to-end runs:
+  ``kind`` ``"classifier"`` (BERT, hidden 16) or ``"causal"`` (Llama with GQA, hidden 16)."""
+  import shutil
+
+  from transformers import BertConfig, FlaxBertForSequenceClassification, FlaxLlamaForCausalLM, LlamaConfig
+
+  from softlm_jax.models import hf
+  if kind == "classifier":
+    model = FlaxBertForSequenceClassification(BertConfig(
+        vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=64, num_labels=num_labels), seed=0)
+  else:
+    model = FlaxLlamaForCausalLM(LlamaConfig(
+        vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=32, max_position_embeddings=128, pad_token_id=0, eos_token_id=102, bos_token_id=101), seed=0)
+  model.save_pretrained(path)
+  src = hf.minilm_dir()
+  for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    shutil.copy(os.path.join(src, f), os.path.join(path, f))
+  return str(path)

@@ -87,22 +87,26 @@ def run_benchmark(model: str = "bert-base", *, batches: Sequence[int] = (8,), se
                   forward: bool = True, reps: int = 7, warmup: int = 2, dtype: str = "float32",
                   rank_multiples: Sequence[int] = (1,), factors: str = "svd", softlm_run: Optional[str] = None,
                   donate: bool = True, power: bool = True, bm: Optional[BenchModel] = None,
+                  extra_variants: Optional[Mapping[str, dict]] = None, cfg: Optional[CompressionConfig] = None,
                   log: Callable[[str], None] = print) -> dict:
   """Times the dense model against its compressed exports for every (mode, batch, seq).
 
   ``mode`` is ``"forward"`` (whole sequence: encoder, or decoder prefill) and, for decoders with
   ``decode`` (default: on for decoders), ``"decode"`` (one token per sequence with a KV cache of
   ``seq`` positions, the cache donated when ``donate``). Returns the JSON-able result (see
-  BENCHMARKS.md "Performance" for the fields).
+  BENCHMARKS.md "Performance" for the fields). ``extra_variants``: more cases, ``{name: {"params", "kind",
+  "cr", "rank_multiple"}}`` (e.g. a loaded compact checkpoint, as ``softlm bench`` does); ``cfg``: the
+  compression config that selects the linears (default ``CompressionConfig()``).
   """
   t_start = time.perf_counter()
   load0 = loadavg()
-  cfg = CompressionConfig()
+  cfg = cfg or CompressionConfig()
   t = time.perf_counter()
   bm = bm or build_model(model, dtype)
   build_s = time.perf_counter() - t
   variants, prep = make_variants(bm, crs, softlm_run=softlm_run, rank_multiples=rank_multiples,
                                  factors=factors, cfg=cfg)
+  variants.update(extra_variants or {})
   shapes = linear_shapes(bm.params, cfg)
   probe = power_probe() if power else {"available": False, "skipped": "power/energy not requested"}
   dense_bytes, dense_lin = tree_bytes(bm.params), linear_bytes(bm.params, shapes)

@@ -60,3 +60,39 @@ def generate(model, params, input_ids, *, max_new_tokens: int, cfg=None, attenti
     out = model.generate(input_ids, params=params, max_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=pad if pad is not None else 0, **kw)
   return out.sequences
+
+
+def _import(dotted: str):
+  import importlib
+  module, _, name = dotted.rpartition(".")
+  try:
+    return getattr(importlib.import_module(module), name)
+  except (ImportError, AttributeError) as e:
+    raise ValueError(f"cannot import model class {dotted!r} ({e})") from None
+
+
+def model_from_manifest(info: dict, *, seed: int = 0, init: bool = False, dtype=None):
+  """The Flax model a compact checkpoint was saved from, rebuilt from its manifest (``metadata
+  ["model_class"]`` and ``model_config``), with no weights (``_do_init=False``) unless ``init``
+  (then random weights of the dense shapes: a dense reference for timing)."""
+  meta = info.get("metadata") or {}
+  if not meta.get("model_class") or not info.get("model_config"):
+    raise ValueError("this compact checkpoint has no model_class / model_config: save it with "
+                     "save_compact(..., model_config=model.config, metadata={'model_class': ...}) to rebuild the model")
+  from transformers import AutoConfig
+  conf = dict(info["model_config"])
+  config = AutoConfig.for_model(conf.pop("model_type"), **conf)
+  cls = _import(meta["model_class"])
+  kw = {} if dtype is None else {"dtype": dtype}
+  if init:
+    return cls(config, seed=seed, **kw)
+  return cls(config, _do_init=False, **kw)
+
+
+def load_tokenizer(source: str):
+  """A tokenizer from a model folder / hub name, or ``"smollm2"`` (the GGUF file's own tokenizer)."""
+  if source == "smollm2":
+    from softlm_jax.models import gguf_llama
+    return gguf_llama.gguf_tokenizer(gguf_llama.smollm2_gguf_path())
+  from transformers import AutoTokenizer
+  return AutoTokenizer.from_pretrained(resolve_model(source))
