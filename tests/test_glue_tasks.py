@@ -145,7 +145,7 @@ def test_stsb_trains_a_regression_head(tmp_path):
   finetune.add_data_args(ap)
   finetune.add_compression_args(ap)
   finetune.add_train_args(ap)
-  args = ap.parse_args(["--task", "stsb", "--data-dir", str(tmp_path / "d"), "--steps", "25", "--lr", "3e-3",
+  args = ap.parse_args(["--task", "stsb", "--data-dir", str(tmp_path / "d"), "--steps", "12", "--lr", "1e-2",
                         "--batch-size", "8", "--max-len", "12", "--no-progress"])
   args.model, args.methods, args.out = tiny_folder(tmp_path / "m", num_labels=1), ["static"], str(tmp_path / "run")
   res = finetune.run_comparison(args, log=lambda *_: None)["static"]
