@@ -45,18 +45,25 @@ def _export_random(params, cfg, ranks, rank_multiple):
 
 
 def load_softlm_params(run_dir: str) -> tuple[dict, CompressionConfig]:
-  """Training-form params and config of a SoftLM run of ``experiments/glue.py`` (its orbax checkpoint
-  in ``<run_dir>/ckpt`` and ``results.json``)."""
+  """Params and config of a SoftLM run of ``experiments/glue.py`` / ``softlm train``: the training form
+  from its orbax checkpoint ``<run_dir>/ckpt`` when kept (``--keep-ckpt``), else the exported tree of
+  ``<run_dir>/compact.safetensors``; the config from ``results.json``."""
+  import argparse
+
   import orbax.checkpoint as ocp
+
+  from softlm_jax import checkpoint, finetune
   with open(os.path.join(run_dir, "results.json")) as f:
     conf = json.load(f)["config"]
-  cfg = CompressionConfig(target_ratio=conf["cr"], sharpness=conf["sharpness"], gamma=conf["gamma"],
-                          alpha_lr=conf["alpha_lr"], loss=conf["loss"])
-  mgr = ocp.CheckpointManager(os.path.abspath(os.path.join(run_dir, "ckpt")))
-  step = mgr.latest_step()
+  cfg = finetune.compression_config(argparse.Namespace(**{"init_rank": "full", **conf}))
+  ckpt = os.path.join(run_dir, "ckpt")
+  step = ocp.CheckpointManager(os.path.abspath(ckpt)).latest_step() if os.path.isdir(ckpt) else None
   if step is None:
-    raise FileNotFoundError(f"no checkpoint in {run_dir}/ckpt")
-  state = mgr.restore(step, args=ocp.args.StandardRestore())
+    compact = os.path.join(run_dir, "compact.safetensors")
+    if os.path.exists(compact):
+      return checkpoint.load_compact(compact)[0], cfg
+    raise FileNotFoundError(f"no checkpoint in {ckpt} and no {compact}")
+  state = ocp.CheckpointManager(os.path.abspath(ckpt)).restore(step, args=ocp.args.StandardRestore())
   return state["params"], cfg
 
 
@@ -110,6 +117,10 @@ def make_variants(bm: BenchModel, crs: Sequence[float], *, softlm_run: Optional[
       if shapes.get(path) != tuple(int(d) for d in budget.layer_shape(layer)):
         raise ValueError(f"the SoftLM run in {softlm_run} does not fit model {bm.name!r}: layer {path} "
                          f"is {budget.layer_shape(layer)} there, {shapes.get(path)} here")
+    exported = not any(budget.has_selection(layer) for _, layer in tree.factored_layers(trained))
+    if exported and any(m != 1 for m in rank_multiples):
+      raise ValueError(f"{softlm_run} holds only the exported model: rank rounding needs its training checkpoint "
+                       "(rerun the training with --keep-ckpt)")
     for m in rank_multiples:
       ex = export_params(trained, scfg, rank_multiple=m)
       out[f"softlm{_suffix(m)}"] = {"params": _cast(ex, jnp.dtype(bm.dtype)), "kind": "softlm",
