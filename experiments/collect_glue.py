@@ -19,7 +19,8 @@ ORDER = {"dense": 0, "static": 1, "softlm": 2}
 
 def main_value(res) -> float:
   """The main metric on the first evaluation split (results hold ``{split: {metric: value}}``)."""
-  return next(iter(res["metrics"].values()))[res["main_metric"]]
+  first = next(iter(res["metrics"].values()))
+  return first[res["main_metric"]] if isinstance(first, dict) else res["metrics"][res["main_metric"]]
 
 
 def main(root):

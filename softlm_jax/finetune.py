@@ -376,8 +376,11 @@ def tokenizer_source(model_name: str) -> str:
 def summary_row(res: dict) -> dict:
   """One table row: method, task, budget columns, every split's metrics, steps, wall time."""
   cells = {}
-  for split, ms in res["metrics"].items():
-    prefix = "" if len(res["metrics"]) == 1 else f"{split} "
+  by_split = res["metrics"]
+  if by_split and not isinstance(next(iter(by_split.values())), dict):  # results.json of before issue 13
+    by_split = {"dev": by_split}
+  for split, ms in by_split.items():
+    prefix = "" if len(by_split) == 1 else f"{split} "
     cells.update({f"{prefix}{k}": round(v, 4) for k, v in ms.items()})
   return report.summary_row(res, {"method": res["method"], "task": res["task"]}, cells)
 
