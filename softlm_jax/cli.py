@@ -449,14 +449,22 @@ def cmd_generate(args) -> dict:
   return out
 
 
-def main(argv: Optional[list] = None):
+def run(argv: Optional[list] = None):
+  """Parses ``argv`` and runs the command; returns its result (a dict). User errors (a missing file,
+  a bad value) exit with one line naming what is wrong (``SOFTLM_DEBUG=1``: the traceback)."""
   args = build_parser().parse_args(argv)
   try:
     return args.func(args)
-  except (FileNotFoundError, ValueError) as e:  # user errors: one clear line, no traceback
+  except (FileNotFoundError, ValueError) as e:
     if os.environ.get("SOFTLM_DEBUG"):
       raise
     raise SystemExit(f"softlm {args.command}: error: {e}") from None
+
+
+def main(argv: Optional[list] = None) -> int:
+  """The ``softlm`` entry point: exit status 0 on success."""
+  run(argv)
+  return 0
 
 
 if __name__ == "__main__":
