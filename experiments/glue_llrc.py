@@ -25,7 +25,6 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import glue  # noqa: E402  (experiments/glue.py: evaluation helpers)
 
 import softlm_jax as sl  # noqa: E402
 from softlm_jax import data, finetune, metrics, report, train  # noqa: E402
@@ -67,7 +66,7 @@ def parse(argv=None):
 def main(argv=None):
   args = parse(argv)
   t_all = time.time()
-  max_len = args.max_len or glue.MAX_LEN[args.task]
+  max_len = args.max_len or finetune.MAX_LEN[args.task]
   model, tok = hf.load_classifier(args.model, 2, seed=args.seed)
   tr_texts, tr_labels = data.load_glue(args.task, "train", args.data_dir)
   dv_texts, dv_labels = data.load_glue(args.task, args.split, args.data_dir)
@@ -99,8 +98,8 @@ def main(argv=None):
   teacher_state, _ = fit(model.params, optax.adam(args.lr), None, task_loss, label_batch,
                          os.path.join(args.out, "teacher", "ckpt"), steps=args.teacher_steps)
   teacher = teacher_state.params
-  dense_eval = glue.predict_fn(model, None)
-  teacher_metrics, _ = glue.evaluate(dense_eval, teacher, dev_enc, dv_labels, args.task, 64)
+  dense_eval = finetune.predict_fn(model, None)
+  teacher_metrics, _ = finetune.evaluate(dense_eval, teacher, dev_enc, dv_labels, args.task, 64)
   rows = [{"method": "dense teacher", "CR": 0.0, "removed": "0", **teacher_metrics,
            "steps": args.teacher_steps, "wall (s)": round(time.time() - t0)}]
   print(json.dumps(rows[0]))
@@ -128,7 +127,7 @@ def main(argv=None):
                                  method="llrc" if method.startswith("llrc") else "softlm")
       res = {"method": method, "cr": cr, "task": args.task, "eval_split": args.split,
              "calibration": f"{args.task} train, first {args.calib} sentences", "config": vars(args)}
-      predict = glue.predict_fn(model, cfg)
+      predict = finetune.predict_fn(model, cfg)
       steps, ev = 0, None  # ev: dev metrics of `final` once computed
       if method == "static-noft":
         final = sl.static_svd(teacher, cfg)
@@ -141,9 +140,9 @@ def main(argv=None):
                           target=sl.target_params(cp, cfg))
         steps = int(state.step)
         res.update(history=hist, freeze_step=int(sl.budget_state(state.opt_state).freeze_step))
-        train_form, train_logits = glue.evaluate(predict, state.params, dev_enc, dv_labels, args.task, 64)
+        train_form, train_logits = finetune.evaluate(predict, state.params, dev_enc, dv_labels, args.task, 64)
         final = sl.export_params(state.params, cfg)
-        ev, exp_logits = glue.evaluate(predict, final, dev_enc, dv_labels, args.task, 64)
+        ev, exp_logits = finetune.evaluate(predict, final, dev_enc, dv_labels, args.task, 64)
         res.update(training_form_metrics=train_form,
                    export_max_abs_logit_diff=float(abs(exp_logits - train_logits).max()))
         if method == "llrc":
@@ -153,7 +152,7 @@ def main(argv=None):
                                                 os.path.join(out, "ckpt_ft"), steps=args.ft_steps)
         final, steps, ev = ft_state.params, steps + args.ft_steps, None
       if ev is None:
-        ev, _ = glue.evaluate(predict, final, dev_enc, dv_labels, args.task, 64)
+        ev, _ = finetune.evaluate(predict, final, dev_enc, dv_labels, args.task, 64)
       rep = sl.budget_report(final, cfg)
       res.update(metrics=ev, budget={k: v for k, v in rep.items() if k != "layers"},
                  ranks={p: v["rank"] for p, v in rep["layers"].items()}, train_steps=steps,

@@ -260,6 +260,13 @@ def predict_all(predict: Callable, params, enc: dict, batch_size: int = 64) -> n
   return np.concatenate(out)
 
 
+def evaluate(predict: Callable, params, enc: dict, labels: np.ndarray, task: str,
+             batch_size: int = 64) -> tuple[dict, np.ndarray]:
+  """``(metrics, logits)`` of a classifier on ``enc`` against ``labels`` ``(N,)`` (GLUE ``task``)."""
+  logits = predict_all(predict, params, enc, batch_size)
+  return metrics.glue_metrics(task, logits.argmax(-1), labels), logits
+
+
 def score(task: str, logits: np.ndarray, d: data.TextData) -> tuple[str, dict]:
   """``(main metric, metrics)`` of ``logits (N, C)`` against ``d``'s labels."""
   pred = logits[:, 0] if d.regression else logits.argmax(-1)
