@@ -56,12 +56,13 @@ def param_labels(params) -> object:
 def ramp_target(dense: int, target: int, step: jax.typing.ArrayLike, ramp_steps: int) -> jax.Array:
   """The schedule's count at update ``step``: ``dense - (dense - target) * min(1, (step + 1) / ramp_steps)``.
 
-  Float32 scalar (jit-friendly); ``ramp_steps = 0`` gives ``target`` at every step (no ramp).
+  Int32 scalar, rounded to the nearest count (jit-friendly); ``ramp_steps = 0`` gives ``target`` at
+  every step (no ramp).
   """
   if ramp_steps <= 0:
-    return jnp.asarray(target, jnp.float32)
+    return jnp.asarray(target, jnp.int32)
   frac = jnp.minimum(1.0, (jnp.asarray(step, jnp.float32) + 1.0) / ramp_steps)
-  return jnp.float32(dense) - jnp.float32(dense - target) * frac
+  return jnp.round(jnp.float32(dense) - jnp.float32(dense - target) * frac).astype(jnp.int32)
 
 
 def budget_freeze(inner: optax.GradientTransformation, target: Optional[int] = None,
@@ -102,7 +103,7 @@ def budget_freeze(inner: optax.GradientTransformation, target: Optional[int] = N
     freeze_step = jnp.where(newly, state.step, state.freeze_step)
     if ramp > 0:
       dense = budget.dense_params(params)
-      hold = jnp.logical_and(~frozen, count.astype(jnp.float32) <= ramp_target(dense, goal, state.step, ramp))
+      hold = jnp.logical_and(~frozen, count <= ramp_target(dense, goal, state.step, ramp))
     else:
       hold = jnp.zeros((), bool)
     updates, inner_state = inner.update(updates, state.inner, params)
