@@ -39,6 +39,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import softlm_jax as sl  # noqa: E402
 from softlm_jax import data, report, train  # noqa: E402
+from softlm_jax.compress import decompose  # noqa: E402
 
 EVAL_CHARS = 200_000
 #: CR -> the exported tree and results of an ``llrc`` run in this process, reused by ``llrc-ft``
@@ -235,6 +236,19 @@ def calibration_grams(args, logits_fn, dense, train_windows, cfg):
   return _GRAMS[key]
 
 
+#: (decomposition, Grams key) -> decompose() result, shared by the methods and CRs of this process
+_FACTORS: dict = {}
+
+
+def factors_for(args, dense, cfg, grams):
+  key = (cfg.decomposition, cfg.include, args.calib_grams if grams is not None else None)
+  if key not in _FACTORS:
+    t0 = time.time()
+    _FACTORS[key] = decompose(dense, cfg, grams)
+    print(f"{cfg.decomposition} decomposition of {len(_FACTORS[key])} layers: {time.time() - t0:.1f}s")
+  return _FACTORS[key]
+
+
 def run(method, cr, args, logits_fn, dense, train_windows, calib, test_windows, steps_hint):
   name = method if method in ("dense", "dense-ft") else f"{method}_cr{cr}"
   out = os.path.join(args.out, name)
@@ -283,7 +297,7 @@ def run(method, cr, args, logits_fn, dense, train_windows, calib, test_windows, 
                              eval_fn=eval_with(None))
     final, res["train_steps"], res["history"] = state.params, int(state.step), hist
   elif method in ("static", "static-noft"):
-    final = sl.static_svd(dense, cfg, grams=grams)
+    final = sl.static_svd(dense, cfg, factors=factors_for(args, dense, cfg, grams))
     if method == "static":
       state, hist = train_tree(args, final, optax.adam(args.lr), None, lm_task, lm_batch, ckpt, steps=steps_hint,
                                eval_fn=eval_with(None))
@@ -294,7 +308,7 @@ def run(method, cr, args, logits_fn, dense, train_windows, calib, test_windows, 
     final = done["exported"]
     res.update({k: v for k, v in done["res"].items() if k in _LLRC_KEYS}, llrc_reused=True)
   else:
-    cp = sl.compress_params(dense, cfg, grams=grams)
+    cp = sl.compress_params(dense, cfg, factors=factors_for(args, dense, cfg, grams))
     alpha_tx = optax.sgd(args.alpha_lr) if args.alpha_opt == "sgd" else None
     if method == "softlm":
       tx, task, batches, ft = (sl.make_optimizer(cfg, optax.adam(args.lr), alpha_tx), lm_task, lm_batch,

@@ -199,7 +199,8 @@ def initial_mask_logits(k: int, cfg: CompressionConfig) -> jax.Array:
   return jnp.asarray(np.linspace(first, last, k) if k > 1 else [first], jnp.float32)
 
 
-def compress_params(params: Mapping, cfg: CompressionConfig, grams: Optional[Mapping] = None) -> dict:
+def compress_params(params: Mapping, cfg: CompressionConfig, grams: Optional[Mapping] = None, *,
+                    factors: Optional[Mapping[str, tuple]] = None) -> dict:
   """Replaces each selected kernel by its SVD factors plus the selection rule's parameters.
 
   Each selected module's ``{"kernel": K, "bias": b}`` (``K`` rows x cols in the module's storage
@@ -208,13 +209,15 @@ def compress_params(params: Mapping, cfg: CompressionConfig, grams: Optional[Map
   ``K = left @ diag(s) @ right`` (``cfg.method="llrc"``: ``"mask_logits": (k,)`` instead of
   ``alpha``). The spectrum is divided by :func:`spectrum_scale` (``cfg.normalize``) and the scale
   moved into ``right``. ``grams``: calibration Grams for ``cfg.decomposition="whitened"``
-  (:func:`softlm_jax.collect_grams`). Everything else is returned unchanged (as plain dicts).
+  (:func:`softlm_jax.collect_grams`). ``factors``: a :func:`decompose` result of the same ``params``
+  and decomposition to reuse (one SVD for several CRs or methods). Everything else is returned
+  unchanged (as plain dicts).
 
   Raises:
     ValueError: naming the layer and shape for NaN/Inf kernels, non-2-D selected kernels, a
       selection that matches nothing, or (whitened) a missing, misshapen or non-finite Gram.
   """
-  factors = decompose(params, cfg, grams)
+  factors = decompose(params, cfg, grams) if factors is None else factors
 
   def replace(path: str, node: Mapping) -> Mapping:
     if path not in factors or "kernel" not in node:
