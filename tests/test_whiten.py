@@ -104,6 +104,10 @@ def test_whitened_full_rank_equals_dense(name):
   with sl.intercept(cfg):
     out = jax.jit(lambda p: model(ids, params=p).logits)(cp)
   assert rel_err(out, dense) < 1e-4
+  # the factors are balanced (||left[:, j]|| == ||right[j]||), not S^{-T} U's tiny columns against a huge right
+  for _, layer in sl.tree.factored_layers(cp):
+    np.testing.assert_allclose(np.linalg.norm(layer["left"], axis=0), np.linalg.norm(layer["right"], axis=1),
+                               rtol=1e-4)
   # and the spectra differ from plain SVD (the decomposition really is another one)
   plain = sl.compress_params(model.params, cfg.replace(decomposition="svd"))
   lay = dict(sl.tree.factored_layers(cp))
