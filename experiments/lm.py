@@ -39,12 +39,35 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import softlm_jax as sl  # noqa: E402
 from softlm_jax import data, report, train  # noqa: E402
+from softlm_jax.compress import decompose  # noqa: E402
 
 EVAL_CHARS = 200_000
 #: CR -> the exported tree and results of an ``llrc`` run in this process, reused by ``llrc-ft``
 _LLRC_DONE: dict = {}
 _LLRC_KEYS = ("train_steps", "history", "freeze_step", "training_form_ppl", "export_max_abs_logit_diff",
               "counted_before_refill")
+
+
+def positive_int(text: str) -> int:
+  v = int(text)
+  if v <= 0:
+    raise argparse.ArgumentTypeError(f"expected an int > 0, got {text!r}")
+  return v
+
+
+def nonneg_int(text: str) -> int:
+  v = int(text)
+  if v < 0:
+    raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}")
+  return v
+
+
+def distill_arg(text: str) -> tuple[float, float]:
+  """``WEIGHT[,T]`` -> (weight >= 0, temperature > 0)."""
+  parts = [float(v) for v in text.split(",")]
+  if len(parts) not in (1, 2) or parts[0] < 0 or (len(parts) == 2 and parts[1] <= 0):
+    raise argparse.ArgumentTypeError(f"--distill takes WEIGHT[,T] with WEIGHT >= 0 and T > 0, got {text!r}")
+  return parts[0], parts[1] if len(parts) == 2 else 1.0
 
 
 def parse(argv=None):
@@ -71,6 +94,23 @@ def parse(argv=None):
                   help="LLRC: after the budget is met, re-enable dropped values up to the target (refill_to_target)")
   ap.add_argument("--mask-init", default="3,1", help="LLRC: first,last initial mask logits (both > 0)")
   ap.add_argument("--llrc-ft-steps", type=int, default=50)
+  ap.add_argument("--decomposition", choices=sl.config.DECOMPOSITIONS, default="whitened",
+                  help="svd: plain SVD of each kernel; whitened: SVD in the coordinates whitened by the "
+                  "calibration Gram X^T X (activation-aware, SVD-LLM)")
+  ap.add_argument("--calib-grams", type=positive_int, default=32,
+                  help="whitened: calibration sequences (of --seq-len tokens, from wikitext-2 valid) for the Grams")
+  ap.add_argument("--normalize", choices=sl.config.NORMALIZATIONS, default=None,
+                  help="threshold units (default: uniform_rank when whitened, top otherwise)")
+  ap.add_argument("--distill", type=distill_arg, default=(0.0, 1.0),
+                  help="WEIGHT[,T]: add WEIGHT * T^2 * KL(dense teacher || student) to the LM loss while "
+                  "fine-tuning (softlm, static, dense-ft); 0 = off")
+  ap.add_argument("--compress-steps", type=nonneg_int, default=0,
+                  help="SoftLM/LLRC: counted params fall no faster than a ramp to the target over this many "
+                  "steps (0 = as fast as the thresholds move)")
+  ap.add_argument("--alpha-opt", choices=("adam", "sgd"), default="adam", help="optimizer of the thresholds")
+  ap.add_argument("--eval-every", type=nonneg_int, default=0,
+                  help="log a perplexity on --curve-windows test windows every N training steps (0 = off)")
+  ap.add_argument("--curve-windows", type=positive_int, default=4)
   ap.add_argument("--eval-windows", type=int, default=16)
   ap.add_argument("--eval-len", type=int, default=512)
   ap.add_argument("--data-dir", default=None)
@@ -130,8 +170,10 @@ def load_lm(name: str, seed: int = 0, max_len: int = 512):
 
 def compression_config(args, cr: float, method: str) -> sl.CompressionConfig:
   include = r"layers/\d+/mixer/(in_proj|out_proj)" if args.model.endswith("mamba") else None
+  normalize = args.normalize or ("uniform_rank" if args.decomposition == "whitened" else "top")
   return sl.CompressionConfig(target_ratio=cr, sharpness=args.sharpness, gamma=args.gamma,
-                              alpha_lr=args.alpha_lr, include=include,
+                              alpha_lr=args.alpha_lr, include=include, decomposition=args.decomposition,
+                              normalize=normalize, compress_steps=args.compress_steps,
                               method="llrc" if method.startswith("llrc") else "softlm",
                               mask_lr=args.mask_lr, tv_weight=args.tv_weight,
                               budget_growth=args.budget_growth,
@@ -167,12 +209,44 @@ def export_gap(logits_fn, trained, exported, cfg, ids) -> float:
 
 
 def train_tree(args, params, tx, cfg, task_loss, batch_fn, ckpt, *, steps=None, finetune_steps=0,
-               target=None):
+               target=None, eval_fn=None):
   state = train.init_state(params, tx, seed=args.seed)
   step_fn = train.make_train_step(task_loss, tx, cfg)
   return train.fit(state, step_fn, batch_fn, steps=steps, finetune_steps=finetune_steps,
                    max_compress_steps=args.max_compress_steps, ckpt_dir=ckpt, save_every=50,
-                   progress=not args.no_progress, target=target)
+                   progress=not args.no_progress, target=target, eval_fn=eval_fn, eval_every=args.eval_every)
+
+
+#: (model, selection, calibration) -> Grams, computed once per process
+_GRAMS: dict = {}
+
+
+def calibration_grams(args, logits_fn, dense, train_windows, cfg):
+  """The whitened decomposition's Grams over ``--calib-grams`` windows of wikitext-2 valid (None for svd)."""
+  if cfg.decomposition != "whitened":
+    return None
+  key = (args.model, cfg.include, args.calib_grams, args.seq_len)
+  if key not in _GRAMS:
+    windows = train_windows[:args.calib_grams]
+    batches = [{"ids": jnp.asarray(windows[i:i + args.batch_size])} for i in range(0, len(windows), args.batch_size)]
+    t0 = time.time()
+    grams = sl.collect_grams(lambda p, b: logits_fn(p, b["ids"]), dense, batches, cfg, progress=not args.no_progress)
+    _GRAMS[key] = grams
+    print(f"calibration Grams: {len(grams)} layers, {grams.tokens} tokens, {time.time() - t0:.1f}s")
+  return _GRAMS[key]
+
+
+#: (decomposition, Grams key) -> decompose() result, shared by the methods and CRs of this process
+_FACTORS: dict = {}
+
+
+def factors_for(args, dense, cfg, grams):
+  key = (cfg.decomposition, cfg.include, args.calib_grams if grams is not None else None)
+  if key not in _FACTORS:
+    t0 = time.time()
+    _FACTORS[key] = decompose(dense, cfg, grams)
+    print(f"{cfg.decomposition} decomposition of {len(_FACTORS[key])} layers: {time.time() - t0:.1f}s")
+  return _FACTORS[key]
 
 
 def run(method, cr, args, logits_fn, dense, train_windows, calib, test_windows, steps_hint):
@@ -190,28 +264,43 @@ def run(method, cr, args, logits_fn, dense, train_windows, calib, test_windows, 
          f"{len(test_windows)}x{test_windows.shape[1]} tokens", "config": vars(args)}
   n = len(train_windows)
 
+  kd_weight, kd_temp = args.distill
+
   def lm_batch(step):
-    return {"ids": jnp.asarray(train_windows[data.batch_indices(n, args.batch_size, step, args.seed)])}
+    batch = {"inputs": jnp.asarray(train_windows[data.batch_indices(n, args.batch_size, step, args.seed)])}
+    return {**batch, "teacher": dense} if kd_weight > 0 else batch
 
   def calib_batch(step):
     idx = data.batch_indices(len(calib), args.batch_size, step, args.seed)
     return {"inputs": jnp.asarray(calib[idx]), "teacher": dense}
 
-  def lm_task(p, batch, rng):
-    return lm_loss(logits_fn(p, batch["ids"]), batch["ids"])
+  if kd_weight > 0:  # LM loss + weight * T^2 * KL(teacher || student), the dense model as teacher
+    lm_task = train.distill_task(logits_fn, base_loss=lambda logits, b: lm_loss(logits, b["inputs"]),
+                                 weight=kd_weight, temperature=kd_temp)
+  else:
+    def lm_task(p, batch, rng):
+      return lm_loss(logits_fn(p, batch["inputs"]), batch["inputs"])
 
   distill_task = train.distill_task(logits_fn)
+  curve = test_windows[:args.curve_windows]
+  grams = calibration_grams(args, logits_fn, dense, train_windows, cfg) if method not in ("dense", "dense-ft") \
+      else None
+
+  def eval_with(c):
+    return lambda p: {"curve_ppl": perplexity(logits_fn, p, c, curve)}
 
   final = dense
   if method == "dense":
     res["train_steps"] = 0
   elif method == "dense-ft":
-    state, hist = train_tree(args, dense, optax.adam(args.lr), None, lm_task, lm_batch, ckpt, steps=steps_hint)
+    state, hist = train_tree(args, dense, optax.adam(args.lr), None, lm_task, lm_batch, ckpt, steps=steps_hint,
+                             eval_fn=eval_with(None))
     final, res["train_steps"], res["history"] = state.params, int(state.step), hist
   elif method in ("static", "static-noft"):
-    final = sl.static_svd(dense, cfg)
+    final = sl.static_svd(dense, cfg, factors=factors_for(args, dense, cfg, grams))
     if method == "static":
-      state, hist = train_tree(args, final, optax.adam(args.lr), None, lm_task, lm_batch, ckpt, steps=steps_hint)
+      state, hist = train_tree(args, final, optax.adam(args.lr), None, lm_task, lm_batch, ckpt, steps=steps_hint,
+                               eval_fn=eval_with(None))
       final, res["history"] = state.params, hist
     res["train_steps"] = steps_hint if method == "static" else 0
   elif method == "llrc-ft" and cr in _LLRC_DONE:  # the llrc run of this CR, earlier in this process
@@ -219,15 +308,17 @@ def run(method, cr, args, logits_fn, dense, train_windows, calib, test_windows, 
     final = done["exported"]
     res.update({k: v for k, v in done["res"].items() if k in _LLRC_KEYS}, llrc_reused=True)
   else:
-    cp = sl.compress_params(dense, cfg)
+    cp = sl.compress_params(dense, cfg, factors=factors_for(args, dense, cfg, grams))
+    alpha_tx = optax.sgd(args.alpha_lr) if args.alpha_opt == "sgd" else None
     if method == "softlm":
-      tx, task, batches, ft = sl.make_optimizer(cfg, optax.adam(args.lr)), lm_task, lm_batch, args.finetune_steps
+      tx, task, batches, ft = (sl.make_optimizer(cfg, optax.adam(args.lr), alpha_tx), lm_task, lm_batch,
+                               args.finetune_steps)
     elif method == "softlm-noft":
-      tx, task, batches, ft = sl.make_optimizer(cfg, optax.set_to_zero()), distill_task, calib_batch, 0
+      tx, task, batches, ft = sl.make_optimizer(cfg, optax.set_to_zero(), alpha_tx), distill_task, calib_batch, 0
     else:
       tx, task, batches, ft = sl.make_optimizer(cfg), distill_task, calib_batch, 0
     state, hist = train_tree(args, cp, tx, cfg, task, batches, ckpt, finetune_steps=ft,
-                             target=sl.target_params(cp, cfg))
+                             target=sl.target_params(cp, cfg), eval_fn=eval_with(cfg))
     bs = sl.budget_state(state.opt_state)
     res.update(train_steps=int(state.step), history=hist, freeze_step=int(bs.freeze_step))
     trained = state.params
@@ -241,7 +332,7 @@ def run(method, cr, args, logits_fn, dense, train_windows, calib, test_windows, 
       _LLRC_DONE[cr] = {"exported": final, "res": res}
   if method == "llrc-ft":
     ft_state, ft_hist = train_tree(args, final, optax.adam(args.lr), None, lm_task, lm_batch,
-                                   os.path.join(out, "ckpt_ft"), steps=args.llrc_ft_steps)
+                                   os.path.join(out, "ckpt_ft"), steps=args.llrc_ft_steps, eval_fn=eval_with(None))
     final, res["finetune_history"] = ft_state.params, ft_hist
     res["train_steps"] += args.llrc_ft_steps
   if method not in ("dense", "dense-ft"):

@@ -5,22 +5,24 @@ thresholds, arXiv 2411.10543) and LLRC (learned singular-value masks with frozen
 """
 from softlm_jax.budget import (break_even_rank, budget_report, count_params, dense_params,
                                effective_rank, kept, layer_cost, layer_ranks, refill_to_target, relaxed_count,
-                               target_params)
+                               target_params, uniform_rank)
+from softlm_jax.calib import Grams, collect_grams
 from softlm_jax.checkpoint import CheckpointError, load_compact, save_compact
-from softlm_jax.compress import compress_params, init_rank, singular_scale
+from softlm_jax.compress import compress_params, init_rank, singular_scale, whitened_factors
 from softlm_jax.config import CompressionConfig
 from softlm_jax.export import export_params, static_ranks, static_svd
 from softlm_jax.intercept import factored_apply, intercept, register_layout
 from softlm_jax.losses import (adaptive_loss, compression_loss, distillation_loss, linear_loss, llrc_loss,
                                total_variation)
-from softlm_jax.optim import BudgetState, budget_freeze, budget_state, make_optimizer
+from softlm_jax.optim import BudgetState, budget_freeze, budget_state, make_optimizer, ramp_target
 from softlm_jax.threshold import hard_threshold, relaxed_mask, soft_threshold, straight_through_mask
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BudgetState", "CheckpointError", "CompressionConfig", "adaptive_loss", "break_even_rank",
-    "budget_freeze", "budget_report", "budget_state", "compress_params", "compression_loss", "count_params",
+    "BudgetState", "CheckpointError", "CompressionConfig", "Grams", "collect_grams", "ramp_target", "uniform_rank",
+    "whitened_factors", "adaptive_loss", "break_even_rank", "budget_freeze", "budget_report", "budget_state",
+    "compress_params", "compression_loss", "count_params",
     "dense_params", "distillation_loss", "effective_rank", "export_params", "factored_apply",
     "hard_threshold", "init_rank", "intercept", "kept", "layer_cost", "layer_ranks", "linear_loss",
     "llrc_loss", "load_compact", "make_optimizer", "refill_to_target", "register_layout", "relaxed_count",
@@ -28,4 +30,4 @@ __all__ = [
     "straight_through_mask", "target_params", "total_variation",
 ]
 
-from softlm_jax import checkpoint, data, metrics, models, report, train, tree  # noqa: E402,F401  (submodules)
+from softlm_jax import calib, checkpoint, data, metrics, models, report, train, tree  # noqa: E402,F401  (submodules)

@@ -24,6 +24,12 @@ def break_even_rank(rows: int, cols: int) -> int:
   return rows * cols // (rows + cols)
 
 
+def uniform_rank(rows: int, cols: int, ratio: float) -> int:
+  """The static baseline's rank: ``floor((1 - ratio) * rows * cols / (rows + cols))``, the same keep-ratio
+  ``1 - ratio`` of the dense parameters in every layer (so the count is at most the target)."""
+  return int(np.floor((1.0 - ratio) * rows * cols / (rows + cols)))
+
+
 def layer_cost(rank: jax.typing.ArrayLike, rows: int, cols: int) -> jax.Array:
   """Counted parameters of one layer at ``rank`` (scalar int array, jit-friendly)."""
   rank = jnp.asarray(rank, jnp.int32)

@@ -18,6 +18,14 @@ DEFAULT_INCLUDE = r"(^|/)(layer|layers|h|blocks?)/\d+/"
 DEFAULT_EXCLUDE = r"(embed|wte|wpe|lm_head|pooler|classifier|score|qa_outputs)"
 
 LOSSES = ("adaptive", "linear")
+#: How a layer's singular values are decomposed: plain SVD of the kernel, or SVD in the coordinates
+#: whitened by the calibration Gram ``X^T X`` (activation-aware; needs ``grams=``).
+DECOMPOSITIONS = ("svd", "whitened")
+#: What each layer's spectrum is divided by before thresholding (so ``alpha`` and ``sharpness`` are
+#: unitless): ``"top"`` its largest value, ``"energy"`` ``sqrt(sum s^2)``, ``"uniform_rank"`` the
+#: first value the uniform keep-ratio at ``target_ratio`` drops (so ``alpha = 1`` in every layer is
+#: exactly the static-SVD allocation), ``"none"`` raw values (the paper).
+NORMALIZATIONS = ("top", "energy", "uniform_rank", "none")
 #: Selection rules: "softlm" (a learned threshold per layer, weights fine-tuned; arXiv 2411.10543) or
 #: "llrc" (a learned mask per singular value, weights frozen; Sundrani, Tudisco, Minervini).
 METHODS = ("softlm", "llrc")
@@ -33,9 +41,22 @@ class CompressionConfig:
     sharpness: ``k`` in ``Th(s) = s * tanh(k (s - alpha))``. With ``normalize=True`` (default) it acts
       on singular values divided by the layer's largest one at decomposition time, so ``k`` is unitless
       and one value fits every layer and model.
-    normalize: scale each layer's spectrum so its largest singular value is 1 (the scale is folded into
-      the right factor, so the represented kernel is unchanged). Alpha then reads as "fraction of the
-      layer's top singular value". ``False`` keeps raw singular values as in the paper.
+    normalize: what each layer's spectrum is divided by (the scale is folded into the right factor, so
+      the represented kernel is unchanged); one of :data:`NORMALIZATIONS`. ``"top"`` (``True``, the
+      default): its largest value, so alpha reads as "fraction of the layer's top singular value".
+      ``"uniform_rank"``: the first singular value the uniform keep-ratio drops, so ``alpha = 1``
+      everywhere is the static baseline's allocation and alphas rising together stay near it (the
+      choice for whitened spectra, whose top values activation outliers inflate). ``"energy"``:
+      ``sqrt(sum s^2)``. ``"none"`` (``False``): raw singular values as in the paper.
+    decomposition: ``"svd"`` (plain SVD of the kernel) or ``"whitened"`` (SVD of ``S^T W`` with
+      ``S S^T`` the calibration Gram, see :func:`softlm_jax.compress.whitened_factors`; pass
+      ``grams=`` from :func:`softlm_jax.collect_grams`). The selection rules, counting and export
+      only see ``left, s, right`` and are the same for both.
+    gram_floor: whitened: eigenvalues of each Gram are clipped at ``gram_floor * max eigenvalue``
+      (directions the calibration never excited get a small, finite weight; rank-deficient Grams
+      decompose).
+    gram_damp: whitened: ``gram_damp * mean(diag(G))`` is added to the Gram's diagonal before the
+      factorisation (GPTQ-style damping: a blend towards plain SVD, for small calibration sets).
     floor: the paper's constant ``c`` used below the threshold (0 in the paper).
     gamma: weight of the compression loss: ``L = L_task + gamma * L_cmp`` (LLRC: of the budget term).
     alpha_lr: learning rate of the thresholds (their own optax partition).
@@ -55,6 +76,11 @@ class CompressionConfig:
       ``gamma * min(budget_growth**t, 1e6)`` while the hard count is over the target: a price that
       rises until the budget is met (like dual ascent on the constraint), so a fixed ``gamma`` need
       not be tuned against the distillation loss's scale. 1.0 keeps ``gamma`` constant.
+    compress_steps: a gentler schedule (0: off). The counted parameters may fall no faster than a
+      ramp from the dense count to the target over ``compress_steps`` updates: at update ``t`` the
+      selection (``alpha`` / ``mask_logits``) is held whenever the count is already at or under
+      ``dense - (dense - target) * min(1, (t + 1) / compress_steps)``, so the weights have time to
+      follow the cut. The freeze at the final target is exactly as without it.
     include: regex searched in each kernel's '/'-joined path; ``None`` = ``DEFAULT_INCLUDE``
       restricted to 2-D kernels. An explicit pattern that selects a non-2-D kernel is an error.
     exclude: regex; matching paths are never selected. ``None`` = ``DEFAULT_EXCLUDE``.
@@ -62,7 +88,10 @@ class CompressionConfig:
 
   target_ratio: float = 0.5
   sharpness: float = 1000.0
-  normalize: bool = True
+  normalize: Union[bool, str] = "top"
+  decomposition: str = "svd"
+  gram_floor: float = 1e-6
+  gram_damp: float = 0.0
   floor: float = 0.0
   gamma: float = 1.0
   alpha_lr: float = 5e-3
@@ -74,6 +103,7 @@ class CompressionConfig:
   mask_init: tuple = (3.0, 1.0)
   tv_weight: float = 1e-3
   budget_growth: float = 1.0
+  compress_steps: int = 0
   include: Optional[str] = None
   exclude: Optional[str] = None
 
@@ -81,6 +111,14 @@ class CompressionConfig:
     if not (isinstance(self.target_ratio, (int, float)) and 0.0 < self.target_ratio < 1.0):
       raise ValueError(f"target_ratio must be in (0, 1) (fraction of parameters to remove), "
                        f"got {self.target_ratio!r}")
+    if isinstance(self.normalize, bool):
+      object.__setattr__(self, "normalize", "top" if self.normalize else "none")
+    if self.normalize not in NORMALIZATIONS:
+      raise ValueError(f"unknown normalize {self.normalize!r}; expected one of {NORMALIZATIONS} (or a bool)")
+    if self.decomposition not in DECOMPOSITIONS:
+      raise ValueError(f"unknown decomposition {self.decomposition!r}; expected one of {DECOMPOSITIONS}")
+    if not (0.0 <= self.gram_floor < 1.0 and self.gram_damp >= 0.0):
+      raise ValueError(f"need 0 <= gram_floor < 1 and gram_damp >= 0, got {self.gram_floor!r}, {self.gram_damp!r}")
     if not self.sharpness > 0:
       raise ValueError(f"sharpness must be > 0, got {self.sharpness!r}")
     if self.gamma < 0:
@@ -99,6 +137,8 @@ class CompressionConfig:
                        f"{self.mask_temperature!r}, {self.tv_weight!r}")
     if not self.budget_growth >= 1.0:
       raise ValueError(f"budget_growth must be >= 1 (1 keeps gamma constant), got {self.budget_growth!r}")
+    if isinstance(self.compress_steps, bool) or not (isinstance(self.compress_steps, int) and self.compress_steps >= 0):
+      raise ValueError(f"compress_steps must be an int >= 0 (0: no ramp), got {self.compress_steps!r}")
     if len(tuple(self.mask_init)) != 2 or min(self.mask_init) <= 0:
       raise ValueError(f"mask_init must be (first, last) logits, both > 0 (the mask starts all ones), "
                        f"got {self.mask_init!r}")

@@ -96,25 +96,25 @@ def export_params(params: Mapping, cfg: Optional[CompressionConfig] = None, *, r
 
 
 def static_ranks(params: Mapping, cfg: CompressionConfig) -> dict[str, int]:
-  """Uniform keep-ratio: rank ``floor((1 - CR) * rows * cols / (rows + cols))`` for each selected kernel."""
-  return {path: int(np.floor((1.0 - cfg.target_ratio) * np.prod(np.shape(k)) / sum(np.shape(k))))
-          for path, k in tree.selected_kernels(params, cfg)}
+  """Uniform keep-ratio: :func:`softlm_jax.budget.uniform_rank` of each selected kernel."""
+  return {path: budget.uniform_rank(*np.shape(k), cfg.target_ratio) for path, k in tree.selected_kernels(params, cfg)}
 
 
 def static_svd(params: Mapping, cfg: CompressionConfig, ranks: Optional[Mapping[str, int]] = None, *,
-               factors: Optional[Mapping[str, tuple]] = None, rank_multiple: int = 1,
-               rank_rounding: str = "down") -> dict:
+               factors: Optional[Mapping[str, tuple]] = None, grams: Optional[Mapping] = None,
+               rank_multiple: int = 1, rank_rounding: str = "down") -> dict:
   """The static baseline: truncated SVD of every selected kernel, exported.
 
   ``ranks`` defaults to :func:`static_ranks` (the same keep-ratio in every layer, so the count is at
   most the target); pass e.g. the ranks of a SoftLM run to get its non-uniform shapes from the dense
   weights. ``factors``: a :func:`softlm_jax.compress.decompose` result of the same ``params`` to
-  reuse (e.g. one SVD for several CRs). ``rank_multiple`` / ``rank_rounding``: see the module
+  reuse (e.g. one SVD for several CRs); ``grams``: calibration Grams for
+  ``cfg.decomposition="whitened"`` (SVD-LLM's truncation when the ranks are uniform). ``rank_multiple`` / ``rank_rounding``: see the module
   docstring (``"down"`` keeps the count within the target).
   """
   rounded_rank(1, rank_multiple, rank_rounding)
   ranks = dict(static_ranks(params, cfg) if ranks is None else ranks)
-  factors = decompose(params, cfg) if factors is None else factors
+  factors = decompose(params, cfg, grams) if factors is None else factors
 
   def convert(path: str, node: Mapping) -> Mapping:
     if path not in factors or "kernel" not in node:

@@ -53,8 +53,21 @@ def param_labels(params) -> object:
   return jax.tree_util.tree_map_with_path(label, params)
 
 
+def ramp_target(dense: int, target: int, step: jax.typing.ArrayLike, ramp_steps: int) -> jax.Array:
+  """The schedule's count at update ``step``: ``dense - (dense - target) * min(1, (step + 1) / ramp_steps)``.
+
+  Int32 scalar, rounded to the nearest count (jit-friendly); ``ramp_steps = 0`` gives ``target`` at
+  every step (no ramp).
+  """
+  if ramp_steps <= 0:
+    return jnp.asarray(target, jnp.int32)
+  frac = jnp.minimum(1.0, (jnp.asarray(step, jnp.float32) + 1.0) / ramp_steps)
+  return jnp.round(jnp.float32(dense) - jnp.float32(dense - target) * frac).astype(jnp.int32)
+
+
 def budget_freeze(inner: optax.GradientTransformation, target: Optional[int] = None,
-                  cfg: Optional[CompressionConfig] = None) -> optax.GradientTransformation:
+                  cfg: Optional[CompressionConfig] = None, ramp_steps: Optional[int] = None
+                  ) -> optax.GradientTransformation:
   """Zeroes threshold updates for good once the counted params reach the budget.
 
   At each update the params *before* the update are counted with :func:`softlm_jax.count_params`;
@@ -63,6 +76,10 @@ def budget_freeze(inner: optax.GradientTransformation, target: Optional[int] = N
   its threshold, an LLRC mask logit at or below 0), so a pruned value stays pruned, the count can
   only fall and the budget stays met while training goes on.
 
+  With a ramp (``ramp_steps``, default ``cfg.compress_steps``; 0 = none), before the freeze every
+  selection update (``alpha``, ``mask_logits``) is also zero at each update whose count is already at
+  or under :func:`ramp_target`: the count falls no faster than the ramp, give or take one update.
+
   Args:
     inner: the transformation for all params (e.g. :func:`make_optimizer`'s partition).
     target: parameter budget; default ``budget.target_params(params, cfg)`` from the params' shapes.
@@ -70,6 +87,7 @@ def budget_freeze(inner: optax.GradientTransformation, target: Optional[int] = N
   """
   if target is None and cfg is None:
     raise ValueError("budget_freeze needs a target or a cfg")
+  ramp = ramp_steps if ramp_steps is not None else (cfg.compress_steps if cfg is not None else 0)
 
   def init_fn(params):
     return BudgetState(inner.init(params), jnp.zeros((), bool), jnp.full((), -1, jnp.int32),
@@ -83,6 +101,11 @@ def budget_freeze(inner: optax.GradientTransformation, target: Optional[int] = N
     newly = jnp.logical_and(~state.frozen, count <= goal)
     frozen = jnp.logical_or(state.frozen, count <= goal)
     freeze_step = jnp.where(newly, state.step, state.freeze_step)
+    if ramp > 0:
+      dense = budget.dense_params(params)
+      hold = jnp.logical_and(~frozen, count <= ramp_target(dense, goal, state.step, ramp))
+    else:
+      hold = jnp.zeros((), bool)
     updates, inner_state = inner.update(updates, state.inner, params)
     kept_of = {path: budget.kept(layer) for path, layer in tree.factored_layers(params)
                if budget.has_selection(layer)}
@@ -90,10 +113,11 @@ def budget_freeze(inner: optax.GradientTransformation, target: Optional[int] = N
     def mask(keypath, u):
       path = _path(keypath)
       if path[-1] in THRESHOLD_KEYS:
-        return jnp.where(frozen, jnp.zeros_like(u), u)
+        return jnp.where(frozen | hold, jnp.zeros_like(u), u)
       parent = "/".join(path[:-1])
       if path[-1] in PER_VALUE_KEYS and parent in kept_of:
-        return jnp.where(frozen & ~kept_of[parent], jnp.zeros_like(u), u)
+        u = jnp.where(frozen & ~kept_of[parent], jnp.zeros_like(u), u)
+        return jnp.where(hold, jnp.zeros_like(u), u) if path[-1] == "mask_logits" else u
       return u
 
     updates = jax.tree_util.tree_map_with_path(mask, updates)

@@ -100,14 +100,17 @@ def fit(state: TrainState, train_step: Callable, batch_fn: Callable[[int], Any],
         steps: Optional[int] = None, finetune_steps: int = 0, max_compress_steps: int = 1000,
         ckpt_dir: Optional[str] = None, save_every: int = 100, progress: bool = True,
         log_every: int = 10, stop_after: Optional[int] = None,
-        target: Optional[int] = None) -> tuple[TrainState, list[dict]]:
+        target: Optional[int] = None, eval_fn: Optional[Callable[[Any], dict]] = None,
+        eval_every: int = 0) -> tuple[TrainState, list[dict]]:
   """Runs the training loop; resumes from ``ckpt_dir`` when it holds a checkpoint.
 
   With thresholds in the tree the run ends ``finetune_steps`` after the budget froze them (or
   ``max_compress_steps + finetune_steps`` if it never does); without, after ``steps``.
   ``batch_fn(step)`` must be a pure function of the step (resume reproduces the same batches).
   ``stop_after`` simulates an interruption (tests); ``target`` is shown next to the param count in
-  the progress bar. Returns the final state and the logged metrics.
+  the progress bar. ``eval_fn(params) -> {name: float}`` (outside jit; e.g. a held-out perplexity)
+  runs every ``eval_every`` steps, at step 0 and at the end; its values join that step's logged row.
+  Returns the final state and the logged metrics.
   """
   compress = has_thresholds(state.params)
   if not compress and steps is None:
@@ -137,18 +140,30 @@ def fit(state: TrainState, train_step: Callable, batch_fn: Callable[[int], Any],
     from tqdm.auto import tqdm
     bar = tqdm(total=end, initial=step, dynamic_ncols=True, mininterval=2.0)
   start = time.time()
+
+  def log(row):
+    history.append(row)
+    if log_path:
+      with open(log_path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+  def evaluate(params) -> dict:
+    return {k: float(v) for k, v in eval_fn(params).items()}
+
+  if eval_fn is not None and eval_every > 0 and step == 0:
+    log({"step": 0, **evaluate(state.params), "time": 0.0})
   while step < end:
     if stop_after is not None and step >= stop_after:
       break
     state, metrics = train_step(state, batch_fn(step))
     step, end = step + 1, end_step(state)  # the end moves once the budget freezes the thresholds
-    if step % log_every == 0 or step == end:
+    do_eval = eval_fn is not None and eval_every > 0 and (step % eval_every == 0 or step == end)
+    if step % log_every == 0 or step == end or do_eval:
       row = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()},
              "time": time.time() - start}
-      history.append(row)
-      if log_path:
-        with open(log_path, "a") as f:
-          f.write(json.dumps(row) + "\n")
+      if do_eval:
+        row.update(evaluate(state.params))
+      log(row)
       if bar is not None:
         phase = "finetune" if row.get("frozen") else ("compress" if compress else "train")
         count = f"{int(row['params'])}" + (f"/{target}" if target is not None else "")
@@ -163,16 +178,28 @@ def fit(state: TrainState, train_step: Callable, batch_fn: Callable[[int], Any],
   return state, history
 
 
-def distill_task(logits_fn: Callable) -> Callable:
-  """``task_loss`` for frozen-weight selection (LLRC; SoftLM thresholds without fine-tuning).
+def distill_task(logits_fn: Callable, *, base_loss: Optional[Callable] = None, weight: float = 1.0,
+                 temperature: float = 1.0) -> Callable:
+  """``task_loss`` with a frozen dense teacher: knowledge distillation.
 
-  ``logits_fn(params, inputs) -> (..., vocab)`` logits. The returned ``task_loss(p, batch, rng)``
-  is ``KL(teacher || student)`` (:func:`softlm_jax.distillation_loss`) with the student ``p`` and
-  the teacher's dense tree passed *in the batch* as ``batch["teacher"]``, inputs as
-  ``batch["inputs"]``: a tree closed over would be baked into the jitted step as constants.
+  ``logits_fn(params, inputs) -> (..., vocab)`` logits. The returned ``task_loss(p, batch, rng)`` reads
+  the inputs from ``batch["inputs"]`` and the teacher's dense tree from ``batch["teacher"]`` (passed
+  *in the batch*: a tree closed over would be baked into the jitted step as constants), and returns
+
+  * without ``base_loss`` (frozen-weight selection: LLRC, SoftLM thresholds alone):
+    ``weight * T^2 * KL(teacher_T || student_T)`` (:func:`softlm_jax.distillation_loss`);
+  * with ``base_loss(student_logits, batch) -> scalar`` (fine-tuning, e.g. next-token
+    cross-entropy): ``base_loss + weight * T^2 * KL``, Hinton et al.'s soft targets beside the task.
+
+  ``T = temperature`` softens both distributions. The teacher's logits carry no gradient.
   """
+  if not (weight >= 0 and temperature > 0):
+    raise ValueError(f"need weight >= 0 and temperature > 0, got {weight!r}, {temperature!r}")
+
   def task(p, batch, rng):
     del rng
+    student = logits_fn(p, batch["inputs"])
     teacher = logits_fn(batch["teacher"], batch["inputs"])  # distillation_loss stops its gradient
-    return losses.distillation_loss(logits_fn(p, batch["inputs"]), teacher)
+    kd = weight * losses.distillation_loss(student, teacher, temperature=temperature)
+    return kd if base_loss is None else base_loss(student, batch) + kd
   return task

@@ -1,0 +1,158 @@
+"""Calibration statistics: the input Gram matrix ``X^T X`` of every selected linear layer.
+
+Activation-aware decomposition (SVD-LLM's "truncation-aware data whitening", Wang et al., ICLR 2025)
+needs, for each layer ``y = x W``, the Gram of its inputs over a calibration set. They are collected
+by running the **unmodified** model under ``flax.linen.intercept_methods``: the interceptor computes
+``x^T x`` of each selected dense module's input at trace time, so the whole forward pass plus the
+Gram products compile into one jitted step, and the sums are accumulated batch by batch. Memory is
+one ``(in, in)`` float32 matrix per layer, never the activations.
+
+Layers that read the same input (q/k/v, gate/up) are computed once per traced input and share the
+value.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Mapping
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from softlm_jax import tree
+from softlm_jax.config import CompressionConfig
+from softlm_jax.intercept import _layout
+
+
+class Grams(dict):
+  """``{layer path: (in, in) float32 Gram}`` plus ``layouts``: ``{layer path: "in_out" | "out_in"}``.
+
+  A plain dict for every purpose; the layouts tell the whitened decomposition on which side of a
+  *square* kernel the Gram acts (its shape alone says it for the others). ``tokens`` is the number of
+  input rows summed (after masking).
+  """
+
+  def __init__(self, grams: Mapping = (), layouts: Optional[Mapping[str, str]] = None, tokens: int = 0):
+    super().__init__(grams)
+    self.layouts = dict(layouts or {})
+    self.tokens = int(tokens)
+
+
+@contextlib.contextmanager
+def _capture(cfg: CompressionConfig, out: dict, layouts: dict, weights: Optional[jax.Array]):
+  """Interceptor context: for each selected dense module, ``out[path] = x^T x`` (traced)."""
+  seen: dict[int, jax.Array] = {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if (context.method_name != "__call__" or module.scope is None
+        or not module.has_variable("params", "kernel")):
+      return next_fun(*args, **kwargs)
+    path = "/".join(module.scope.path)
+    kernel = module.get_variable("params", "kernel")
+    layout = _layout(module)
+    if kernel.ndim != 2 or layout is None or not cfg.matches(path):
+      return next_fun(*args, **kwargs)
+    x = args[0] if args else kwargs["inputs"]
+    key = id(x)
+    if key not in seen:
+      x2 = jnp.asarray(x, jnp.float32)
+      if weights is not None:
+        if tuple(x2.shape[:-1]) != tuple(weights.shape):
+          raise ValueError(f"layer '{path}': input rows have shape {tuple(x2.shape[:-1])} but the token "
+                           f"weights from mask_fn have shape {tuple(weights.shape)}")
+        x2 = x2 * weights[..., None]
+      x2 = x2.reshape(-1, x2.shape[-1])
+      seen[key] = jnp.matmul(x2.T, x2, precision=jax.lax.Precision.HIGHEST)
+    out[path] = seen[key]
+    layouts[path] = layout
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(interceptor):
+    yield
+
+
+def collect_grams(apply_fn: Callable[[Any, Any], Any], params: Mapping, batches: Iterable, cfg: CompressionConfig,
+                  *, mask_fn: Optional[Callable[[Any], jax.Array]] = None, progress: bool = True,
+                  total: Optional[int] = None) -> Grams:
+  """Sums ``X^T X`` of each selected layer's inputs over ``batches``.
+
+  Args:
+    apply_fn: ``apply_fn(params, batch)`` runs the unmodified model on dense ``params`` (e.g.
+      ``lambda p, b: model(b["input_ids"], params=p).logits``); its output is discarded.
+    params: the dense tree (the kernels that ``cfg`` selects must be present).
+    batches: an iterable of batches (streamed: one batch in memory at a time). Every batch should
+      have the same shapes, or each new shape compiles once more.
+    cfg: selects the layers (``include`` / ``exclude``), as :func:`softlm_jax.compress_params` will.
+    mask_fn: optional ``mask_fn(batch) -> (B, T)`` 0/1 token weights (e.g. the attention mask), so
+      padding positions do not count. Without it every input row counts.
+    progress: show a tqdm bar.
+    total: number of batches for the bar, when ``batches`` has no ``len``.
+
+  Returns:
+    :class:`Grams`: ``{path: (in, in) float32}`` for every selected kernel of ``params`` (the
+    module's input width ``in``: ``rows`` of an ``nn.Dense`` kernel, ``cols`` of an out x in
+    ``FlaxConv1D`` kernel), with ``layouts`` and ``tokens``.
+
+  Raises:
+    ValueError: when a selected kernel never ran (its module was not called by ``apply_fn``), or
+      ``batches`` is empty.
+  """
+  def traced(p, batch):
+    grams: dict[str, jax.Array] = {}
+    layouts: dict[str, str] = {}
+    weights = None if mask_fn is None else jnp.asarray(mask_fn(batch), jnp.float32)
+    with _capture(cfg, grams, layouts, weights):
+      apply_fn(p, batch)
+    count = jnp.sum(weights) if weights is not None else None
+    return grams, layouts, count
+
+  layouts_box: dict[str, str] = {}
+
+  def grams_only(p, batch):
+    grams, layouts, count = traced(p, batch)
+    layouts_box.update(layouts)
+    return grams, count
+
+  @jax.jit
+  def accumulate(acc, p, batch):
+    grams, count = grams_only(p, batch)
+    return {k: acc[k] + grams[k] for k in acc}, count
+
+  it = iter(batches)
+  if total is None and hasattr(batches, "__len__"):
+    total = len(batches)
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total, desc="calibration grams", dynamic_ncols=True, mininterval=2.0)
+  acc, tokens, n = None, 0, 0
+  for batch in it:
+    if acc is None:
+      shapes, _ = jax.eval_shape(grams_only, params, batch)
+      acc = {k: jnp.zeros(v.shape, jnp.float32) for k, v in shapes.items()}
+    acc, count = accumulate(acc, params, batch)
+    leaves = [x for x in jax.tree_util.tree_leaves(batch) if hasattr(x, "shape")]
+    tokens += int(count) if count is not None else _rows(leaves)
+    n += 1
+    if bar is not None:
+      bar.update(1)
+  if bar is not None:
+    bar.close()
+  if acc is None:
+    raise ValueError("collect_grams got no batches")
+  missing = [p for p, _ in tree.selected_kernels(params, cfg) if p not in acc]
+  if missing:
+    raise ValueError(f"{len(missing)} selected layers never ran under apply_fn, e.g. {missing[:4]}; "
+                     f"collected Grams for {sorted(acc)[:4]}...: check apply_fn runs the whole model")
+  return Grams({k: np.asarray(v) for k, v in acc.items()}, layouts_box, tokens)
+
+
+def _rows(leaves) -> int:
+  """Token rows of an integer-id batch (the first 2-D+ integer array's ``B * T``); 0 if unknown."""
+  for x in leaves:
+    if np.issubdtype(np.asarray(x).dtype, np.integer) and np.ndim(x) >= 2:
+      return int(np.prod(np.shape(x)[:2]))
+  return 0
