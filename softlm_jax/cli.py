@@ -164,15 +164,25 @@ def cmd_compress(args) -> dict:
   _check_run_json(args, method)
   model_name = _default_model(args)
   if args.task == lm.LM_TASK:
-    model, dense, _ = lm.load_lm(model_name, max_len=max(args.seq_len, args.eval_len), seed=args.seed)
+    model, dense, lm_tok = lm.load_lm(model_name, max_len=max(args.seq_len, args.eval_len), seed=args.seed)
     tok_src, task_name, extra = ("smollm2" if model_name == "smollm2" else model_name), lm.LM_TASK, {}
   else:
     task = finetune.load_task_data(args)
-    model, _ = hf.load_classifier(model_name, task.num_labels, seed=args.seed)
+    model, tok = hf.load_classifier(model_name, task.num_labels, seed=args.seed)
     dense, tok_src, task_name = model.params, finetune.tokenizer_source(model_name), task.name
     extra = {"num_labels": task.num_labels, "label_names": task.train.label_names, "max_len": task.max_len}
   t = time.time()
-  params, _ = finetune.initial_params(method, dense, cfg)
+  grams = None
+  if cfg.decomposition == "whitened":
+    if args.task == lm.LM_TASK:
+      train_windows = lm.wikitext_windows(lm_tok, seq_len=args.seq_len, eval_len=args.eval_len, eval_windows=1,
+                                          data_dir=args.data_dir)["train"]
+      grams = lm.lm_grams(model, dense, train_windows, cfg, args)
+    else:
+      enc = sl.data.tokenize(tok, task.train.texts[:args.calib_grams], task.max_len)
+      grams = finetune.task_grams(model, dense, enc, cfg, args.calib_grams, args.batch_size,
+                                  progress=not args.no_progress)
+  params, _ = finetune.initial_params(method, dense, cfg, grams)
   print(f"[compress] {method} CR {cfg.target_ratio}: {time.time() - t:.1f}s")
   _write_run_json(args, method)
   folder = os.path.join(args.out, method)

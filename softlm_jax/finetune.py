@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from softlm_jax import budget, checkpoint, data, metrics, report, train
+from softlm_jax import budget, calib, checkpoint, data, losses, metrics, report, train
 from softlm_jax.compress import compress_params
-from softlm_jax.config import LOSSES, CompressionConfig
+from softlm_jax.config import DECOMPOSITIONS, LOSSES, NORMALIZATIONS, CompressionConfig
 from softlm_jax.export import export_params, static_svd
 from softlm_jax.intercept import intercept
 from softlm_jax.optim import budget_state, make_optimizer
@@ -57,6 +57,17 @@ def fraction(text: str) -> float:
 def fractions(text: str) -> list[float]:
   """Comma-separated :func:`fraction` values, e.g. ``0.25,0.5``."""
   return [fraction(t) for t in text.split(",") if t.strip()]
+
+
+def distill_arg(text: str) -> tuple[float, float]:
+  """``WEIGHT[,T]`` -> ``(weight >= 0, temperature > 0)`` (distillation; T defaults to 1)."""
+  try:
+    parts = [float(v) for v in text.split(",")]
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not WEIGHT[,T]") from None
+  if len(parts) not in (1, 2) or parts[0] < 0 or (len(parts) == 2 and parts[1] <= 0):
+    raise argparse.ArgumentTypeError(f"--distill takes WEIGHT[,T] with WEIGHT >= 0 and T > 0, got {text!r}")
+  return parts[0], (parts[1] if len(parts) == 2 else 1.0)
 
 
 def positive_int(text: str) -> int:
@@ -164,6 +175,17 @@ def add_compression_args(ap: argparse.ArgumentParser) -> None:
   g.add_argument("--alpha-lr", type=positive_float, default=5e-3)
   g.add_argument("--loss", default="adaptive", choices=LOSSES)
   g.add_argument("--init-rank", type=init_rank_arg, default="full", help="full, break_even or an int")
+  g.add_argument("--decomposition", choices=DECOMPOSITIONS, default="svd",
+                 help="svd: plain SVD; whitened: activation-aware SVD from calibration Grams (--calib-grams)")
+  g.add_argument("--calib-grams", type=positive_int, default=256,
+                 help="whitened: training examples whose (unpadded) token inputs make the Grams")
+  g.add_argument("--normalize", choices=NORMALIZATIONS, default=None,
+                 help="threshold units (default: uniform_rank when whitened, top otherwise)")
+  g.add_argument("--compress-steps", type=nonnegative_int, default=0,
+                 help="SoftLM: counted params fall no faster than a ramp to the target over N steps (0: off)")
+  g.add_argument("--distill", type=distill_arg, default=(0.0, 1.0),
+                 help="WEIGHT[,T]: add WEIGHT * T^2 * KL(teacher || student) to the task loss of the compressed "
+                 "methods, the teacher being the dense method's fine-tuned model (dense then runs first); 0: off")
 
 
 def add_train_args(ap: argparse.ArgumentParser) -> None:
@@ -181,8 +203,12 @@ def add_train_args(ap: argparse.ArgumentParser) -> None:
 
 def compression_config(args, **overrides) -> CompressionConfig:
   """The :class:`CompressionConfig` of parsed options (the one place it is built from them)."""
+  decomposition = getattr(args, "decomposition", "svd")
+  normalize = getattr(args, "normalize", None) or ("uniform_rank" if decomposition == "whitened" else "top")
   return CompressionConfig(target_ratio=args.cr, sharpness=args.sharpness, gamma=args.gamma,
-                           alpha_lr=args.alpha_lr, loss=args.loss, init_rank=args.init_rank, **overrides)
+                           alpha_lr=args.alpha_lr, loss=args.loss, init_rank=args.init_rank,
+                           decomposition=decomposition, normalize=normalize,
+                           compress_steps=getattr(args, "compress_steps", 0), **overrides)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -231,15 +257,40 @@ def load_task_data(args) -> TaskData:
 # model functions
 
 
-def task_loss_fn(model, regression: bool) -> Callable:
+def task_loss_fn(model, regression: bool, distill: tuple[float, float] = (0.0, 1.0)) -> Callable:
   """``(params, batch, rng) -> scalar``: cross-entropy on ``batch["labels"]`` ``(B,)`` int32, or for
-  regression the mean squared error of ``logits[:, 0]`` against float32 labels."""
+  regression the mean squared error of ``logits[:, 0]`` against float32 labels.
+
+  ``distill = (weight, T)`` with ``weight > 0`` adds ``weight * T^2 * KL(teacher_T || student_T)``
+  (regression: ``weight *`` the squared error to the teacher's output), the teacher's dense tree
+  travelling in ``batch["teacher"]`` and run without dropout; its output carries no gradient."""
+  weight, temperature = distill
+
   def loss(p, batch, rng):
     logits = model(**batch["inputs"], params=p, dropout_rng=rng, train=True).logits
     if regression:
-      return jnp.mean((logits[:, 0].astype(jnp.float32) - batch["labels"]) ** 2)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+      task = jnp.mean((logits[:, 0].astype(jnp.float32) - batch["labels"]) ** 2)
+    else:
+      task = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+    if weight > 0:
+      teacher = jax.lax.stop_gradient(model(**batch["inputs"], params=batch["teacher"], train=False).logits)
+      if regression:
+        task = task + weight * jnp.mean((logits[:, 0] - teacher[:, 0]).astype(jnp.float32) ** 2)
+      else:
+        task = task + weight * losses.distillation_loss(logits, teacher, temperature=temperature)
+    return task
   return loss
+
+
+def task_grams(model, params, encoded: dict, cfg: CompressionConfig, n: int, batch_size: int,
+               progress: bool = True) -> calib.Grams:
+  """Calibration Grams of ``cfg``'s layers over the first ``n`` training examples, padding masked out."""
+  total = len(next(iter(encoded.values())))
+  n = min(n, total)
+  batches = [{k: jnp.asarray(v[i:min(i + batch_size, n)]) for k, v in encoded.items()}
+             for i in range(0, n, batch_size)]
+  return calib.collect_grams(lambda p, b: model(**b, params=p, train=False).logits, params, batches, cfg,
+                             mask_fn=lambda b: b["attention_mask"], progress=progress)
 
 
 def predict_fn(model, cfg: Optional[CompressionConfig]) -> Callable:
@@ -281,12 +332,13 @@ def _run_dir(out: str, method: str) -> str:
   return os.path.join(out, method)
 
 
-def initial_params(method: str, params, cfg: CompressionConfig):
-  """The tree a method starts training from, and its optimizer and step config."""
+def initial_params(method: str, params, cfg: CompressionConfig, grams=None):
+  """The tree a method starts training from, and its optimizer and step config. ``grams``: the
+  calibration Grams of a whitened ``cfg``."""
   if method == "softlm":
-    return compress_params(params, cfg), cfg
+    return compress_params(params, cfg, grams), cfg
   if method == "static":
-    return static_svd(params, cfg), cfg
+    return static_svd(params, cfg, grams=grams), cfg
   if method == "dense":
     return params, None
   raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
@@ -297,12 +349,14 @@ def optimizer(method: str, cfg: CompressionConfig, lr: float) -> optax.GradientT
 
 
 def run_method(method: str, args, cfg: CompressionConfig, model, task: TaskData, encoded: dict, steps: int,
-               *, source_model: str = "", log: Callable[[str], None] = print) -> dict:
+               *, source_model: str = "", log: Callable[[str], None] = print, grams=None, teacher=None) -> dict:
   """Trains one method (resuming from ``<out>/<method>/ckpt``), evaluates the exported model on every
   evaluation split, saves ``compact.safetensors`` (compressed methods) and writes the reports.
 
   ``encoded``: ``{"train": {name: (N, L) int32}, <split>: {...}}`` from :func:`softlm_jax.data.tokenize`.
-  A finished run (``results.json`` present) is read back, not rerun. Returns the results dict.
+  A finished run (``results.json`` present) is read back, not rerun. ``grams``: calibration Grams
+  (whitened ``cfg``); ``teacher``: the dense fine-tuned tree to distil from (``args.distill``).
+  Returns the results dict.
   """
   out = _run_dir(args.out, method)
   if os.path.exists(os.path.join(out, "results.json")):
@@ -311,7 +365,8 @@ def run_method(method: str, args, cfg: CompressionConfig, model, task: TaskData,
       return json.load(f)
   os.makedirs(out, exist_ok=True)
   t0 = time.time()
-  params, step_cfg = initial_params(method, model.params, cfg)
+  params, step_cfg = initial_params(method, model.params, cfg, grams)
+  distill = getattr(args, "distill", (0.0, 1.0)) if (teacher is not None and method != "dense") else (0.0, 1.0)
   tx = optimizer(method, cfg, args.lr)
   regression = task.train.regression
   labels = task.train.labels
@@ -320,10 +375,11 @@ def run_method(method: str, args, cfg: CompressionConfig, model, task: TaskData,
 
   def batch_fn(step):
     idx = data.batch_indices(n, args.batch_size, step, args.seed)
-    return {"inputs": {k: jnp.asarray(v[idx]) for k, v in train_enc.items()}, "labels": jnp.asarray(labels[idx])}
+    batch = {"inputs": {k: jnp.asarray(v[idx]) for k, v in train_enc.items()}, "labels": jnp.asarray(labels[idx])}
+    return {**batch, "teacher": teacher} if distill[0] > 0 else batch
 
   state = train.init_state(params, tx, seed=args.seed)
-  step_fn = train.make_train_step(task_loss_fn(model, regression), tx, step_cfg)
+  step_fn = train.make_train_step(task_loss_fn(model, regression, distill), tx, step_cfg)
   plan = f"until the budget is met, then {args.finetune_steps} steps" if method == "softlm" else f"{steps} steps"
   log(f"[{method}] training {plan}; checkpoints in {out}/ckpt")
   state, history = train.fit(state, step_fn, batch_fn, steps=steps, finetune_steps=args.finetune_steps,
@@ -349,6 +405,9 @@ def run_method(method: str, args, cfg: CompressionConfig, model, task: TaskData,
     res["main_metric"], res["metrics"][split] = score(task.name, logits, d)
     if method == "softlm" and split == next(iter(task.evals)):
       res["export_max_abs_logit_diff"] = float(np.max(np.abs(logits - train_logits)))
+  if method == "dense" and getattr(args, "distill", (0.0,))[0] > 0:  # the teacher of the compressed methods
+    checkpoint.save_compact(os.path.join(out, "teacher.safetensors"), final,
+                            metadata={"method": "dense", "source_model": source_model, "task": task.name})
   if method != "dense":
     rep = budget.budget_report(final, cfg)
     res["budget"] = {k: v for k, v in rep.items() if k != "layers"}
@@ -411,9 +470,25 @@ def run_comparison(args, *, log: Callable[[str], None] = print) -> dict:
   encoded.update({s: data.tokenize(tok, d.texts, task.max_len) for s, d in task.evals.items()})
   os.makedirs(args.out, exist_ok=True)
   results = {}
-  for method in sorted(args.methods, key=lambda m: m != "softlm"):  # SoftLM first: it sets the step budget
+  grams = None
+  if cfg.decomposition == "whitened" and set(args.methods) - {"dense"}:
+    t1 = time.time()
+    grams = task_grams(model, model.params, encoded["train"], cfg, args.calib_grams, args.batch_size,
+                       progress=not args.no_progress)
+    log(f"calibration Grams: {len(grams)} layers over {grams.tokens} tokens ({time.time() - t1:.0f}s)")
+  distill = getattr(args, "distill", (0.0, 1.0))[0] > 0
+  if distill and "dense" not in args.methods:
+    raise ValueError("--distill needs the dense method (its fine-tuned model is the teacher): add dense to --methods")
+  # SoftLM first: it sets the step budget; with distillation the dense teacher comes before everything
+  order = sorted(args.methods, key=lambda m: (not (distill and m == "dense"), m != "softlm"))
+  teacher = None
+  for method in order:
     steps = args.steps or (results["softlm"]["train_steps"] if "softlm" in results else 240)
-    results[method] = run_method(method, args, cfg, model, task, encoded, steps, source_model=args.model, log=log)
+    results[method] = run_method(method, args, cfg, model, task, encoded, steps, source_model=args.model, log=log,
+                                 grams=grams, teacher=teacher)
+    if method == "dense" and distill:
+      teacher = jax.tree.map(jnp.asarray, checkpoint.load_compact(
+          os.path.join(_run_dir(args.out, "dense"), "teacher.safetensors"))[0])
     log(json.dumps({k: results[method][k] for k in ("method", "metrics", "train_steps", "wall_s")}))
   write_summary(args.out, results, title=f"{args.model} on {task.name} "
                 f"({', '.join(task.evals)}), CR {cfg.target_ratio}", wall_s=time.time() - t0)

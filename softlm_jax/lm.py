@@ -75,6 +75,15 @@ def wikitext_windows(tok, *, seq_len: int, eval_len: int, eval_windows: int, dat
   return out
 
 
+def lm_grams(model, dense, train_windows: np.ndarray, cfg: CompressionConfig, args):
+  """Calibration Grams over the first ``args.calib_grams`` training windows ``(N, T)`` (whitened ``cfg``)."""
+  from softlm_jax import calib
+  w = train_windows[:args.calib_grams]
+  batches = [jnp.asarray(w[i:i + args.batch_size]) for i in range(0, len(w), args.batch_size)]
+  return calib.collect_grams(lambda p, ids: model(ids, params=p).logits, dense, batches, cfg,
+                             progress=not args.no_progress)
+
+
 def eval_split_name(windows: np.ndarray) -> str:
   return f"wikitext-2 raw test, first {EVAL_CHARS} chars, {windows.shape[0]}x{windows.shape[1]} tokens"
 
@@ -91,9 +100,10 @@ def run_method(method: str, args, cfg: CompressionConfig, model, dense, windows:
       return json.load(f)
   os.makedirs(out, exist_ok=True)
   t0 = time.time()
-  params, step_cfg = finetune.initial_params(method, dense, cfg)
-  tx = finetune.optimizer(method, cfg, args.lr)
   tr = windows["train"]
+  grams = lm_grams(model, dense, tr, cfg, args) if cfg.decomposition == "whitened" and method != "dense" else None
+  params, step_cfg = finetune.initial_params(method, dense, cfg, grams)
+  tx = finetune.optimizer(method, cfg, args.lr)
 
   def batch_fn(step):
     return {"ids": jnp.asarray(tr[data.batch_indices(len(tr), args.batch_size, step, args.seed)])}

@@ -29,12 +29,16 @@ def tiny_checkpoint(tmp_path):
 
 
 def test_glue_script_end_to_end(tmp_path):
+  """With issue 11's options: whitened decomposition from Grams of unpadded training tokens, distillation
+  from the dense run (which then runs first), the compression ramp."""
   sys.path.insert(0, os.path.join(ROOT, "experiments"))
   import glue
   out = tmp_path / "run"
   glue.main(["--task", "cola", "--model", tiny_checkpoint(tmp_path), "--out", str(out),
-             "--finetune-steps", "3", "--max-compress-steps", "40", "--alpha-lr", "0.05",
-             "--batch-size", "8", "--max-len", "16", "--eval-limit", "40", "--no-progress"])
+             "--finetune-steps", "3", "--max-compress-steps", "60", "--alpha-lr", "0.1",
+             "--batch-size", "8", "--max-len", "16", "--eval-limit", "40", "--no-progress",
+             "--decomposition", "whitened", "--calib-grams", "32", "--distill", "1,2", "--compress-steps", "12",
+             "--steps", "20"])
   res = {m: json.load(open(out / m / "results.json")) for m in ("softlm", "static", "dense")}
   soft = res["softlm"]
   assert soft["budget"]["budget_met"] and soft["budget"]["counted_params"] <= soft["budget"]["target_params"]
@@ -42,7 +46,10 @@ def test_glue_script_end_to_end(tmp_path):
   assert soft["export_max_abs_logit_diff"] < 1e-4
   assert soft["metrics"]["dev"] == pytest.approx(soft["training_form_metrics"])
   assert res["static"]["budget"]["counted_params"] <= res["static"]["budget"]["target_params"]
-  assert res["static"]["train_steps"] == res["dense"]["train_steps"] == soft["train_steps"]
+  assert res["static"]["train_steps"] == res["dense"]["train_steps"] == 20  # --steps
+  assert soft["freeze_step"] >= 10  # the ramp reaches the target at update 11
+  assert soft["config"]["decomposition"] == "whitened" and soft["config"]["distill"] == [1.0, 2.0]
+  assert (out / "dense" / "teacher.safetensors").exists()  # the distillation teacher
   for m in ("softlm", "static"):
     assert (out / m / "ranks.png").stat().st_size > 1000
     assert (out / m / "compact.safetensors").exists() and not (out / m / "ckpt").exists()
