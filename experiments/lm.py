@@ -40,8 +40,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import softlm_jax as sl  # noqa: E402
 from softlm_jax import data, report, train  # noqa: E402
 from softlm_jax.compress import decompose  # noqa: E402
+from softlm_jax.lm import EVAL_CHARS, lm_loss  # noqa: E402,F401  (one loss, one protocol)
 
-EVAL_CHARS = 200_000
 #: CR -> the exported tree and results of an ``llrc`` run in this process, reused by ``llrc-ft``
 _LLRC_DONE: dict = {}
 _LLRC_KEYS = ("train_steps", "history", "freeze_step", "training_form_ppl", "export_max_abs_logit_diff",
@@ -178,12 +178,6 @@ def compression_config(args, cr: float, method: str) -> sl.CompressionConfig:
                               mask_lr=args.mask_lr, tv_weight=args.tv_weight,
                               budget_growth=args.budget_growth,
                               mask_init=tuple(float(v) for v in args.mask_init.split(",")))
-
-
-def lm_loss(logits: jax.Array, ids: jax.Array) -> jax.Array:
-  """Mean next-token cross-entropy; logits ``(B, T, V)``, ids ``(B, T)`` -> scalar."""
-  return optax.softmax_cross_entropy_with_integer_labels(
-      logits[:, :-1].astype(jnp.float32), ids[:, 1:]).mean()
 
 
 def perplexity(logits_fn, params, cfg, windows: np.ndarray, batch: int = 4) -> float:

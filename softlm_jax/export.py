@@ -109,8 +109,9 @@ def static_svd(params: Mapping, cfg: CompressionConfig, ranks: Optional[Mapping[
   most the target); pass e.g. the ranks of a SoftLM run to get its non-uniform shapes from the dense
   weights. ``factors``: a :func:`softlm_jax.compress.decompose` result of the same ``params`` to
   reuse (e.g. one SVD for several CRs); ``grams``: calibration Grams for
-  ``cfg.decomposition="whitened"`` (SVD-LLM's truncation when the ranks are uniform). ``rank_multiple`` / ``rank_rounding``: see the module
-  docstring (``"down"`` keeps the count within the target).
+  ``cfg.decomposition="whitened"`` (SVD-LLM's truncation when the ranks are uniform).
+  ``rank_multiple`` / ``rank_rounding``: see the module docstring (``"down"`` keeps the count within
+  the target).
   """
   rounded_rank(1, rank_multiple, rank_rounding)
   ranks = dict(static_ranks(params, cfg) if ranks is None else ranks)
