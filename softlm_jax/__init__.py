@@ -13,6 +13,7 @@ from softlm_jax.intercept import factored_apply, intercept, register_layout
 from softlm_jax.losses import (adaptive_loss, compression_loss, distillation_loss, linear_loss, llrc_loss,
                                total_variation)
 from softlm_jax.shard import make_mesh
+from softlm_jax.stream import stream_layers
 from softlm_jax.optim import BudgetState, budget_freeze, budget_state, make_optimizer
 from softlm_jax.threshold import hard_threshold, relaxed_mask, soft_threshold, straight_through_mask
 
@@ -24,7 +25,7 @@ __all__ = [
     "dense_params", "distillation_loss", "effective_rank", "export_params", "factored_apply",
     "hard_threshold", "init_rank", "intercept", "kept", "layer_cost", "layer_ranks", "linear_loss",
     "llrc_loss", "make_mesh", "make_optimizer", "refill_to_target", "register_layout", "relaxed_count", "relaxed_mask",
-    "singular_scale", "soft_threshold", "static_ranks", "static_svd", "straight_through_mask", "target_params",
+    "singular_scale", "soft_threshold", "static_ranks", "static_svd", "straight_through_mask", "stream_layers", "target_params",
     "total_variation",
 ]
 
