@@ -22,7 +22,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import softlm_jax as sl  # noqa: E402
-from softlm_jax import data, metrics, report, train  # noqa: E402
+from softlm_jax import data, metrics, report, shard, train  # noqa: E402
 from softlm_jax.models import hf  # noqa: E402
 
 MAX_LEN = {"mrpc": 128, "cola": 64, "sst2": 64, "qnli": 128}
@@ -53,6 +53,9 @@ def parse(argv=None):
   ap.add_argument("--out", default="runs/glue/mrpc")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--no-progress", action="store_true")
+  ap.add_argument("--mesh", default=None,
+                  help="data=D,fsdp=F: train on a D x F device mesh, batches split D ways, params and Adam state "
+                       "F ways (softlm_jax.make_mesh; default: one device)")
   return ap.parse_args(argv)
 
 
@@ -106,13 +109,14 @@ def run_method(method, args, cfg, model, train_enc, train_labels, dev_enc, dev_l
     return {"inputs": {k: jnp.asarray(v[idx]) for k, v in train_enc.items()},
             "labels": jnp.asarray(train_labels[idx])}
 
-  state = train.init_state(params, tx, seed=args.seed)
-  step_fn = train.make_train_step(task_loss, tx, step_cfg)
+  mesh = shard.parse_mesh(args.mesh)
+  state = train.init_state(params, tx, seed=args.seed, mesh=mesh)
+  step_fn = train.make_train_step(task_loss, tx, step_cfg, mesh=mesh)
   state, history = train.fit(state, step_fn, batch_fn, steps=steps, finetune_steps=args.finetune_steps,
                              max_compress_steps=args.max_compress_steps,
                              ckpt_dir=os.path.join(out, "ckpt"), save_every=50,
                              progress=not args.no_progress,
-                             target=sl.target_params(params, cfg) if method == "softlm" else None)
+                             target=sl.target_params(params, cfg) if method == "softlm" else None, mesh=mesh)
   train_time = time.time() - t0
   predict = predict_fn(model, step_cfg)
   res = {"method": method, "task": args.task, "model": args.model, "eval_split": args.split,
