@@ -81,6 +81,24 @@ def errors():
   return out
 
 
+def streaming_onto_mesh():
+  """stream_layers(mesh=): the factors land on the mesh by the rule, with the one-shot values."""
+  rng = np.random.RandomState(1)
+  dense = {"layer": {str(i): {"query": {"kernel": rng.normal(size=(16, 24)).astype(np.float32),
+                                        "bias": np.zeros(24, np.float32)}} for i in range(3)},
+           "embed": {"embedding": rng.normal(size=(40, 16)).astype(np.float32)}}
+  cfg = sl.CompressionConfig(target_ratio=0.5)
+  mesh = sl.make_mesh(data=1, fsdp=8)
+  out = sl.stream_layers(sl.compress_params, dense, cfg, group_bytes=1, mesh=mesh)
+  ref = sl.compress_params(dense, cfg)
+  layer = out["layer"]["1"]["query"]
+  return {"identical": all(np.array_equal(a, b) for a, b in zip(leaves_np(out), leaves_np(ref))),
+          "left_spec": spec_of(layer["left"]), "right_spec": spec_of(layer["right"]),
+          "s_spec": spec_of(layer["s"]), "alpha_spec": spec_of(layer["alpha"]),
+          "embedding_spec": spec_of(out["embed"]["embedding"]),
+          "n_devices": sorted({len(x.sharding.device_set) for x in jax.tree.leaves(out)})}
+
+
 if __name__ == "__main__":
   print(json.dumps({"n_devices": len(jax.devices()), "checkpoints": checkpoint_round_trips(sys.argv[1]),
-                    "errors": errors()}))
+                    "errors": errors(), "streaming": streaming_onto_mesh()}))

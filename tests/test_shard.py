@@ -104,6 +104,15 @@ def test_batch_that_does_not_divide_the_data_axis_is_named(eight_devices):
   assert err["w_spec_after_step"] == ["fsdp"]  # the step keeps the state on the rule's placement
 
 
+def test_streaming_places_factors_on_the_mesh(eight_devices):
+  st = eight_devices["streaming"]
+  assert st["identical"] and st["n_devices"] == [8]
+  assert st["left_spec"] == ["fsdp", None]   # (16, 16): first axis on ties
+  assert st["right_spec"] == [None, "fsdp"]  # (16, 24): the larger axis
+  assert st["s_spec"] == ["fsdp"] and st["alpha_spec"] == []
+  assert st["embedding_spec"] == ["fsdp", None]  # untouched leaves are placed too (40 x 16)
+
+
 def test_same_training_on_every_mesh_shape(tmp_path):
   """Tiny Llama + SoftLM CR 0.5 crossing the budget freeze, on meshes (1,1), (8,1), (2,4), (1,8)."""
   out = tmp_path / "eq.json"
