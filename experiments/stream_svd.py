@@ -3,7 +3,7 @@
 The model has TinyLlama-1.1B's shapes (22 layers, hidden 2048, FFN 5632, 32 heads, 4 KV heads, vocab
 32000, untied head; ``--layers`` to shorten it) and random weights, built without ever holding two
 float32 copies: ``jax.eval_shape`` gives the tree of shapes, then each leaf is drawn on its own
-(normal, std 0.02; norms 1). Then the decomposition runs once, in this process:
+(numpy normal, std 0.02, scaled in place; norms 1). Then the decomposition runs once, in this process:
 
   stream   ``softlm_jax.stream_layers(fn, params, cfg, donate=True, group_bytes=...)``
   oneshot  ``fn(params, cfg)`` (every kernel of a shape in one batched SVD; the dense tree is kept)
@@ -20,6 +20,7 @@ the build (python + jax) both in and out. Results are merged into ``--out``
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import resource
@@ -70,23 +71,25 @@ def parse(argv=None):
 
 
 def build_tinyllama(layers: int, seed: int = 0):
-  """Random-weight TinyLlama-1.1B-shaped params (plain dicts of jax float32 arrays), one leaf at a time."""
+  """Random-weight TinyLlama-1.1B-shaped params (plain dicts of numpy float32 arrays), one leaf at a time."""
   import jax
-  import jax.numpy as jnp
+  import numpy as np
   from transformers import FlaxLlamaForCausalLM, LlamaConfig
   config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
                        num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
                        tie_word_embeddings=False)
   model = FlaxLlamaForCausalLM(config, _do_init=False)
   shapes = jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(seed), (1, 8)))
-  draw = jax.jit(lambda key, shape: 0.02 * jax.random.normal(key, shape, jnp.float32), static_argnums=1)
-  key = jax.random.PRNGKey(seed)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
   filled = []
   for i, (kp, s) in enumerate(leaves):
     name = str(getattr(kp[-1], "key", kp[-1]))
-    filled.append(jnp.ones(s.shape, s.dtype) if name != "kernel" and name != "embedding"
-                  else draw(jax.random.fold_in(key, i), tuple(s.shape)))
+    if name in ("kernel", "embedding"):
+      x = np.random.default_rng([seed, i]).standard_normal(s.shape, dtype=np.float32)
+      x *= 0.02  # in place: no second copy of the leaf
+    else:
+      x = np.ones(s.shape, s.dtype)
+    filled.append(x)
   params = jax.tree_util.tree_unflatten(treedef, filled)
   del filled
 
@@ -107,6 +110,7 @@ def main(argv=None):
   _, params = build_tinyllama(args.layers)
   build_s = time.time() - t0
   dense_bytes = int(sum(x.nbytes for x in jax.tree.leaves(params)))
+  ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed build temporaries back before measuring
   rss_built, peak_built = rss_bytes(), peak_rss_bytes()
   peak_reset = reset_peak()
   init_rank = int(args.init_rank) if args.init_rank.isdigit() else args.init_rank
