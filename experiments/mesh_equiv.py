@@ -18,6 +18,12 @@ import sys
 import time
 
 
+#: Simulated devices are threads: on a loaded machine one can reach an all-reduce more than XLA's
+#: default 40 s after the others, and XLA then aborts the process. Wait longer instead.
+SLOW_HOST_FLAGS = ("--xla_cpu_collective_call_terminate_timeout_seconds=900 "
+                   "--xla_cpu_collective_call_warn_stuck_timeout_seconds=300 --xla_cpu_collective_timeout_seconds=900")
+
+
 def parse(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--meshes", default="1x1,8x1,2x4,1x8")
@@ -37,7 +43,7 @@ def main(argv=None) -> dict:
   args = parse(argv)
   if args.host_devices:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={args.host_devices}").strip()
+                               f" --xla_force_host_platform_device_count={args.host_devices} {SLOW_HOST_FLAGS}").strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import jax
   import jax.numpy as jnp

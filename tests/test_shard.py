@@ -25,7 +25,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run8(args, timeout=900):
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+  # simulated devices are threads: under load one can reach an all-reduce after XLA's 40 s abort limit
+  slow = ("--xla_cpu_collective_call_terminate_timeout_seconds=900 "
+          "--xla_cpu_collective_call_warn_stuck_timeout_seconds=300 --xla_cpu_collective_timeout_seconds=900")
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {slow}", "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc.stdout
