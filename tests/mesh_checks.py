@@ -24,7 +24,8 @@ def spec_of(x):
 
 def state_for(mesh):
   rng = np.random.RandomState(0)
-  params = {"layer": {"left": rng.normal(size=(16, 6)).astype(np.float32), "s": np.linspace(1, 0.1, 6).astype(np.float32),
+  params = {"layer": {"left": rng.normal(size=(16, 6)).astype(np.float32),
+                      "s": np.linspace(1, 0.1, 6).astype(np.float32),
                       "right": rng.normal(size=(6, 24)).astype(np.float32), "alpha": np.float32(0.01)},
             "emb": rng.normal(size=(97, 8)).astype(np.float32), "odd": rng.normal(size=(3, 5)).astype(np.float32)}
   tx = optax.adam(1e-2)
