@@ -38,7 +38,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import softlm_jax as sl  # noqa: E402
-from softlm_jax import data, report, train  # noqa: E402
+from softlm_jax import data, report, shard, train  # noqa: E402
 from softlm_jax.compress import decompose  # noqa: E402
 from softlm_jax.lm import EVAL_CHARS, lm_loss  # noqa: E402,F401  (one loss, one protocol)
 
@@ -118,6 +118,9 @@ def parse(argv=None):
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--keep-ckpt", action="store_true", help="keep orbax checkpoints of finished runs")
   ap.add_argument("--no-progress", action="store_true")
+  ap.add_argument("--mesh", default=None,
+                  help="data=D,fsdp=F: train on a D x F device mesh, batches split D ways, params and Adam state "
+                       "F ways (softlm_jax.make_mesh; default: one device)")
   return ap.parse_args(argv)
 
 
@@ -204,11 +207,13 @@ def export_gap(logits_fn, trained, exported, cfg, ids) -> float:
 
 def train_tree(args, params, tx, cfg, task_loss, batch_fn, ckpt, *, steps=None, finetune_steps=0,
                target=None, eval_fn=None):
-  state = train.init_state(params, tx, seed=args.seed)
-  step_fn = train.make_train_step(task_loss, tx, cfg)
+  mesh = shard.parse_mesh(args.mesh)
+  state = train.init_state(params, tx, seed=args.seed, mesh=mesh)
+  step_fn = train.make_train_step(task_loss, tx, cfg, mesh=mesh)
   return train.fit(state, step_fn, batch_fn, steps=steps, finetune_steps=finetune_steps,
                    max_compress_steps=args.max_compress_steps, ckpt_dir=ckpt, save_every=50,
-                   progress=not args.no_progress, target=target, eval_fn=eval_fn, eval_every=args.eval_every)
+                   progress=not args.no_progress, target=target, eval_fn=eval_fn, eval_every=args.eval_every,
+                   mesh=mesh)
 
 
 #: (model, selection, calibration) -> Grams, computed once per process
@@ -360,7 +365,9 @@ def main(argv=None):
   t0 = time.time()
   logits_fn, dense, tok = load_lm(args.model, args.seed, max(args.seq_len, args.eval_len))
   dense = jax.tree.map(jnp.asarray, dense)
-  print(f"loaded {args.model} in {time.time() - t0:.0f}s")
+  if args.mesh:  # placed once: the distillation teacher travels in every batch
+    dense = shard.shard_tree(dense, shard.parse_mesh(args.mesh))
+  print(f"loaded {args.model} in {time.time() - t0:.0f}s ({shard.describe(shard.parse_mesh(args.mesh))})")
   train_ids = tok(data.load_wikitext("valid", args.data_dir))["input_ids"]
   test_ids = tok(data.load_wikitext("test_raw", args.data_dir)[:EVAL_CHARS])["input_ids"]
   train_windows = data.lm_windows(train_ids, args.seq_len)

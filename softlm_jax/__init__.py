@@ -15,6 +15,8 @@ from softlm_jax.intercept import factored_apply, intercept, register_layout
 from softlm_jax.losses import (adaptive_loss, compression_loss, distillation_loss, linear_loss, llrc_loss,
                                total_variation)
 from softlm_jax.optim import BudgetState, budget_freeze, budget_state, make_optimizer, ramp_target
+from softlm_jax.shard import make_mesh
+from softlm_jax.stream import stream_layers
 from softlm_jax.threshold import hard_threshold, relaxed_mask, soft_threshold, straight_through_mask
 
 __version__ = "0.1.0"
@@ -25,9 +27,9 @@ __all__ = [
     "compress_params", "compression_loss", "count_params",
     "dense_params", "distillation_loss", "effective_rank", "export_params", "factored_apply",
     "hard_threshold", "init_rank", "intercept", "kept", "layer_cost", "layer_ranks", "linear_loss",
-    "llrc_loss", "load_compact", "make_optimizer", "refill_to_target", "register_layout", "relaxed_count",
-    "relaxed_mask", "save_compact", "singular_scale", "soft_threshold", "static_ranks", "static_svd",
-    "straight_through_mask", "target_params", "total_variation",
+    "llrc_loss", "load_compact", "make_mesh", "make_optimizer", "refill_to_target", "register_layout",
+    "relaxed_count", "relaxed_mask", "save_compact", "singular_scale", "soft_threshold", "static_ranks", "static_svd",
+    "stream_layers", "straight_through_mask", "target_params", "total_variation",
 ]
 
-from softlm_jax import calib, checkpoint, data, metrics, models, report, train, tree  # noqa: E402,F401  (submodules)
+from softlm_jax import calib, checkpoint, data, metrics, models, report, shard, stream, train, tree  # noqa: E402,F401

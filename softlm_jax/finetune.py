@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from softlm_jax import budget, calib, checkpoint, data, losses, metrics, report, train
+from softlm_jax import budget, calib, checkpoint, data, losses, metrics, report, shard, train
 from softlm_jax.compress import compress_params
 from softlm_jax.config import DECOMPOSITIONS, LOSSES, NORMALIZATIONS, CompressionConfig
 from softlm_jax.export import export_params, static_svd
@@ -199,6 +199,9 @@ def add_train_args(ap: argparse.ArgumentParser) -> None:
   g.add_argument("--seed", type=int, default=0)
   g.add_argument("--keep-ckpt", action="store_true", help="keep the orbax training checkpoints of finished runs")
   g.add_argument("--no-progress", action="store_true")
+  g.add_argument("--mesh", default=None,
+                 help="data=D,fsdp=F: train on a D x F device mesh, batches split D ways, params and Adam state "
+                 "F ways (softlm_jax.make_mesh; default: one device)")
 
 
 def compression_config(args, **overrides) -> CompressionConfig:
@@ -378,14 +381,16 @@ def run_method(method: str, args, cfg: CompressionConfig, model, task: TaskData,
     batch = {"inputs": {k: jnp.asarray(v[idx]) for k, v in train_enc.items()}, "labels": jnp.asarray(labels[idx])}
     return {**batch, "teacher": teacher} if distill[0] > 0 else batch
 
-  state = train.init_state(params, tx, seed=args.seed)
-  step_fn = train.make_train_step(task_loss_fn(model, regression, distill), tx, step_cfg)
+  mesh = shard.parse_mesh(getattr(args, "mesh", None))
+  state = train.init_state(params, tx, seed=args.seed, mesh=mesh)
+  step_fn = train.make_train_step(task_loss_fn(model, regression, distill), tx, step_cfg, mesh=mesh)
   plan = f"until the budget is met, then {args.finetune_steps} steps" if method == "softlm" else f"{steps} steps"
   log(f"[{method}] training {plan}; checkpoints in {out}/ckpt")
   state, history = train.fit(state, step_fn, batch_fn, steps=steps, finetune_steps=args.finetune_steps,
                              max_compress_steps=args.max_compress_steps, ckpt_dir=os.path.join(out, "ckpt"),
                              save_every=50, progress=not args.no_progress,
-                             target=budget.target_params(params, cfg) if method == "softlm" else None)
+                             target=budget.target_params(params, cfg) if method == "softlm" else None,
+                             mesh=mesh)
   train_time = time.time() - t0
   predict = predict_fn(model, step_cfg)
   res = {"method": method, "task": task.name, "model": source_model, "num_labels": task.num_labels,

@@ -115,11 +115,14 @@ def run_method(method: str, args, cfg: CompressionConfig, model, dense, windows:
          "eval_split": eval_split_name(windows["test"]), "config": {k: v for k, v in vars(args).items() if k != "func"}}
   history, n_steps = [], 0
   if method == "softlm" or steps > 0:
-    state = train.init_state(params, tx, seed=args.seed)
-    state, history = train.fit(state, train.make_train_step(task, tx, step_cfg), batch_fn, steps=steps,
+    from softlm_jax import shard
+    mesh = shard.parse_mesh(getattr(args, "mesh", None))
+    state = train.init_state(params, tx, seed=args.seed, mesh=mesh)
+    state, history = train.fit(state, train.make_train_step(task, tx, step_cfg, mesh=mesh), batch_fn, steps=steps,
                                finetune_steps=args.finetune_steps, max_compress_steps=args.max_compress_steps,
                                ckpt_dir=os.path.join(out, "ckpt"), save_every=50, progress=not args.no_progress,
-                               target=budget.target_params(params, cfg) if method == "softlm" else None)
+                               target=budget.target_params(params, cfg) if method == "softlm" else None,
+                               mesh=mesh)
     params, n_steps = state.params, int(state.step)
     if method == "softlm":
       res["freeze_step"] = int(budget_state(state.opt_state).freeze_step)

@@ -14,9 +14,10 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from softlm_jax import budget, losses, tree
+from softlm_jax import budget, losses, shard, tree
 from softlm_jax.config import CompressionConfig
 from softlm_jax.intercept import intercept
 from softlm_jax.optim import budget_state
@@ -30,21 +31,33 @@ class TrainState(NamedTuple):
   rng: jax.Array
 
 
-def init_state(params, tx: optax.GradientTransformation, seed: int = 0) -> TrainState:
+def init_state(params, tx: optax.GradientTransformation, seed: int = 0, mesh=None) -> TrainState:
   """Fresh state. Copies ``params``: the train step donates its state, and trees from
-  compress/static_svd share untouched leaves (embeddings, biases) with the caller's tree."""
+  compress/static_svd share untouched leaves (embeddings, biases) with the caller's tree.
+
+  With ``mesh`` (:func:`softlm_jax.make_mesh`) the params are placed first, so the optimizer state is
+  created already split (:func:`softlm_jax.shard.fsdp_spec`), never whole on one device.
+  """
+  if mesh is not None:
+    params = shard.shard_tree(params, mesh)
   params = jax.tree.map(jnp.array, params)
-  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(seed))
+  state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(seed))
+  return shard.shard_state(state, mesh) if mesh is not None else state
 
 
 def make_train_step(task_loss: Callable, tx: optax.GradientTransformation,
-                    cfg: Optional[CompressionConfig] = None) -> Callable:
+                    cfg: Optional[CompressionConfig] = None, mesh=None) -> Callable:
   """Returns ``train_step(state, batch) -> (state, metrics)``, jitted, the state donated.
 
   Args:
     task_loss: ``(params, batch, rng) -> scalar`` run under :func:`softlm_jax.intercept`.
     tx: e.g. :func:`softlm_jax.make_optimizer`.
     cfg: the compression config (adds ``gamma * L_cmp``); None for dense fine-tuning.
+    mesh: a ``("data", "fsdp")`` mesh (:func:`softlm_jax.make_mesh`), None for one device. The step
+      then takes the state placed by :func:`softlm_jax.shard.state_shardings` (placing it if it is
+      not) and the batch split on ``"data"`` (:func:`softlm_jax.shard.shard_batch`; a leading axis the
+      data axis does not divide raises a ValueError naming the sizes); the new state is constrained to
+      the same shardings. Counting, the freeze and the losses see the global arrays.
   """
   def step(state: TrainState, batch):
     rng, sub = jax.random.split(state.rng)
@@ -62,9 +75,19 @@ def make_train_step(task_loss: Callable, tx: optax.GradientTransformation,
     bs = budget_state(opt_state)
     if bs is not None:
       metrics.update(frozen=bs.frozen, freeze_step=bs.freeze_step)
-    return TrainState(state.step + 1, params, opt_state, rng), metrics
+    new = TrainState(state.step + 1, params, opt_state, rng)
+    if mesh is not None:
+      new = jax.lax.with_sharding_constraint(new, shard.state_shardings(new, mesh))
+    return new, metrics
 
-  return jax.jit(step, donate_argnums=(0,))
+  jitted = jax.jit(step, donate_argnums=(0,))
+  if mesh is None:
+    return jitted
+
+  def sharded_step(state: TrainState, batch):
+    return jitted(shard.shard_state(state, mesh), shard.shard_batch(batch, mesh))
+
+  return sharded_step
 
 
 def _manager(ckpt_dir: str, max_to_keep: int = 2):
@@ -80,14 +103,24 @@ def save_checkpoint(ckpt_dir: str, state: TrainState, manager=None) -> None:
   mgr.wait_until_finished()
 
 
-def restore_checkpoint(ckpt_dir: str, like: TrainState, manager=None) -> Optional[TrainState]:
-  """Latest checkpoint in ``ckpt_dir`` restored into the structure of ``like``; None if none."""
+def restore_checkpoint(ckpt_dir: str, like: TrainState, manager=None, mesh=None) -> Optional[TrainState]:
+  """Latest checkpoint in ``ckpt_dir`` restored into the structure of ``like``; None if none.
+
+  With ``mesh`` every leaf is read straight into its :func:`softlm_jax.shard.state_shardings` place
+  on that mesh, whatever mesh shape saved it (orbax reads each device's slice); without, into the
+  shardings of ``like``'s leaves.
+  """
   import orbax.checkpoint as ocp
   mgr = manager or _manager(ckpt_dir)
   step = mgr.latest_step()
   if step is None:
     return None
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like._asdict())
+  if mesh is not None:
+    shardings = shard.state_shardings(like, mesh)._asdict()
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
+                            like._asdict(), shardings)
+  else:
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like._asdict())
   return TrainState(**mgr.restore(step, args=ocp.args.StandardRestore(abstract)))
 
 
@@ -101,7 +134,7 @@ def fit(state: TrainState, train_step: Callable, batch_fn: Callable[[int], Any],
         ckpt_dir: Optional[str] = None, save_every: int = 100, progress: bool = True,
         log_every: int = 10, stop_after: Optional[int] = None,
         target: Optional[int] = None, eval_fn: Optional[Callable[[Any], dict]] = None,
-        eval_every: int = 0) -> tuple[TrainState, list[dict]]:
+        eval_every: int = 0, mesh=None) -> tuple[TrainState, list[dict]]:
   """Runs the training loop; resumes from ``ckpt_dir`` when it holds a checkpoint.
 
   With thresholds in the tree the run ends ``finetune_steps`` after the budget froze them (or
@@ -110,7 +143,9 @@ def fit(state: TrainState, train_step: Callable, batch_fn: Callable[[int], Any],
   ``stop_after`` simulates an interruption (tests); ``target`` is shown next to the param count in
   the progress bar. ``eval_fn(params) -> {name: float}`` (outside jit; e.g. a held-out perplexity)
   runs every ``eval_every`` steps, at step 0 and at the end; its values join that step's logged row.
-  Returns the final state and the logged metrics.
+  ``mesh``: the state (fresh or restored from ``ckpt_dir``, whatever mesh saved it) is placed on it
+  (:func:`softlm_jax.shard.shard_state`); pass a ``train_step`` made with the same mesh. Returns the
+  final state and the logged metrics.
   """
   compress = has_thresholds(state.params)
   if not compress and steps is None:
@@ -118,8 +153,10 @@ def fit(state: TrainState, train_step: Callable, batch_fn: Callable[[int], Any],
   mgr = _manager(ckpt_dir) if ckpt_dir else None
   history: list[dict] = []
   log_path = os.path.join(ckpt_dir, "history.jsonl") if ckpt_dir else None
+  if mesh is not None:
+    state = shard.shard_state(state, mesh)
   if mgr is not None:
-    restored = restore_checkpoint(ckpt_dir, state, mgr)
+    restored = restore_checkpoint(ckpt_dir, state, mgr, mesh=mesh)
     if restored is not None:
       state = restored
       if log_path and os.path.exists(log_path):
