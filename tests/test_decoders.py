@@ -51,7 +51,8 @@ def test_lm_script_end_to_end(tmp_path):
   lm.main(["--model", "tiny-llama", "--methods", "dense,softlm,static,llrc", "--crs", "0.5",
            "--seq-len", "32", "--batch-size", "4", "--finetune-steps", "3", "--max-compress-steps", "150",
            "--alpha-lr", "0.05", "--lr", "1e-3", "--calib", "16", "--eval-windows", "2", "--eval-len", "64",
-           "--refill", "--out", str(out), "--no-progress"])
+           "--refill", "--out", str(out), "--no-progress", "--compress-steps", "0", "--distill", "0",
+           "--calib-grams", "16"])
   res = {m: json.load(open(out / m / "results.json")) for m in ("dense", "softlm_cr0.5", "static_cr0.5",
                                                                   "llrc_cr0.5")}
   for m in ("softlm_cr0.5", "llrc_cr0.5"):
