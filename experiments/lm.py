@@ -43,7 +43,8 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import softlm_jax as sl  # noqa: E402
-from softlm_jax import data, report, shard, train  # noqa: E402
+from softlm_jax import data, finetune, report, shard, train  # noqa: E402
+from softlm_jax.finetune import distill_arg, nonnegative_int, positive_int  # noqa: E402
 from softlm_jax.compress import decompose  # noqa: E402
 from softlm_jax.lm import EVAL_CHARS, lm_loss  # noqa: E402,F401  (one loss, one protocol)
 
@@ -51,28 +52,6 @@ from softlm_jax.lm import EVAL_CHARS, lm_loss  # noqa: E402,F401  (one loss, one
 _LLRC_DONE: dict = {}
 _LLRC_KEYS = ("train_steps", "history", "freeze_step", "training_form_ppl", "export_max_abs_logit_diff",
               "counted_before_refill")
-
-
-def positive_int(text: str) -> int:
-  v = int(text)
-  if v <= 0:
-    raise argparse.ArgumentTypeError(f"expected an int > 0, got {text!r}")
-  return v
-
-
-def nonneg_int(text: str) -> int:
-  v = int(text)
-  if v < 0:
-    raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}")
-  return v
-
-
-def distill_arg(text: str) -> tuple[float, float]:
-  """``WEIGHT[,T]`` -> (weight >= 0, temperature > 0)."""
-  parts = [float(v) for v in text.split(",")]
-  if len(parts) not in (1, 2) or parts[0] < 0 or (len(parts) == 2 and parts[1] <= 0):
-    raise argparse.ArgumentTypeError(f"--distill takes WEIGHT[,T] with WEIGHT >= 0 and T > 0, got {text!r}")
-  return parts[0], parts[1] if len(parts) == 2 else 1.0
 
 
 def parse(argv=None):
@@ -109,11 +88,11 @@ def parse(argv=None):
   ap.add_argument("--distill", type=distill_arg, default=(1.0, 2.0),
                   help="WEIGHT[,T]: add WEIGHT * T^2 * KL(dense teacher || student) to the LM loss while "
                   "fine-tuning (softlm, static, dense-ft); 0 = off")
-  ap.add_argument("--compress-steps", type=nonneg_int, default=60,
+  ap.add_argument("--compress-steps", type=nonnegative_int, default=60,
                   help="SoftLM/LLRC: counted params fall no faster than a ramp to the target over this many "
                   "steps (0 = as fast as the thresholds move)")
   ap.add_argument("--alpha-opt", choices=("adam", "sgd"), default="adam", help="optimizer of the thresholds")
-  ap.add_argument("--eval-every", type=nonneg_int, default=0,
+  ap.add_argument("--eval-every", type=nonnegative_int, default=0,
                   help="log a perplexity on --curve-windows test windows every N training steps (0 = off)")
   ap.add_argument("--curve-windows", type=positive_int, default=4)
   ap.add_argument("--eval-windows", type=int, default=16)
@@ -123,9 +102,7 @@ def parse(argv=None):
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--keep-ckpt", action="store_true", help="keep orbax checkpoints of finished runs")
   ap.add_argument("--no-progress", action="store_true")
-  ap.add_argument("--mesh", default=None,
-                  help="data=D,fsdp=F: train on a D x F device mesh, batches split D ways, params and Adam state "
-                       "F ways (softlm_jax.make_mesh; default: one device)")
+  finetune.add_mesh_arg(ap)
   return ap.parse_args(argv)
 
 

@@ -10,11 +10,15 @@ dotted line marks the step at which a SoftLM run met its budget.
 import argparse
 import json
 import os
+import sys
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from softlm_jax import report  # noqa: E402
 
 
 def curve(res: dict) -> tuple[list, list]:
@@ -49,19 +53,7 @@ def main(argv=None):
     plotted += 1
   if not plotted:
     raise SystemExit("nothing to plot")
-  if args.dense is not None:
-    ax.axhline(args.dense, color="k", ls="--", lw=1, label=f"dense ({args.dense:.2f})")
-  ax.set_yscale("log")
-  ax.set_xlabel("training step")
-  ax.set_ylabel("perplexity (log scale)")
-  ax.set_title(args.title, fontsize=10)
-  ax.grid(True, which="both", alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-  fig.savefig(args.out, dpi=120)
-  print(f"wrote {args.out}")
-
+  report.save_ppl_plot(fig, ax, args.out, xlabel="training step", title=args.title, dense=args.dense)
 
 if __name__ == "__main__":
   main()

@@ -10,11 +10,15 @@ import argparse
 import glob
 import json
 import os
+import sys
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from softlm_jax import report  # noqa: E402
 
 LABELS = {"softlm": "SoftLM (+ fine-tune)", "static": "static SVD + same fine-tune",
           "static-noft": "static SVD, frozen", "softlm-noft": "SoftLM thresholds, frozen weights",
@@ -48,19 +52,8 @@ def main(argv=None):
   for method, pts in sorted(series.items()):
     xs, ys = zip(*pts)
     ax.plot(xs, ys, "o-" if len(pts) > 1 else "o", label=LABELS.get(method, method))
-  if dense is not None:
-    ax.axhline(dense, color="k", ls="--", lw=1, label=f"dense ({dense:.2f})")
-  ax.set_yscale("log")
-  ax.set_xlabel("fraction of block-linear parameters removed")
-  ax.set_ylabel("perplexity (log scale)")
-  ax.set_title(args.title)
-  ax.grid(True, which="both", alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-  fig.savefig(args.out, dpi=120)
-  print(f"wrote {args.out}")
-
+  report.save_ppl_plot(fig, ax, args.out, xlabel="fraction of block-linear parameters removed", title=args.title,
+                       dense=dense)
 
 if __name__ == "__main__":
   main()

@@ -70,24 +70,22 @@ def distill_arg(text: str) -> tuple[float, float]:
   return parts[0], (parts[1] if len(parts) == 2 else 1.0)
 
 
-def positive_int(text: str) -> int:
+def _int_at_least(text: str, low: int) -> int:
   try:
     v = int(text)
   except ValueError:
     raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-  if v < 1:
-    raise argparse.ArgumentTypeError(f"{text} must be >= 1")
+  if v < low:
+    raise argparse.ArgumentTypeError(f"{text} must be >= {low}")
   return v
+
+
+def positive_int(text: str) -> int:
+  return _int_at_least(text, 1)
 
 
 def nonnegative_int(text: str) -> int:
-  try:
-    v = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-  if v < 0:
-    raise argparse.ArgumentTypeError(f"{text} must be >= 0")
-  return v
+  return _int_at_least(text, 0)
 
 
 def positive_float(text: str) -> float:
@@ -199,9 +197,14 @@ def add_train_args(ap: argparse.ArgumentParser) -> None:
   g.add_argument("--seed", type=int, default=0)
   g.add_argument("--keep-ckpt", action="store_true", help="keep the orbax training checkpoints of finished runs")
   g.add_argument("--no-progress", action="store_true")
-  g.add_argument("--mesh", default=None,
-                 help="data=D,fsdp=F: train on a D x F device mesh, batches split D ways, params and Adam state "
-                 "F ways (softlm_jax.make_mesh; default: one device)")
+  add_mesh_arg(g)
+
+
+def add_mesh_arg(ap) -> None:
+  """``--mesh data=D,fsdp=F`` (parsed by :func:`softlm_jax.shard.parse_mesh`; default one device)."""
+  ap.add_argument("--mesh", default=None,
+                  help="data=D,fsdp=F: train on a D x F device mesh, batches split D ways, params and Adam state "
+                  "F ways (softlm_jax.make_mesh; default: one device)")
 
 
 def compression_config(args, **overrides) -> CompressionConfig:

@@ -22,6 +22,24 @@ def rank_grid(ranks: Mapping[str, int]) -> tuple[list[str], list[int], list[list
   return types, blocks, [[cells.get((b, t)) for b in blocks] for t in types]
 
 
+def save_ppl_plot(fig, ax, path: str, *, xlabel: str, title: str, dense: Optional[float] = None) -> None:
+  """Finishes a perplexity plot the way the experiments share (log y, grid, legend, dense as a dashed
+  line) and writes it to ``path`` (PNG, folder created)."""
+  import os
+  if dense is not None:
+    ax.axhline(dense, color="k", ls="--", lw=1, label=f"dense ({dense:.2f})")
+  ax.set_yscale("log")
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel("perplexity (log scale)")
+  ax.set_title(title, fontsize=10)
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, dpi=120)
+  print(f"wrote {path}")
+
+
 def rank_heatmap(ranks: Mapping[str, int], path: str, title: str = "",
                  full: Optional[Mapping[str, int]] = None) -> None:
   """Writes a PNG heatmap of ranks (annotated; colour = rank / full rank when ``full`` is given)."""
