@@ -43,7 +43,9 @@ class Grams(dict):
 @contextlib.contextmanager
 def _capture(cfg: CompressionConfig, out: dict, layouts: dict, weights: Optional[jax.Array]):
   """Interceptor context: for each selected dense module, ``out[path] = x^T x`` (traced)."""
-  seen: dict[int, jax.Array] = {}
+  # id(input) -> (input, Gram). The input is kept so that its id cannot be reused by another traced
+  # array while this trace runs (a freed tracer's id may be handed to the next one).
+  seen: dict[int, tuple] = {}
 
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
@@ -65,8 +67,8 @@ def _capture(cfg: CompressionConfig, out: dict, layouts: dict, weights: Optional
                            f"weights from mask_fn have shape {tuple(weights.shape)}")
         x2 = x2 * weights[..., None]
       x2 = x2.reshape(-1, x2.shape[-1])
-      seen[key] = jnp.matmul(x2.T, x2, precision=jax.lax.Precision.HIGHEST)
-    out[path] = seen[key]
+      seen[key] = (x, jnp.matmul(x2.T, x2, precision=jax.lax.Precision.HIGHEST))
+    out[path] = seen[key][1]
     layouts[path] = layout
     return next_fun(*args, **kwargs)
 
