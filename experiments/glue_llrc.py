@@ -153,13 +153,8 @@ def main(argv=None):
         final, steps, ev = ft_state.params, steps + args.ft_steps, None
       if ev is None:
         ev, _ = finetune.evaluate(predict, final, dev_enc, dv_labels, args.task, 64)
-      rep = sl.budget_report(final, cfg)
-      res.update(metrics=ev, budget={k: v for k, v in rep.items() if k != "layers"},
-                 ranks={p: v["rank"] for p, v in rep["layers"].items()}, train_steps=steps,
-                 wall_s=time.time() - t0)
-      report.rank_heatmap(res["ranks"], os.path.join(out, "ranks.png"),
-                          full={p: min(v["shape"]) for p, v in rep["layers"].items()},
-                          title=f"{method} {args.model} {args.task} CR={cr}: rank per layer")
+      res.update(report.budget_results(final, cfg, out, f"{method} {args.model} {args.task} CR={cr}: rank per layer"),
+                 metrics=ev, train_steps=steps, wall_s=time.time() - t0)
       res["row"] = report.summary_row(res, {"method": method, "CR": cr}, {k: round(v, 4) for k, v in ev.items()})
       report.write_json(res, done)
       for d in ("ckpt", "ckpt_ft"):

@@ -46,7 +46,7 @@ import softlm_jax as sl  # noqa: E402
 from softlm_jax import data, finetune, report, shard, train  # noqa: E402
 from softlm_jax.finetune import distill_arg, fractions, nonnegative_int, positive_int  # noqa: E402
 from softlm_jax.compress import decompose  # noqa: E402
-from softlm_jax.lm import EVAL_CHARS, lm_loss  # noqa: E402,F401  (one loss, one protocol)
+from softlm_jax.lm import EVAL_CHARS, lm_grams, lm_loss  # noqa: E402,F401  (one loss, one protocol)
 
 #: CR -> the exported tree and results of an ``llrc`` run in this process, reused by ``llrc-ft``
 _LLRC_DONE: dict = {}
@@ -209,11 +209,8 @@ def calibration_grams(args, logits_fn, dense, train_windows, cfg):
     return None
   key = (args.model, cfg.include, args.calib_grams, args.seq_len)
   if key not in _GRAMS:
-    windows = train_windows[:args.calib_grams]
-    batches = [{"ids": jnp.asarray(windows[i:i + args.batch_size])} for i in range(0, len(windows), args.batch_size)]
     t0 = time.time()
-    grams = sl.collect_grams(lambda p, b: logits_fn(p, b["ids"]), dense, batches, cfg, progress=not args.no_progress)
-    _GRAMS[key] = grams
+    grams = _GRAMS[key] = lm_grams(logits_fn, dense, train_windows, cfg, args)
     print(f"calibration Grams: {len(grams)} layers, {grams.tokens} tokens, {time.time() - t0:.1f}s")
   return _GRAMS[key]
 
@@ -318,12 +315,7 @@ def run(method, cr, args, logits_fn, dense, train_windows, calib, test_windows, 
     final, res["finetune_history"] = ft_state.params, ft_hist
     res["train_steps"] += args.llrc_ft_steps
   if method not in ("dense", "dense-ft"):
-    rep = sl.budget_report(final, cfg)
-    res["budget"] = {k: v for k, v in rep.items() if k != "layers"}
-    res["ranks"] = {p: v["rank"] for p, v in rep["layers"].items()}
-    full = {p: min(v["shape"]) for p, v in rep["layers"].items()}
-    report.rank_heatmap(res["ranks"], os.path.join(out, "ranks.png"), full=full,
-                        title=f"{method} {args.model} CR={cr}: rank per layer")
+    res.update(report.budget_results(final, cfg, out, f"{method} {args.model} CR={cr}: rank per layer"))
   res["ppl"] = perplexity(logits_fn, final, None, test_windows)  # dense or exported: no thresholds
   if "training_form_ppl" in res and method != "llrc-ft":
     res["export_ppl_rel_diff"] = abs(res["ppl"] - res["training_form_ppl"]) / res["training_form_ppl"]

@@ -102,25 +102,19 @@ def collect_grams(apply_fn: Callable[[Any, Any], Any], params: Mapping, batches:
     ValueError: when a selected kernel never ran (its module was not called by ``apply_fn``), or
       ``batches`` is empty.
   """
-  def traced(p, batch):
+  layouts: dict[str, str] = {}  # filled while tracing (layouts are static)
+
+  def grams_of(p, batch):
+    """``({path: Gram}, token count or None)`` of one batch (traced)."""
     grams: dict[str, jax.Array] = {}
-    layouts: dict[str, str] = {}
     weights = None if mask_fn is None else jnp.asarray(mask_fn(batch), jnp.float32)
     with _capture(cfg, grams, layouts, weights):
       apply_fn(p, batch)
-    count = jnp.sum(weights) if weights is not None else None
-    return grams, layouts, count
-
-  layouts_box: dict[str, str] = {}
-
-  def grams_only(p, batch):
-    grams, layouts, count = traced(p, batch)
-    layouts_box.update(layouts)
-    return grams, count
+    return grams, (jnp.sum(weights) if weights is not None else None)
 
   @jax.jit
   def accumulate(acc, p, batch):
-    grams, count = grams_only(p, batch)
+    grams, count = grams_of(p, batch)
     return {k: acc[k] + grams[k] for k in acc}, count
 
   it = iter(batches)
@@ -133,7 +127,7 @@ def collect_grams(apply_fn: Callable[[Any, Any], Any], params: Mapping, batches:
   acc, tokens, n = None, 0, 0
   for batch in it:
     if acc is None:
-      shapes, _ = jax.eval_shape(grams_only, params, batch)
+      shapes, _ = jax.eval_shape(grams_of, params, batch)
       acc = {k: jnp.zeros(v.shape, jnp.float32) for k, v in shapes.items()}
     acc, count = accumulate(acc, params, batch)
     leaves = [x for x in jax.tree_util.tree_leaves(batch) if hasattr(x, "shape")]
@@ -149,7 +143,7 @@ def collect_grams(apply_fn: Callable[[Any, Any], Any], params: Mapping, batches:
   if missing:
     raise ValueError(f"{len(missing)} selected layers never ran under apply_fn, e.g. {missing[:4]}; "
                      f"collected Grams for {sorted(acc)[:4]}...: check apply_fn runs the whole model")
-  return Grams({k: np.asarray(v) for k, v in acc.items()}, layouts_box, tokens)
+  return Grams({k: np.asarray(v) for k, v in acc.items()}, layouts, tokens)
 
 
 def _rows(leaves) -> int:

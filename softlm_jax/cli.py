@@ -177,7 +177,7 @@ def cmd_compress(args) -> dict:
     if args.task == lm.LM_TASK:
       train_windows = lm.wikitext_windows(lm_tok, seq_len=args.seq_len, eval_len=args.eval_len, eval_windows=1,
                                           data_dir=args.data_dir)["train"]
-      grams = lm.lm_grams(model, dense, train_windows, cfg, args)
+      grams = lm.lm_grams(lm.hf_logits(model), dense, train_windows, cfg, args)
     else:
       enc = sl.data.tokenize(tok, task.train.texts[:args.calib_grams], task.max_len)
       grams = finetune.task_grams(model, dense, enc, cfg, args.calib_grams, args.batch_size,

@@ -417,12 +417,8 @@ def run_method(method: str, args, cfg: CompressionConfig, model, task: TaskData,
     checkpoint.save_compact(os.path.join(out, "teacher.safetensors"), final,
                             metadata={"method": "dense", "source_model": source_model, "task": task.name})
   if method != "dense":
-    rep = budget.budget_report(final, cfg)
-    res["budget"] = {k: v for k, v in rep.items() if k != "layers"}
-    res["ranks"] = {p: v["rank"] for p, v in rep["layers"].items()}
-    full = {p: min(v["shape"]) for p, v in rep["layers"].items()}
-    report.rank_heatmap(res["ranks"], os.path.join(out, "ranks.png"), full=full,
-                        title=f"{method} {source_model} {task.name} CR={cfg.target_ratio}: rank per layer")
+    res.update(report.budget_results(final, cfg, out,
+                                     f"{method} {source_model} {task.name} CR={cfg.target_ratio}: rank per layer"))
     meta = {"method": "static_svd" if method == "static" else method, "source_model": source_model,
             "model_class": f"{type(model).__module__}.{type(model).__qualname__}", "task": task.name,
             "num_labels": task.num_labels, "label_names": task.train.label_names, "max_len": task.max_len,

@@ -75,13 +75,18 @@ def wikitext_windows(tok, *, seq_len: int, eval_len: int, eval_windows: int, dat
   return out
 
 
-def lm_grams(model, dense, train_windows: np.ndarray, cfg: CompressionConfig, args):
-  """Calibration Grams over the first ``args.calib_grams`` training windows ``(N, T)`` (whitened ``cfg``)."""
+def lm_grams(logits_fn: Callable, dense, train_windows: np.ndarray, cfg: CompressionConfig, args):
+  """Calibration Grams over the first ``args.calib_grams`` training windows ``(N, T)`` int32 in batches
+  of ``args.batch_size`` (whitened ``cfg``); ``logits_fn(params, ids)`` runs the dense model."""
   from softlm_jax import calib
   w = train_windows[:args.calib_grams]
   batches = [jnp.asarray(w[i:i + args.batch_size]) for i in range(0, len(w), args.batch_size)]
-  return calib.collect_grams(lambda p, ids: model(ids, params=p).logits, dense, batches, cfg,
-                             progress=not args.no_progress)
+  return calib.collect_grams(logits_fn, dense, batches, cfg, progress=not args.no_progress)
+
+
+def hf_logits(model) -> Callable:
+  """``(params, ids) -> logits`` of a HF Flax causal LM."""
+  return lambda p, ids: model(ids, params=p).logits
 
 
 def eval_split_name(windows: np.ndarray) -> str:
@@ -101,7 +106,9 @@ def run_method(method: str, args, cfg: CompressionConfig, model, dense, windows:
   os.makedirs(out, exist_ok=True)
   t0 = time.time()
   tr = windows["train"]
-  grams = lm_grams(model, dense, tr, cfg, args) if cfg.decomposition == "whitened" and method != "dense" else None
+  grams = None
+  if cfg.decomposition == "whitened" and method != "dense":
+    grams = lm_grams(hf_logits(model), dense, tr, cfg, args)
   params, step_cfg = finetune.initial_params(method, dense, cfg, grams)
   tx = finetune.optimizer(method, cfg, args.lr)
 
@@ -132,12 +139,8 @@ def run_method(method: str, args, cfg: CompressionConfig, model, dense, windows:
   res["metrics"] = {"test": {"ppl": perplexity(model, params, step_cfg, windows["test"])}}
   res["main_metric"] = "ppl"
   if method != "dense":
-    rep = budget.budget_report(params, cfg)
-    res["budget"] = {k: v for k, v in rep.items() if k != "layers"}
-    res["ranks"] = {p: v["rank"] for p, v in rep["layers"].items()}
-    report.rank_heatmap(res["ranks"], os.path.join(out, "ranks.png"),
-                        full={p: min(v["shape"]) for p, v in rep["layers"].items()},
-                        title=f"{method} {source_model} CR={cfg.target_ratio}: rank per layer")
+    res.update(report.budget_results(params, cfg, out,
+                                     f"{method} {source_model} CR={cfg.target_ratio}: rank per layer"))
     meta = {"method": "static_svd" if method == "static" else method, "source_model": source_model,
             "model_class": f"{type(model).__module__}.{type(model).__qualname__}", "task": LM_TASK,
             "tokenizer": tokenizer, "train_steps": n_steps}

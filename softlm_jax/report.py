@@ -40,6 +40,20 @@ def save_ppl_plot(fig, ax, path: str, *, xlabel: str, title: str, dense: Optiona
   print(f"wrote {path}")
 
 
+def budget_results(params, cfg, folder: str, title: str) -> dict:
+  """``{"budget": totals, "ranks": {path: rank}}`` of a compressed tree for a ``results.json``
+  (:func:`softlm_jax.budget_report`, the one count), and its rank heatmap written to
+  ``<folder>/ranks.png``."""
+  import os
+
+  from softlm_jax.budget import budget_report
+  rep = budget_report(params, cfg)
+  ranks = {p: v["rank"] for p, v in rep["layers"].items()}
+  rank_heatmap(ranks, os.path.join(folder, "ranks.png"), title=title,
+               full={p: min(v["shape"]) for p, v in rep["layers"].items()})
+  return {"budget": {k: v for k, v in rep.items() if k != "layers"}, "ranks": ranks}
+
+
 def rank_heatmap(ranks: Mapping[str, int], path: str, title: str = "",
                  full: Optional[Mapping[str, int]] = None) -> None:
   """Writes a PNG heatmap of ranks (annotated; colour = rank / full rank when ``full`` is given)."""
