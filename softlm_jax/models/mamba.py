@@ -31,6 +31,7 @@ Everything is jit-friendly: the selective scan is a ``jax.lax.scan`` over time, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -41,6 +42,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from softlm_jax.models import family
 
 Array = jax.Array
 
@@ -666,3 +669,68 @@ def load_mamba_safetensors(path: str, *, dtype: Any = np.float32, strict: bool =
   for f in files:
     state_dict.update(load_file(f))
   return MambaLM(config), mamba_params_from_torch_state_dict(state_dict, config, dtype=dtype, strict=strict)
+
+
+# --------------------------------------------------------------------------------------------------
+# The family
+# --------------------------------------------------------------------------------------------------
+
+
+class MambaFamily(family.Family):
+  """:class:`MambaLM`: an HF Mamba checkpoint folder (``config.json`` with ``model_type: mamba`` and
+  safetensors) or, as ``tiny-mamba``, a random 4-block model over a real tokenizer (smoke runs).
+  Only the mixers' ``in_proj`` / ``out_proj`` are compressed (``x_proj`` / ``dt_proj`` are tiny)."""
+  kind = "causal_lm"
+  include = r"layers/\d+/mixer/(in_proj|out_proj)"
+
+  def __init__(self, name: str, tiny: bool):
+    self.name, self.tiny = name, tiny
+    self.description = "random 4-block Mamba (smoke runs)" if tiny else "a HF Mamba folder (config.json + safetensors)"
+
+  def accepts(self, spec: str) -> bool:
+    if self.tiny or not spec or not os.path.isdir(spec):
+      return False
+    try:
+      with open(os.path.join(spec, "config.json")) as f:
+        return json.load(f).get("model_type") == "mamba"
+    except (OSError, ValueError):
+      return False
+
+  def load(self, spec, *, max_len=512, seed=0, num_labels=None):
+    from softlm_jax.models import hf
+    if self.tiny:
+      tok, source = hf.tiny_tokenizer()
+      module = MambaLM(MambaConfig(vocab_size=len(tok), hidden_size=128, state_size=8, num_hidden_layers=4))
+      params = module.init(jax.random.PRNGKey(seed), jnp.zeros((1, 8), jnp.int32))["params"]
+      return family.Model(self, spec, module, params, tok, source)
+    module, params = load_mamba_safetensors(spec)
+    from transformers import AutoTokenizer
+    return family.Model(self, spec, module, params, AutoTokenizer.from_pretrained(spec), spec)
+
+  def logits(self, module, params, inputs, *, train=False, rng=None):
+    return module.apply({"params": params}, inputs)
+
+  def generate(self, module, params, ids, *, max_new_tokens, cfg=None, attention_mask=None):
+    from softlm_jax.intercept import intercept
+    if attention_mask is not None and not bool(jnp.all(jnp.asarray(attention_mask) > 0)):
+      raise ValueError("Mamba generation takes prompts of one length (no padding): give one prompt, or ids")
+
+    @functools.partial(jax.jit, static_argnums=2)
+    def run(p, x, n):
+      with intercept(cfg):
+        return module.generate(p, x, n)
+    return run(params, jnp.asarray(ids, jnp.int32), int(max_new_tokens))
+
+  def model_class(self, module) -> str:
+    return f"{MambaLM.__module__}.{MambaLM.__qualname__}"
+
+  def model_config(self, module) -> dict:
+    return {"model_type": "mamba", **dataclasses.asdict(MambaConfig.from_any(module.config))}
+
+  def from_manifest(self, info, *, seed=0, init=False, dtype=None):
+    conf = {k: v for k, v in dict(info["model_config"]).items() if k != "model_type"}
+    return MambaLM(MambaConfig(**conf), **({} if dtype is None else {"dtype": dtype}))
+
+
+family.register(MambaFamily("mamba", tiny=False))
+family.register(MambaFamily("tiny-mamba", tiny=True))
