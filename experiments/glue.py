@@ -1,11 +1,12 @@
 """GLUE (or your own data) fine-tuning: dense, SoftLM and the static-SVD baseline on one task, with the
-same steps. The logic lives in :mod:`softlm_jax.finetune` (the ``softlm train`` command runs the same).
+same steps: :func:`softlm_jax.run.run_comparison` with the options of ``softlm train`` (the ``glue``
+preset of :mod:`softlm_jax.presets`).
 
-Default (the README's first run): real all-MiniLM-L6-v2 on SST-2 from ../shared/data, all three methods
-at CR 0.5. Each method writes ``<out>/<method>/results.json`` (metrics, counts, ranks, history, wall
-time), ``table.md``, and, for compressed models, ``ranks.png`` and ``compact.safetensors``;
-``<out>/summary.md`` and ``comparison.png`` compare them. Interrupted runs resume from their orbax
-checkpoints, which a finished run deletes unless ``--keep-ckpt``.
+Default: real all-MiniLM-L6-v2 on SST-2 from ../shared/data, all three methods at CR 0.5. Each method
+writes ``<out>/<method>/results.json`` (metrics, counts, ranks, history, wall time), ``table.md``, and,
+for compressed models, ``ranks.png`` and ``compact.safetensors``; ``<out>/summary.md`` and
+``comparison.png`` compare them. Interrupted runs resume from their orbax checkpoints, which a finished
+run deletes unless ``--keep-ckpt``.
 
   python experiments/glue.py --task sst2 --out runs/glue/sst2
   python experiments/glue.py --task mrpc --out runs/glue/mrpc
@@ -17,28 +18,23 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from softlm_jax import finetune  # noqa: E402
+from softlm_jax import run  # noqa: E402
+from softlm_jax.cli import options  # noqa: E402
 
 
 def parse(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--model", default="minilm", help="'minilm' (embedded) or a HF name/folder")
-  ap.add_argument("--methods", type=finetune.methods_arg, default="softlm,static,dense")
-  ap.add_argument("--out", default="runs/glue/sst2")
-  finetune.add_data_args(ap)
-  finetune.add_compression_args(ap)
-  finetune.add_train_args(ap)
-  return ap.parse_args(argv)
-
-
-def summary_row(res) -> dict:
-  return finetune.summary_row(res)
+  options.add_run_args(ap, methods=True, default_methods="softlm,static,dense", default_out="runs/glue/sst2")
+  ap.set_defaults(configs_needed=True)
+  return options.parse(ap, argv)
 
 
 def main(argv=None):
-  args = parse(argv)
-  results = finetune.run_comparison(args)
-  print(open(os.path.join(args.out, "summary.md")).read())
+  o = parse(argv).options
+  model, task = run.load(o.model, o.data, seed=o.train.seed)
+  results = run.run_comparison(model, task, o.compression, o.train, list(o.methods), list(o.crs), o.out,
+                               run_info={"data": o.data.to_dict(), "preset": o.preset})
+  print(open(os.path.join(o.out, "summary.md")).read())
   return results
 
 

@@ -2,7 +2,6 @@
 and their FLOP ratio (the ideal speed-up's denominator)."""
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Mapping
@@ -47,15 +46,11 @@ def _export_random(params, cfg, ranks, rank_multiple):
 def load_softlm_params(run_dir: str) -> tuple[dict, CompressionConfig]:
   """Params and config of a SoftLM run of ``experiments/glue.py`` / ``softlm train``: the training form
   from its orbax checkpoint ``<run_dir>/ckpt`` when kept (``--keep-ckpt``), else the exported tree of
-  ``<run_dir>/compact.safetensors``; the config from ``results.json``."""
-  import argparse
-
+  ``<run_dir>/compact.safetensors``; the config from ``run.json`` (:func:`softlm_jax.run.load_run`)."""
   import orbax.checkpoint as ocp
 
-  from softlm_jax import checkpoint, finetune
-  with open(os.path.join(run_dir, "results.json")) as f:
-    conf = json.load(f)["config"]
-  cfg = finetune.compression_config(argparse.Namespace(**{"init_rank": "full", **conf}))
+  from softlm_jax import checkpoint, run
+  cfg = run.load_run(run_dir)["compression"]
   ckpt = os.path.join(run_dir, "ckpt")
   step = ocp.CheckpointManager(os.path.abspath(ckpt)).latest_step() if os.path.isdir(ckpt) else None
   if step is None:

@@ -1,0 +1,73 @@
+"""``softlm``: compress, train, export, evaluate, benchmark and generate from the command line.
+
+  softlm train    --task sst2 --out runs/sst2                  # dense vs static SVD vs SoftLM at CR 0.5
+  softlm train    --task wikitext --model smollm2 --methods softlm,static --cr 0.5 --out runs/smollm2
+  softlm eval     runs/sst2/softlm/compact.safetensors         # GLUE metric (or perplexity) of a compact model
+  softlm bench    runs/sst2/softlm/compact.safetensors         # latency: dense vs compact
+  softlm compress --task wikitext --model smollm2 --method static --out runs/smollm2
+  softlm generate runs/smollm2/static/compact.safetensors --prompt "The capital of France is"
+  softlm export   runs/sst2/softlm                             # training checkpoint -> compact checkpoint
+
+Each command prints its progress, writes JSON and Markdown next to its output and ends with a
+summary. ``softlm <command> --help`` lists the options. ``--task`` is a GLUE task, ``wikitext``
+(causal LM: perplexity on WikiText-2), or your own CSV/TSV/JSONL (``--train-file`` with
+``--text-cols`` and ``--label-col``). Defaults come from a named preset (``--preset``;
+:mod:`softlm_jax.presets`).
+
+Each subcommand is one module of this package with ``COMMAND`` (its name), ``ORDER`` (its place in
+``--help``), ``add_parser(subparsers)`` and ``run(args)``; the parser finds them by themselves, so a
+new subcommand is one new file.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import pkgutil
+from typing import Optional
+
+_NOT_COMMANDS = {"options", "common"}
+
+
+def commands() -> list:
+  """The subcommand modules of this package, in ``ORDER``."""
+  mods = [importlib.import_module(f"{__name__}.{m.name}") for m in pkgutil.iter_modules(__path__)
+          if m.name not in _NOT_COMMANDS]
+  return sorted((m for m in mods if hasattr(m, "COMMAND")), key=lambda m: m.ORDER)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  ap = argparse.ArgumentParser(prog="softlm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = ap.add_subparsers(dest="command", required=True, metavar="command")
+  for mod in commands():
+    p = mod.add_parser(sub)
+    p.set_defaults(func=mod.run)
+  return ap
+
+
+def run(argv: Optional[list] = None):
+  """Parses ``argv`` and runs the command; returns its result (a dict). User errors (a missing file,
+  a bad value, a missed budget) exit with one line naming what is wrong (``SOFTLM_DEBUG=1``: the
+  traceback)."""
+  from softlm_jax.cli import options
+  from softlm_jax.cli.common import apply_xla_defaults
+  apply_xla_defaults()
+  ap = build_parser()
+  args = options.parse(ap, argv)
+  from softlm_jax.run import BudgetMissError
+  try:
+    return args.func(args)
+  except (FileNotFoundError, ValueError, BudgetMissError) as e:
+    if os.environ.get("SOFTLM_DEBUG"):
+      raise
+    raise SystemExit(f"softlm {args.command}: error: {e}") from None
+
+
+def main(argv: Optional[list] = None) -> int:
+  """The ``softlm`` entry point: exit status 0 on success."""
+  run(argv)
+  return 0
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,47 @@
+"""Pieces the subcommands share: the closing banner, loading a compact checkpoint with its model."""
+from __future__ import annotations
+
+import os
+import time
+
+
+def apply_xla_defaults() -> None:
+  """Sets this machine's measured-faster XLA flags before jax starts, unless the user's ``XLA_FLAGS``
+  already says otherwise (:func:`softlm_jax.bench.machine.default_xla_flags`)."""
+  try:
+    from softlm_jax.bench.machine import default_xla_flags
+  except ImportError:
+    return
+  flags = default_xla_flags()
+  if flags:
+    current = os.environ.get("XLA_FLAGS", "")
+    add = [f for f in flags.split() if f.split("=")[0] not in current]
+    if add:
+      os.environ["XLA_FLAGS"] = " ".join([current, *add]).strip()
+
+
+def banner(title: str, lines: list[str]) -> None:
+  width = max([len(title)] + [len(x) for x in lines]) + 2
+  print("\n" + "=" * width + f"\n {title}\n" + "-" * width)
+  for x in lines:
+    print(" " + x)
+  print("=" * width, flush=True)
+
+
+def load_compact_model(path: str, *, tokenizer: bool = True):
+  """``(params, info, model, cfg, load_s)`` of a compact checkpoint: the exported tree, its manifest,
+  a :class:`softlm_jax.models.Model` rebuilt by the family that wrote it (no dense weights), the
+  :class:`~softlm_jax.CompressionConfig` and the load time."""
+  from softlm_jax import checkpoint, models
+  t = time.time()
+  params, info = checkpoint.load_compact(path)
+  load_s = time.time() - t
+  fam = models.family.family_of_manifest(info)
+  module = fam.from_manifest(info)
+  meta = info["metadata"]
+  tok_src = meta.get("tokenizer") or info.get("source_model") or ""
+  tok = models.load_tokenizer(tok_src) if (tokenizer and tok_src) else None
+  model = models.Model(fam, info.get("source_model") or "", module, None, tok, tok_src, meta.get("num_labels"))
+  print(f"loaded {path} ({meta.get('method')}, {info.get('source_model')}, removed {info['achieved_ratio']:.3f}) "
+        f"in {load_s:.2f}s")
+  return params, info, model, checkpoint.config_from_manifest(info), load_s

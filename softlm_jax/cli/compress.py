@@ -1,0 +1,67 @@
+"""``softlm compress``: a model + config -> a training-form checkpoint at step 0 (a learned rule;
+continue with ``softlm train``) or an exported static-SVD compact checkpoint."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from softlm_jax.cli import common, options
+
+COMMAND, ORDER = "compress", 0
+
+
+def add_parser(sub):
+  p = sub.add_parser(COMMAND, help="model + config -> training-form checkpoint (a learned rule) or static SVD export",
+                     description="Compresses a model: a learned rule (softlm, llrc) writes its training-form state "
+                     "at step 0 to <out>/<method>/ckpt (continue with `softlm train`); static (static-noft) writes "
+                     "the exported static-SVD model to <out>/<method>/compact.safetensors.")
+  options.add_run_args(p, methods=False)
+  p.set_defaults(configs_needed=True)
+  return p
+
+
+def run(args) -> dict:
+  import softlm_jax as sl
+  from softlm_jax import checkpoint, run as pipeline, train
+  from softlm_jax.cli.train import check_run_folder
+  o = args.options
+  method = pipeline.parse_method(o.methods[0])
+  if not method.compressed:
+    raise ValueError("softlm compress takes a compressed method (static, softlm, llrc, ...), not dense")
+  cr = o.crs[0]
+  task_name = o.data.task if not o.data.train_file else os.path.splitext(os.path.basename(o.data.train_file))[0]
+  check_run_folder(o.out, method.name, o.model, task_name, cr)
+  model, task = pipeline.load(o.model, o.data, seed=o.train.seed)
+  comp = pipeline.Comparison(model, task, o.compression, o.train, o.out, run_info={"data": o.data.to_dict(),
+                                                                                 "preset": o.preset})
+  t = time.time()
+  params, cfg = comp.initial(method, cr)
+  folder = comp.folder(method, cr)
+  os.makedirs(folder, exist_ok=True)
+  comp.write_run_json(folder, method, cfg)
+  print(f"[compress] {method.name} CR {cfg.target_ratio}: {time.time() - t:.1f}s")
+  rep = sl.budget_report(params, cfg)
+  summary = {"method": method.name, "model": o.model, "task": task.name, "counted_params": rep["counted_params"],
+             "dense_params": rep["dense_params"], "target_params": rep["target_params"]}
+  if method.rule is None:
+    path = os.path.join(folder, "compact.safetensors")
+    meta = pipeline.compact_metadata(model, task.describe(), method.name, 0, rep["budget_met"])
+    checkpoint.save_compact(path, params, cfg=cfg, model_config=model.manifest()[1], metadata=meta)
+    summary.update(compact_checkpoint=path, **checkpoint.file_report(path))
+  else:
+    train.save_checkpoint(os.path.join(folder, "ckpt"),
+                          train.init_state(params, comp.optimizer(method, cfg), seed=o.train.seed))
+    summary["training_checkpoint"] = os.path.join(folder, "ckpt")
+  with open(os.path.join(folder, "compress.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  lines = [f"model {o.model}, task {task.name}, method {method.name}, CR {cfg.target_ratio}",
+           f"selected linears: {rep['dense_params']:,} params dense, target {rep['target_params']:,}, "
+           f"now {rep['counted_params']:,}"]
+  if method.rule is None:
+    lines.append(f"compact checkpoint: {summary['compact_checkpoint']} ({summary['file_bytes'] / 2**20:.1f} MiB)")
+  else:
+    lines.append(f"training-form state (step 0): {summary['training_checkpoint']}")
+    lines.append(f"next: softlm train --out {o.out} --methods {method.name} (same --task/--model/--cr)")
+  common.banner("softlm compress", lines)
+  return summary

@@ -1,0 +1,327 @@
+"""Command-line options: the one place that reads arguments and turns them into configs.
+
+Every option is defined once here with a type that refuses bad values at parse time (a CR of 1.5 is
+refused by argparse, before any model loads), and a default of ``None`` ("not given"): the values come
+from a named preset (:mod:`softlm_jax.presets`) unless the option is given, so ``softlm train --task
+wikitext`` and ``python experiments/lm.py`` build the same configs for the same options
+(:func:`configs`). Contradictory options are refused when parsed (:func:`parse`), naming both.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Optional
+
+from softlm_jax import data, presets, tasks
+from softlm_jax.config import LOSSES, NORMALIZATIONS
+
+# ---------------------------------------------------------------------------------------------------
+# argument types: refused at parse time
+
+
+def fraction(text: str) -> float:
+  """A float in (0, 1) (a compression ratio: the fraction of parameters removed)."""
+  try:
+    v = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+  if not 0.0 < v < 1.0:
+    raise argparse.ArgumentTypeError(f"{text} is not in (0, 1): the compression ratio is the fraction of the "
+                                     "selected layers' parameters to remove, e.g. 0.5")
+  return v
+
+
+def fractions(text: str) -> list[float]:
+  """Comma-separated :func:`fraction` values, e.g. ``0.25,0.5``."""
+  out = [fraction(t) for t in text.split(",") if t.strip()]
+  if not out:
+    raise argparse.ArgumentTypeError(f"{text!r}: give at least one compression ratio")
+  return out
+
+
+def distill_arg(text: str) -> tuple[float, float]:
+  """``WEIGHT[,T]`` -> ``(weight >= 0, temperature > 0)`` (distillation; T defaults to 1)."""
+  try:
+    parts = [float(v) for v in text.split(",")]
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not WEIGHT[,T]") from None
+  if len(parts) not in (1, 2) or parts[0] < 0 or (len(parts) == 2 and parts[1] <= 0):
+    raise argparse.ArgumentTypeError(f"--distill takes WEIGHT[,T] with WEIGHT >= 0 and T > 0, got {text!r}")
+  return parts[0], (parts[1] if len(parts) == 2 else 1.0)
+
+
+def int_at_least(text: str, low: int) -> int:
+  try:
+    v = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+  if v < low:
+    raise argparse.ArgumentTypeError(f"{text} must be >= {low}")
+  return v
+
+
+def positive_int(text: str) -> int:
+  return int_at_least(text, 1)
+
+
+def nonnegative_int(text: str) -> int:
+  return int_at_least(text, 0)
+
+
+def positive_float(text: str) -> float:
+  try:
+    v = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+  if not v > 0:
+    raise argparse.ArgumentTypeError(f"{text} must be > 0")
+  return v
+
+
+def nonnegative_float(text: str) -> float:
+  try:
+    v = float(text)
+  except ValueError:
+    v = None
+  if v is None or v < 0:
+    raise argparse.ArgumentTypeError(f"{text!r} must be a number >= 0")
+  return v
+
+
+def init_rank_arg(text: str):
+  if text in ("full", "break_even"):
+    return text
+  if text.isdigit() and int(text) > 0:
+    return int(text)
+  raise argparse.ArgumentTypeError(f"{text!r}: init rank must be 'full', 'break_even' or a positive int")
+
+
+def pair_arg(text: str) -> tuple[float, float]:
+  try:
+    a, b = (float(v) for v in text.split(","))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not FIRST,LAST") from None
+  return a, b
+
+
+def methods_arg(text: str) -> list[str]:
+  from softlm_jax import run
+  valid = run.method_names()
+  out = [m.strip() for m in text.split(",") if m.strip()]
+  bad = [m for m in out if m not in valid]
+  if bad or not out:
+    raise argparse.ArgumentTypeError(f"unknown method(s) {bad or text!r}; valid: {', '.join(valid)}")
+  return out
+
+
+def method_arg(text: str) -> str:
+  if "," in text:
+    raise argparse.ArgumentTypeError(f"--method takes one method, got {text!r} (softlm train takes --methods a,b)")
+  return methods_arg(text)[0]
+
+
+def task_arg(text: str) -> str:
+  if text == tasks.LM_TASK:
+    return text
+  try:
+    return data.glue_task(text).name
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(f"{e}; or '{tasks.LM_TASK}' (causal LM, perplexity)") from None
+
+
+def text_cols_arg(text: str) -> list[str]:
+  cols = [c.strip() for c in text.split(",") if c.strip()]
+  if not 1 <= len(cols) <= 2:
+    raise argparse.ArgumentTypeError(f"--text-cols takes one or two column names (a,b), got {text!r}")
+  return cols
+
+
+def decomposition_choices() -> tuple:
+  try:
+    from softlm_jax import svd
+    return tuple(svd.names())
+  except ImportError:
+    from softlm_jax.config import DECOMPOSITIONS
+    return tuple(DECOMPOSITIONS)
+
+
+# ---------------------------------------------------------------------------------------------------
+# options, defined once (defaults None: the preset decides)
+
+
+def add_model_arg(ap) -> None:
+  from softlm_jax import models
+  ap.add_argument("--model", default=None,
+                  help=f"classifier: 'minilm' (default, embedded all-MiniLM-L6-v2) or a HF folder/name; causal LM "
+                  f"(--task wikitext): {', '.join(n for n in models.names('causal_lm') if not models.get(n).generic)} "
+                  "or a HF folder (default smollm2)")
+
+
+def add_data_args(ap, *, default_task: Optional[str] = None) -> None:
+  g = ap.add_argument_group("data (a GLUE task, WikiText-2, or your own file)")
+  g.add_argument("--task", type=task_arg, default=default_task,
+                 help=f"GLUE task ({', '.join(data.GLUE)}) or '{tasks.LM_TASK}' (causal LM: perplexity on "
+                 "WikiText-2); default sst2 (ignored with --train-file)")
+  g.add_argument("--data-dir", default=None, help="local data root with GLUE in the standard layout "
+                 "(default $SOFTLM_DATA_DIR, else ../shared/data, else the hub); a named folder must exist")
+  g.add_argument("--train-file", default=None, help="your own .csv / .tsv / .jsonl training file")
+  g.add_argument("--eval-file", default=None, help="your own evaluation file (default: the last 10%% of "
+                 "--train-file, held out)")
+  g.add_argument("--text-cols", type=text_cols_arg, default=None, help="with --train-file: text column(s), a[,b]")
+  g.add_argument("--label-col", default=None, help="with --train-file: the label column")
+  g.add_argument("--task-type", choices=data.TASK_TYPES, default=None,
+                 help="with --train-file: classification or regression (auto: from the labels)")
+  g.add_argument("--eval-limit", type=positive_int, default=None, help="evaluate on the first N examples only")
+  g.add_argument("--max-len", type=positive_int, default=None, help="tokens per example (default per task)")
+  g = ap.add_argument_group("language model (--task wikitext)")
+  g.add_argument("--seq-len", type=positive_int, default=None, help="training window (tokens; preset 128)")
+  g.add_argument("--eval-len", type=positive_int, default=None, help="perplexity window (tokens; preset 512)")
+  g.add_argument("--eval-windows", type=positive_int, default=None, help="perplexity windows (preset 16)")
+  g.add_argument("--curve-windows", type=positive_int, default=None,
+                 help="test windows of the --eval-every perplexity curve (default 4)")
+
+
+def add_compression_args(ap, *, crs: bool = True) -> None:
+  g = ap.add_argument_group("compression")
+  if crs:
+    g.add_argument("--cr", "--crs", dest="cr", type=fractions, default=None,
+                   help="compression ratio(s): fraction of the block linears' parameters to remove, in (0, 1); "
+                   "a comma list runs each (default 0.5)")
+  else:
+    g.add_argument("--cr", type=fraction, default=None, help="compression ratio in (0, 1) (default 0.5)")
+  g.add_argument("--sharpness", type=positive_float, default=None)
+  g.add_argument("--gamma", type=nonnegative_float, default=None)
+  g.add_argument("--alpha-lr", type=positive_float, default=None, help="thresholds' learning rate")
+  g.add_argument("--loss", default=None, choices=LOSSES)
+  g.add_argument("--init-rank", type=init_rank_arg, default=None, help="full, break_even or an int")
+  g.add_argument("--decomposition", choices=decomposition_choices(), default=None,
+                 help="svd: plain SVD; whitened: activation-aware SVD from calibration Grams (--calib-grams)")
+  g.add_argument("--normalize", choices=NORMALIZATIONS, default=None,
+                 help="threshold units (default: uniform_rank when whitened, top otherwise)")
+  g.add_argument("--compress-steps", type=nonnegative_int, default=None,
+                 help="learned rules: counted params fall no faster than a ramp to the target over N steps (0: off)")
+  g.add_argument("--mask-lr", type=positive_float, default=None, help="LLRC: mask logits' learning rate")
+  g.add_argument("--tv-weight", type=nonnegative_float, default=None, help="LLRC: total-variation weight")
+  g.add_argument("--budget-growth", type=positive_float, default=None,
+                 help="LLRC: the budget weight is gamma * growth**step until the budget is met (1 = constant)")
+  g.add_argument("--mask-init", type=pair_arg, default=None, help="LLRC: FIRST,LAST initial mask logits (> 0)")
+  g.add_argument("--include", default=None, help="regex of the kernels to compress (default: the family's)")
+  g.add_argument("--exclude", default=None, help="regex of kernels never compressed")
+
+
+def add_train_args(ap) -> None:
+  g = ap.add_argument_group("training")
+  g.add_argument("--preset", choices=presets.names(), default=None,
+                 help="named defaults (default: lm for --task wikitext, glue otherwise)")
+  g.add_argument("--finetune-steps", type=nonnegative_int, default=None, help="learned rules: steps after the "
+                 "budget is met")
+  g.add_argument("--max-compress-steps", type=positive_int, default=None)
+  g.add_argument("--steps", type=positive_int, default=None,
+                 help="steps for dense/static (default: the SoftLM run's total at the same CR)")
+  g.add_argument("--teacher-steps", type=positive_int, default=None,
+                 help="classifiers: steps of the dense teacher (default --steps)")
+  g.add_argument("--batch-size", type=positive_int, default=None)
+  g.add_argument("--lr", type=positive_float, default=None)
+  g.add_argument("--seed", type=int, default=None)
+  g.add_argument("--distill", type=distill_arg, default=None,
+                 help="WEIGHT[,T]: add WEIGHT * T^2 * KL(teacher || student) to the task loss of the trained "
+                 "compressed methods (teacher: the dense model, fine-tuned first for classifiers); 0: off")
+  g.add_argument("--calib", type=positive_int, default=None,
+                 help="calibration examples (frozen-weight methods: R-noft, llrc)")
+  g.add_argument("--calib-grams", type=positive_int, default=None,
+                 help="whitened: training examples whose (unpadded) token inputs make the Grams")
+  g.add_argument("--ft-steps", "--llrc-ft-steps", dest="ft_steps", type=nonnegative_int, default=None,
+                 help="R-ft: fine-tuning steps of the exported model after the frozen-weight run")
+  g.add_argument("--refill", action="store_true", default=None,
+                 help="LLRC: after the budget is met, re-enable dropped values up to the target")
+  g.add_argument("--alpha-opt", choices=("adam", "sgd"), default=None, help="the thresholds' optimizer")
+  g.add_argument("--eval-every", type=nonnegative_int, default=None,
+                 help="log the task's curve (LM: perplexity on --curve-windows test windows) every N steps")
+  g.add_argument("--keep-ckpt", action="store_true", default=None,
+                 help="keep the orbax training checkpoints of finished runs")
+  g.add_argument("--no-progress", action="store_true", default=None)
+  g.add_argument("--allow-budget-miss", action="store_true", default=None,
+                 help="a model that misses its budget is recorded as 'not met' instead of failing the run")
+  g.add_argument("--mesh", default=None,
+                 help="data=D,fsdp=F: train on a D x F device mesh, batches split D ways, params and Adam state "
+                 "F ways (softlm_jax.make_mesh; default: one device)")
+
+
+def add_run_args(ap, *, methods: bool = True, default_methods: Optional[str] = None,
+                 out_required: bool = True, default_out: Optional[str] = None) -> None:
+  """Everything ``softlm train`` (``methods=True``) / ``softlm compress`` takes."""
+  add_model_arg(ap)
+  if methods:
+    ap.add_argument("--methods", type=methods_arg, default=default_methods,
+                    help="comma list of methods (softlm_jax.run.method_names(): dense, dense-ft, static, "
+                    "static-noft, and for each selection rule R: R, R-noft, R-ft); default softlm,static,dense")
+  else:
+    ap.add_argument("--method", type=method_arg, default="softlm", help="one method (default softlm)")
+  ap.add_argument("--out", required=out_required and default_out is None, default=default_out,
+                  help="run folder (one subfolder per method)")
+  add_data_args(ap)
+  add_compression_args(ap, crs=methods)
+  add_train_args(ap)
+
+
+# ---------------------------------------------------------------------------------------------------
+# arguments -> configs
+
+_COMPRESSION = ("sharpness", "gamma", "alpha_lr", "loss", "init_rank", "decomposition", "normalize",
+                "compress_steps", "mask_lr", "tv_weight", "budget_growth", "mask_init", "include", "exclude")
+_TRAIN = ("finetune_steps", "max_compress_steps", "steps", "teacher_steps", "batch_size", "lr", "seed", "distill",
+          "calib", "calib_grams", "ft_steps", "refill", "alpha_opt", "eval_every", "keep_ckpt", "allow_budget_miss",
+          "mesh")
+_DATA = ("task", "data_dir", "train_file", "eval_file", "text_cols", "label_col", "task_type", "eval_limit",
+         "max_len", "seq_len", "eval_len", "eval_windows", "curve_windows")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+  """What a ``train`` / ``compress`` command line asks for, as configs."""
+  compression: object
+  train: object
+  data: object
+  crs: tuple
+  methods: tuple
+  model: str
+  out: Optional[str]
+  preset: str
+
+
+def configs(args) -> RunOptions:
+  """The configs of parsed ``args``: the preset's values, overridden by every option given.
+
+  Raises:
+    ValueError: contradictory values (e.g. a ramp longer than the compression-step cap), naming both.
+  """
+  from softlm_jax import run
+  get = lambda name: getattr(args, name, None)  # noqa: E731
+  d = {k: get(k) for k in _DATA}
+  if d["text_cols"] is not None:
+    d["text_cols"] = tuple(d["text_cols"])
+  crs = get("cr")
+  crs = [0.5] if crs is None else (list(crs) if isinstance(crs, (list, tuple)) else [crs])
+  c = {k: get(k) for k in _COMPRESSION}
+  c["target_ratio"] = crs[0]
+  t = {k: get(k) for k in _TRAIN}
+  if get("no_progress"):
+    t["progress"] = False
+  preset = get("preset") or presets.default_preset(d["task"], d["train_file"])
+  ccfg, tcfg, dcfg = presets.build(preset, compression=c, train=t, data=d)
+  run.check_configs(ccfg, tcfg)
+  methods = get("methods") or ([get("method")] if get("method") else ["softlm", "static", "dense"])
+  model = get("model") or presets.DEFAULT_MODEL[dcfg.model_kind]
+  return RunOptions(ccfg, tcfg, dcfg, tuple(crs), tuple(methods), model, get("out"), preset)
+
+
+def parse(ap: argparse.ArgumentParser, argv=None):
+  """``ap.parse_args(argv)``, then the configs it builds (:func:`configs`): contradictory options are
+  refused here, with argparse's usage error naming both, before anything loads."""
+  args = ap.parse_args(argv)
+  if getattr(args, "configs_needed", False):
+    try:
+      args.options = configs(args)
+    except ValueError as e:
+      ap.error(str(e))
+  return args

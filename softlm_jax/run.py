@@ -1,0 +1,640 @@
+"""One run pipeline for every method, model family and task kind.
+
+:func:`run_comparison` runs a list of methods at one or more compression ratios on one model and task
+and writes a run folder; :meth:`Comparison.run_method` runs one. Both are driven by three frozen configs
+(:class:`softlm_jax.CompressionConfig`, :class:`TrainConfig`, :class:`softlm_jax.tasks.DataConfig`),
+never by parsed options; the ``softlm`` command, ``experiments/lm.py``, ``experiments/glue.py`` and
+``experiments/glue_llrc.py`` are thin layers over it.
+
+Methods (:func:`method_names`): ``dense`` (a classifier is fine-tuned: its head is new; an LM is
+evaluated as loaded), ``dense-ft`` (dense fine-tuning), ``static`` / ``static-noft`` (static SVD, the
+same keep-ratio in every layer, fine-tuned / not), and for every registered selection rule ``R``
+(``softlm``, ``llrc``): ``R`` (the rule's own recipe: SoftLM trains thresholds and weights until the
+budget is met, then fine-tunes; LLRC learns masks with the weights frozen), ``R-noft`` (the selection
+learned by distillation with the weights frozen, on the calibration set) and ``R-ft`` (``R-noft``, then
+fine-tuning of the exported model).
+
+Policies, in one place:
+
+* The frozen-weight methods compress the *teacher*: the dense model as loaded (LM) or the ``dense``
+  method's fine-tuned classifier (which then runs first). Training methods start from the dense model
+  and, with ``TrainConfig.distill``, distil from the teacher.
+* Calibration Grams (whitened decomposition) are collected once per base tree and shared by every
+  method and CR; so is each decomposition.
+* Steps: a learned rule stops ``finetune_steps`` after its budget is met; ``dense-ft`` and ``static``
+  get ``TrainConfig.steps`` or the learned rule's total at the same CR (equal steps).
+* Budget: an exported model that misses its target (counted parameters above the target) is an error
+  (:class:`BudgetMissError`, after results.json says by how much and why) unless
+  ``TrainConfig.allow_budget_miss``.
+
+Run folder: ``<out>/<method>/`` (``<method>_cr<CR>`` with ``cr_folders``) holding ``run.json`` (the
+configs, :meth:`to_dict`), ``ckpt/`` (orbax state while it trains), ``results.json``, ``table.md``,
+``ranks.png`` and ``compact.safetensors``; ``<out>/summary.{md,json}`` and ``comparison.png``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from softlm_jax import budget, calib, checkpoint, report, serial, shard, tasks, train
+from softlm_jax.compress import compress_params, decompose
+from softlm_jax.config import CompressionConfig
+from softlm_jax.export import export_params, static_svd
+from softlm_jax.optim import budget_state, make_optimizer
+
+ALPHA_OPTS = ("adam", "sgd")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """How a run trains (the compression itself is :class:`softlm_jax.CompressionConfig`).
+
+  Attributes:
+    steps: steps of ``dense-ft``, ``static`` and a classifier's ``dense`` (None: the learned rule's
+      total at the same CR, else ``max_compress_steps // 2 + finetune_steps``).
+    teacher_steps: steps of a classifier's ``dense`` teacher when set (default ``steps``).
+    finetune_steps: a learned rule's steps after its budget is met.
+    max_compress_steps: a learned rule's cap on the steps before the budget is met.
+    batch_size, lr, seed: the weights' Adam and the batches (a pure function of the step and seed).
+    distill: ``(weight, T)``: add ``weight * T^2 * KL(teacher_T || student_T)`` to the task loss of
+      every trained compressed method (0: off).
+    calib: calibration examples (the first N training ones) of the frozen-weight methods.
+    calib_grams: calibration examples of the Grams (whitened decomposition).
+    ft_steps: fine-tuning steps of ``R-ft`` after the frozen-weight run.
+    refill: LLRC: after the budget is met, re-enable dropped values up to the target.
+    alpha_opt: the thresholds' optimizer, ``"adam"`` (lr ``CompressionConfig.alpha_lr``) or ``"sgd"``.
+    eval_every: log the task's curve metric every N steps (0: off).
+    save_every: orbax checkpoint every N steps (and at the end).
+    mesh: ``"data=D,fsdp=F"`` device mesh (None: one device).
+    keep_ckpt: keep the orbax checkpoints of finished runs.
+    progress: tqdm bars.
+    allow_budget_miss: record a missed budget in the results instead of failing.
+  """
+  steps: Optional[int] = None
+  teacher_steps: Optional[int] = None
+  finetune_steps: int = 40
+  max_compress_steps: int = 150
+  batch_size: int = 4
+  lr: float = 5e-5
+  seed: int = 0
+  distill: tuple = (0.0, 1.0)
+  calib: int = 256
+  calib_grams: int = 128
+  ft_steps: int = 50
+  refill: bool = False
+  alpha_opt: str = "adam"
+  eval_every: int = 0
+  save_every: int = 50
+  mesh: Optional[str] = None
+  keep_ckpt: bool = False
+  progress: bool = True
+  allow_budget_miss: bool = False
+
+  def __post_init__(self):
+    for name in ("steps", "teacher_steps"):
+      v = getattr(self, name)
+      if v is not None and (isinstance(v, bool) or int(v) < 1):
+        raise ValueError(f"TrainConfig.{name} must be None or >= 1, got {v!r}")
+    for name in ("finetune_steps", "eval_every", "ft_steps"):
+      if int(getattr(self, name)) < 0:
+        raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+    for name in ("max_compress_steps", "batch_size", "calib", "calib_grams", "save_every"):
+      if int(getattr(self, name)) < 1:
+        raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+    if not self.lr > 0:
+      raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
+    d = tuple(self.distill)
+    if len(d) != 2 or d[0] < 0 or d[1] <= 0:
+      raise ValueError(f"TrainConfig.distill must be (weight >= 0, T > 0), got {self.distill!r}")
+    object.__setattr__(self, "distill", (float(d[0]), float(d[1])))
+    if self.alpha_opt not in ALPHA_OPTS:
+      raise ValueError(f"TrainConfig.alpha_opt must be one of {ALPHA_OPTS}, got {self.alpha_opt!r}")
+
+  def to_dict(self) -> dict:
+    return serial.to_dict(self)
+
+  @classmethod
+  def from_dict(cls, d) -> "TrainConfig":
+    return serial.from_dict(cls, d)
+
+  def replace(self, **changes) -> "TrainConfig":
+    return dataclasses.replace(self, **changes)
+
+
+def check_configs(ccfg: CompressionConfig, tcfg: TrainConfig) -> None:
+  """Refuses contradictory settings across the two configs, naming both (ValueError)."""
+  if ccfg.compress_steps > tcfg.max_compress_steps:
+    raise ValueError(f"the ramp (compress_steps = {ccfg.compress_steps}) is longer than the cap on compression "
+                     f"steps (max_compress_steps = {tcfg.max_compress_steps}): the budget could not be met; "
+                     "shorten the ramp or raise the cap")
+
+
+# ---------------------------------------------------------------------------------------------------
+# methods
+
+
+def _rules() -> list[str]:
+  try:
+    from softlm_jax import rules
+    return list(rules.names())
+  except ImportError:
+    from softlm_jax.config import METHODS
+    return list(METHODS)
+
+
+def rule_trains_weights(rule: str) -> bool:
+  """Whether a selection rule's own recipe trains the weights with the selection (SoftLM) or keeps
+  them frozen (LLRC)."""
+  try:
+    from softlm_jax import rules
+    return bool(rules.get(rule).trains_weights)
+  except ImportError:
+    return rule != "llrc"
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A parsed method name: ``base`` (``"dense"``, ``"static"`` or a rule) and ``variant`` (``""``,
+  ``"noft"``, ``"ft"``)."""
+  name: str
+  base: str
+  variant: str = ""
+
+  @property
+  def compressed(self) -> bool:
+    return self.base != "dense"
+
+  @property
+  def rule(self) -> Optional[str]:
+    return None if self.base in ("dense", "static") else self.base
+
+  @property
+  def frozen(self) -> bool:
+    """The selection is learned (or cut) on frozen weights of the teacher."""
+    if self.base == "dense":
+      return False
+    if self.base == "static":
+      return self.variant == "noft"
+    return self.variant in ("noft", "ft") or not rule_trains_weights(self.base)
+
+  @property
+  def joint(self) -> bool:
+    """A rule trained together with the weights (SoftLM's recipe)."""
+    return self.rule is not None and not self.frozen
+
+
+def method_names() -> list[str]:
+  """Every method :func:`parse_method` accepts, for the registered rules."""
+  out = ["dense", "dense-ft", "static", "static-noft"]
+  for r in _rules():
+    out += [r, f"{r}-noft", f"{r}-ft"]
+  return out
+
+
+def parse_method(name: str) -> Method:
+  valid = method_names()
+  if name not in valid:
+    raise ValueError(f"unknown method {name!r}; valid: {', '.join(valid)}")
+  base, _, variant = name.partition("-")
+  return Method(name, base, variant)
+
+
+class BudgetMissError(RuntimeError):
+  """A compressed model that misses its target; the results on disk say by how much and why."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# the shared state of one run folder
+
+
+class Comparison:
+  """Methods on one model and task, sharing the loaded model, the calibration statistics, the
+  decompositions and the teacher. ``run_info``: extra JSON-able facts for each ``run.json`` (the
+  data config, the command)."""
+
+  def __init__(self, model, task: tasks.Task, ccfg: CompressionConfig, tcfg: TrainConfig, out: str, *,
+               cr_folders: bool = False, run_info: Optional[dict] = None, log: Callable[[str], None] = print):
+    check_configs(ccfg, tcfg)
+    if ccfg.include is None and model.family.include is not None:  # the family's own selection (Mamba)
+      ccfg = ccfg.replace(include=model.family.include)
+    self.model, self.task, self.ccfg, self.tcfg, self.out = model, task, ccfg, tcfg, out
+    self.cr_folders, self.run_info, self.log = cr_folders, dict(run_info or {}), log
+    self.mesh = shard.parse_mesh(tcfg.mesh)
+    dense = jax.tree.map(jnp.asarray, model.params)
+    self.dense = shard.shard_tree(dense, self.mesh) if self.mesh is not None else dense
+    self.teacher = None if task.dense_trains else self.dense
+    self.grams_collected = 0  # statistics passes over the calibration set (one per base tree)
+    self._grams: dict = {}
+    self._factors: dict = {}
+    self._frozen: dict = {}  # (rule, cr) -> (exported tree, results) of an R-noft / frozen R run
+    self.learned_steps: dict = {}  # cr -> a learned rule's total steps
+
+  # -- names and folders
+
+  def config(self, method: Method, cr: float) -> CompressionConfig:
+    return self.ccfg.replace(target_ratio=cr, method=method.rule or self.ccfg.method)
+
+  def folder(self, method: Method, cr: float) -> str:
+    name = method.name if (not method.compressed or not self.cr_folders) else f"{method.name}_cr{cr}"
+    return os.path.join(self.out, name)
+
+  # -- shared statistics
+
+  def base(self, method: Method):
+    """``(key, tree)`` a method compresses: the teacher for frozen-weight methods, else the dense one."""
+    if method.frozen:
+      if self.teacher is None:
+        raise ValueError(f"{method.name} compresses the fine-tuned dense teacher: run 'dense' first")
+      return ("teacher" if self.task.dense_trains else "dense"), self.teacher
+    return "dense", self.dense
+
+  def grams(self, key: str, params, cfg: CompressionConfig):
+    """Calibration Grams of ``cfg``'s layers on the tree ``key``, collected once."""
+    gkey = (key, cfg.include, cfg.exclude, self.tcfg.calib_grams)
+    if gkey not in self._grams:
+      t = time.time()
+      batches = self.task.calib_batches(self.tcfg.calib_grams, self.tcfg.batch_size)
+      self._grams[gkey] = calib.collect_grams(self.model.logits_fn(), params, batches, cfg, mask_fn=self.task.mask_fn,
+                                              progress=self.tcfg.progress)
+      self.grams_collected += 1
+      g = self._grams[gkey]
+      self.log(f"calibration Grams ({key}): {len(g)} layers over {g.tokens} tokens ({time.time() - t:.1f}s)")
+    return self._grams[gkey]
+
+  def factors(self, key: str, params, cfg: CompressionConfig) -> dict:
+    """The decomposition of ``params`` (:func:`softlm_jax.compress.decompose`), computed once per tree
+    and decomposition and shared by every method and CR."""
+    fkey = (key, cfg.decomposition, cfg.include, cfg.exclude, cfg.gram_floor, cfg.gram_damp)
+    if fkey not in self._factors:
+      grams = self.grams(key, params, cfg) if cfg.decomposition == "whitened" else None
+      t = time.time()
+      self._factors[fkey] = decompose(params, cfg, grams)
+      self.log(f"{cfg.decomposition} decomposition of {len(self._factors[fkey])} layers ({key}): "
+               f"{time.time() - t:.1f}s")
+    return self._factors[fkey]
+
+  def initial(self, method: Method, cr: float):
+    """``(params, cfg)``: the tree ``method`` starts from at ``cr`` (training form for a rule, the
+    exported static SVD for ``static``, the dense tree for ``dense``)."""
+    cfg = self.config(method, cr)
+    if not method.compressed:
+      return self.dense, cfg
+    key, base = self.base(method)
+    if method.base == "static":
+      return static_svd(base, cfg, factors=self.factors(key, base, cfg)), cfg
+    return compress_params(base, cfg, factors=self.factors(key, base, cfg)), cfg
+
+  def optimizer(self, method: Method, cfg: CompressionConfig) -> optax.GradientTransformation:
+    adam = optax.adam(self.tcfg.lr)
+    if method.rule is None:
+      return adam
+    alpha_tx = optax.sgd(cfg.alpha_lr) if self.tcfg.alpha_opt == "sgd" else None
+    if method.joint:
+      return make_optimizer(cfg, adam, alpha_tx)
+    if rule_trains_weights(method.rule):
+      return make_optimizer(cfg, optax.set_to_zero(), alpha_tx)
+    return make_optimizer(cfg)
+
+  def steps_for(self, cr: float) -> int:
+    t = self.tcfg
+    return (t.steps or self.learned_steps.get(cr) or next(iter(self.learned_steps.values()), None)
+            or t.max_compress_steps // 2 + t.finetune_steps)
+
+  # -- training
+
+  def _fit(self, params, tx, cfg, loss, batch_fn, ckpt, **kw):
+    t = self.tcfg
+    state = train.init_state(params, tx, seed=t.seed, mesh=self.mesh)
+    step_fn = train.make_train_step(loss, tx, cfg, mesh=self.mesh)
+    eval_fn = self.task.curve_fn(self.model, cfg) if t.eval_every > 0 else None
+    return train.fit(state, step_fn, batch_fn, max_compress_steps=t.max_compress_steps, ckpt_dir=ckpt,
+                     save_every=t.save_every, progress=t.progress, eval_fn=eval_fn, eval_every=t.eval_every,
+                     mesh=self.mesh, **kw)
+
+  def _task_batches(self, distill: bool) -> Callable:
+    t, teacher = self.tcfg, self.teacher
+
+    def batch_fn(step):
+      b = self.task.train_batch(step, t.batch_size, t.seed)
+      return {**b, "teacher": teacher} if distill else b
+    return batch_fn
+
+  def _calib_batches(self, teacher) -> Callable:
+    t = self.tcfg
+    return lambda step: {**self.task.calib_batch(step, t.calib, t.batch_size, t.seed), "teacher": teacher}
+
+  def _distill(self, method: Method) -> tuple:
+    """The distillation of a trained method: on for compressed methods and ``dense-ft`` when a
+    teacher exists, never for the classifier's ``dense`` (it is the teacher)."""
+    if self.teacher is None or (method.name == "dense" and self.task.dense_trains):
+      return (0.0, 1.0)
+    return self.tcfg.distill
+
+  # -- one method
+
+  def run_method(self, name: str, cr: float, *, enforce: bool = True) -> dict:
+    """Runs (or reads back, when its results.json exists) one method at ``cr``; returns its results.
+
+    Raises:
+      BudgetMissError: the exported model misses its target (unless ``allow_budget_miss``, or
+        ``enforce=False``: then the caller checks :meth:`budget_miss`).
+    """
+    method = parse_method(name)
+    out = self.folder(method, cr)
+    done = os.path.join(out, "results.json")
+    if os.path.exists(done):
+      with open(done) as f:
+        res = json.load(f)
+      self.log(f"[{method.name}] finished earlier: {done}")
+      self._after(method, cr, res, None)
+      if enforce:
+        self._enforce(res)
+      return res
+    os.makedirs(out, exist_ok=True)
+    t0 = time.time()
+    cfg = self.config(method, cr)
+    self.write_run_json(out, method, cfg)
+    t = self.tcfg
+    res = {"method": method.name, "cr": cr if method.compressed else 0.0, "model": self.model.name,
+           **self.task.describe(), "config": {"compression": serial.to_dict(cfg), "train": t.to_dict()}}
+    ckpt = os.path.join(out, "ckpt")
+    distill = self._distill(method)
+    step_cfg, probe_t = (cfg if method.compressed else None), None
+    final = None
+    if not method.compressed:
+      trains = method.variant == "ft" or self.task.dense_trains
+      steps = (t.teacher_steps or self.steps_for(cr)) if (method.name == "dense" and trains) else self.steps_for(cr)
+      if trains:
+        loss = self.task.train_loss(self.model, distill)
+        state, res["history"] = self._fit(self.dense, optax.adam(t.lr), None, loss, self._task_batches(distill[0] > 0),
+                                          ckpt, steps=steps)
+        final, res["train_steps"] = state.params, int(state.step)
+      else:
+        final, res["train_steps"] = self.dense, 0
+    elif method.base == "static":
+      final, _ = self.initial(method, cr)
+      res["train_steps"] = 0
+      if not method.frozen:
+        steps = self.steps_for(cr)
+        state, res["history"] = self._fit(final, optax.adam(t.lr), None, self.task.train_loss(self.model, distill),
+                                          self._task_batches(distill[0] > 0), ckpt, steps=steps)
+        final, res["train_steps"] = state.params, int(state.step)
+    else:
+      reuse = self._frozen.get((method.rule, cr)) if method.variant == "ft" else None
+      if reuse is not None:
+        final, prev = reuse
+        res.update({k: prev[k] for k in ("train_steps", "history", "freeze_step", "training_form_metrics",
+                                         "export_max_abs_logit_diff", "counted_before_refill") if k in prev})
+        res["reused"] = "the frozen-weight run of the same rule and CR earlier in this process"
+      else:
+        params, _ = self.initial(method, cr)
+        tx = self.optimizer(method, cfg)
+        if method.joint:
+          loss, batches, ft = self.task.train_loss(self.model, distill), self._task_batches(distill[0] > 0), \
+              t.finetune_steps
+        else:
+          loss, batches, ft = train.distill_task(self.model.logits_fn()), self._calib_batches(self.base(method)[1]), 0
+        state, hist = self._fit(params, tx, cfg, loss, batches, ckpt, finetune_steps=ft,
+                                target=budget.target_params(params, cfg))
+        bs = budget_state(state.opt_state)
+        res.update(train_steps=int(state.step), history=hist, freeze_step=int(bs.freeze_step))
+        trained = state.params
+        if t.refill and method.rule == "llrc" and bool(bs.frozen):
+          res["counted_before_refill"] = int(budget.count_params(trained))
+          trained = budget.refill_to_target(trained, cfg)
+        _, tf_metrics, probe_t = self.task.evaluate(self.model, trained, cfg)
+        res["training_form_metrics"] = next(iter(tf_metrics.values()))
+        final = export_params(trained, cfg)
+      if method.variant == "ft":
+        steps0 = res["train_steps"]
+        ft_state, res["finetune_history"] = self._fit(final, optax.adam(t.lr), None,
+                                                      self.task.train_loss(self.model, distill),
+                                                      self._task_batches(distill[0] > 0),
+                                                      os.path.join(out, "ckpt_ft"), steps=t.ft_steps)
+        final, res["train_steps"] = ft_state.params, steps0 + t.ft_steps
+        probe_t = None
+    res["main_metric"], res["metrics"], probe = self.task.evaluate(self.model, final, step_cfg)
+    if probe_t is not None:
+      res["export_max_abs_logit_diff"] = float(np.max(np.abs(np.asarray(probe) - np.asarray(probe_t))))
+    if method.compressed:
+      title = f"{method.name} {self.model.name} {self.task.name} CR={cr}: rank per layer"
+      res.update(report.budget_results(final, cfg, out, title))
+      res["budget"]["verdict"] = budget_verdict(res["budget"], method, res.get("freeze_step"), cfg, t)
+      path = os.path.join(out, "compact.safetensors")
+      checkpoint.save_compact(path, final, cfg=cfg, model_config=self.model.manifest()[1],
+                              metadata=self.compact_metadata(method, res))
+      res["compact_checkpoint"] = {"path": path, **checkpoint.file_report(path)}
+      self.log(f"[{method.name}] compact checkpoint: {path} "
+               f"({res['compact_checkpoint']['file_bytes'] / 2**20:.1f} MiB)")
+    elif self.task.dense_trains:  # the teacher of the compressed methods (distillation, frozen weights)
+      path = os.path.join(out, "teacher.safetensors")
+      checkpoint.save_compact(path, final, metadata={"method": "dense", "source_model": self.model.name,
+                                                     "task": self.task.name})
+    res["wall_s"] = time.time() - t0
+    report.write_json(res, done)
+    row = summary_row(res)
+    with open(os.path.join(out, "table.md"), "w") as f:
+      f.write(report.markdown_table([row], list(row)))
+    if not t.keep_ckpt:
+      for d in ("ckpt", "ckpt_ft"):
+        shutil.rmtree(os.path.join(out, d), ignore_errors=True)
+    self._after(method, cr, res, final)
+    if enforce:
+      self._enforce(res)
+    return res
+
+  def _after(self, method: Method, cr: float, res: dict, final) -> None:
+    """Bookkeeping after a method: the learned step budget, the teacher, frozen runs for ``R-ft``."""
+    if method.joint:
+      self.learned_steps[cr] = res["train_steps"]
+    if method.name == "dense" and self.task.dense_trains:
+      path = os.path.join(self.folder(method, cr), "teacher.safetensors")
+      if final is not None:
+        self.teacher = final
+      elif os.path.exists(path):
+        self.teacher = jax.tree.map(jnp.asarray, checkpoint.load_compact(path)[0])
+    if method.rule is not None and method.frozen and method.variant != "ft" and final is not None:
+      self._frozen[(method.rule, cr)] = (final, res)
+
+  def budget_miss(self, res: dict) -> Optional[str]:
+    """The message of a missed budget that is an error under this config, else None."""
+    verdict = (res.get("budget") or {}).get("verdict") or {}
+    if verdict and not verdict["met"] and not self.tcfg.allow_budget_miss:
+      return (f"{res['method']} at CR {res['cr']}: {verdict['why']} (results: "
+              f"{self.folder(parse_method(res['method']), res['cr'])}/results.json; "
+              "allow_budget_miss / --allow-budget-miss records it instead)")
+    return None
+
+  def _enforce(self, res: dict) -> None:
+    miss = self.budget_miss(res)
+    if miss:
+      raise BudgetMissError(miss)
+
+  # -- files
+
+  def write_run_json(self, out: str, method: Method, cfg: CompressionConfig) -> None:
+    """``run.json``: everything :func:`load_run` needs to rebuild the method's configs."""
+    report.write_json({"method": method.name, "model": self.model.name, "family": self.model.family.name,
+                       "task": self.task.describe(), "compression": serial.to_dict(cfg),
+                       "train": self.tcfg.to_dict(), **self.run_info}, os.path.join(out, "run.json"))
+
+  def compact_metadata(self, method: Method, res: dict) -> dict:
+    verdict = (res.get("budget") or {}).get("verdict")
+    return compact_metadata(self.model, self.task.describe(), method.name, res.get("train_steps", 0),
+                            None if verdict is None else verdict["met"])
+
+def compact_metadata(model, task_info: dict, method: str, train_steps: int, budget_met: Optional[bool]) -> dict:
+  """A compact file's metadata: the method, the model family's manifest fields (family, class,
+  source model, tokenizer), the task's facts, the steps and whether the budget was met."""
+  meta = {"method": method, **model.manifest()[0], **task_info, "train_steps": int(train_steps)}
+  if budget_met is not None:
+    meta["budget_met"] = bool(budget_met)
+  return meta
+
+
+def load(model_spec: str, dcfg: tasks.DataConfig, *, seed: int = 0, log: Callable[[str], None] = print):
+  """``(model, task)``: the model ``model_spec`` names (:func:`softlm_jax.models.load`, the kind the
+  data needs) and the :class:`~softlm_jax.tasks.Task` of ``dcfg`` tokenised with its tokenizer."""
+  from softlm_jax import models
+  t = time.time()
+  if dcfg.model_kind == "causal_lm":
+    model = models.load(model_spec, "causal_lm", max_len=max(dcfg.seq_len, dcfg.eval_len), seed=seed)
+    task = tasks.load_task(dcfg, model.tokenizer)
+    log(f"loaded {model_spec} ({model.family.name}) in {time.time() - t:.0f}s; train (wikitext-2 valid) "
+        f"{task.windows['train'].shape}; test {tasks.eval_split_name(task.windows['test'])}")
+    return model, task
+  name, tr, evals, max_len = tasks.load_table_data(dcfg)
+  model = models.load(model_spec, "classifier", seed=seed, num_labels=tr.num_labels)
+  task = tasks.ClassificationTask(name, tr, evals, max_len, model.tokenizer)
+  log(f"{name}: train {len(tr)} ({tr.source}), eval " + ", ".join(f"{s} {len(d)}" for s, d in evals.items()) +
+      f"; {'regression' if tr.regression else f'{tr.num_labels} classes'}, max_len {max_len}; "
+      f"loaded {model_spec} in {time.time() - t:.0f}s")
+  return model, task
+
+
+def budget_verdict(b: dict, method: Method, freeze_step: Optional[int], cfg: CompressionConfig,
+                   tcfg: TrainConfig) -> dict:
+  """``{"met", "why", "overshoot_params"}`` of an exported model's budget (``b``: its
+  :func:`softlm_jax.budget_report` totals): met when the counted parameters are at most the target;
+  ``overshoot_params`` is how far below the target the count went (the last step's overshoot)."""
+  counted, target = b["counted_params"], b["target_params"]
+  out = {"met": counted <= target, "why": None, "overshoot_params": int(target - counted)}
+  if counted > target:
+    why = (f"budget not met: {counted:,} counted params > target {target:,} (removed {b['achieved_ratio']:.3f} of "
+           f"the selected linears, asked {cfg.target_ratio})")
+    if method.rule is not None and (freeze_step is None or freeze_step < 0):
+      why += f"; the selection never reached the target within max_compress_steps = {tcfg.max_compress_steps}"
+      if cfg.compress_steps > tcfg.max_compress_steps:
+        why += f" (ramp {cfg.compress_steps} > max compress steps {tcfg.max_compress_steps})"
+    out["why"] = why
+  return out
+
+
+def load_run(folder: str) -> dict:
+  """A method folder's ``run.json`` with its configs rebuilt: ``{"compression": CompressionConfig,
+  "train": TrainConfig, "data": DataConfig or None, ...}`` (the rest as written)."""
+  path = os.path.join(folder, "run.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist (a method folder made by softlm compress/train holds one)")
+  with open(path) as f:
+    conf = json.load(f)
+  conf["compression"] = serial.from_dict(CompressionConfig, conf["compression"])
+  conf["train"] = TrainConfig.from_dict(conf["train"])
+  conf["data"] = tasks.DataConfig.from_dict(conf["data"]) if conf.get("data") else None
+  return conf
+
+
+# ---------------------------------------------------------------------------------------------------
+# comparisons and summaries
+
+
+def order_methods(names: list[str], task: tasks.Task, distill: bool) -> list[str]:
+  """Run order: a classifier's dense teacher first (when distilling or compressing the teacher), then
+  the learned rules trained with the weights (they set the step budget), the rest, ``R-ft`` last."""
+  methods = [parse_method(n) for n in dict.fromkeys(names)]
+  needs_teacher = task.dense_trains and (distill or any(m.frozen for m in methods))
+
+  def key(m: Method):
+    return (not (needs_teacher and m.name == "dense"), not m.joint, m.variant == "ft")
+  return [m.name for m in sorted(methods, key=key)]
+
+
+def run_comparison(model, task: tasks.Task, ccfg: CompressionConfig, tcfg: TrainConfig, methods: list[str],
+                   crs: list[float], out: str, *, cr_folders: Optional[bool] = None, run_info: Optional[dict] = None,
+                   title: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
+  """Every method at every CR (dense-type methods once), in :func:`order_methods` order; writes the
+  run folder's summary. Returns ``{folder name: results}``. A classifier task that needs a teacher
+  (distillation, frozen-weight methods) and has no ``dense`` method gets one."""
+  t0 = time.time()
+  os.makedirs(out, exist_ok=True)
+  crs = list(crs)
+  cr_folders = len(crs) > 1 if cr_folders is None else cr_folders
+  names = list(methods)
+  parsed = [parse_method(n) for n in names]
+  if task.dense_trains and "dense" not in names and (tcfg.distill[0] > 0 or any(m.frozen for m in parsed)):
+    log("[dense] added: the compressed methods need the fine-tuned dense teacher")
+    names = ["dense"] + names
+  comp = Comparison(model, task, ccfg, tcfg, out, cr_folders=cr_folders, run_info=run_info, log=log)
+  results, misses = {}, []
+  for i, cr in enumerate(crs):
+    for name in order_methods(names, task, tcfg.distill[0] > 0):
+      m = parse_method(name)
+      if not m.compressed and i > 0:
+        continue
+      res = comp.run_method(name, cr, enforce=False)
+      results[os.path.basename(comp.folder(m, cr))] = res
+      miss = comp.budget_miss(res)
+      if miss:
+        misses.append(miss)
+        log(f"[{name}] {miss}")
+      log(json.dumps({k: res.get(k) for k in ("method", "cr", "metrics", "train_steps", "wall_s")}))
+      write_summary(out, results, title=title or default_title(model, task, crs), wall_s=time.time() - t0)
+  if misses:
+    raise BudgetMissError("; ".join(misses))
+  return results
+
+
+def default_title(model, task: tasks.Task, crs: list) -> str:
+  d = task.describe()
+  split = d.get("eval_split") or ", ".join(d.get("eval_splits", {}))
+  return f"{model.name} on {task.name} ({split}), CR {', '.join(str(c) for c in crs)}"
+
+
+def summary_row(res: dict) -> dict:
+  """One table row: method, CR, budget columns, every split's metrics, steps, wall time."""
+  cells = {}
+  by_split = res["metrics"]
+  if by_split and not isinstance(next(iter(by_split.values())), dict):  # results.json of before issue 13
+    by_split = {"dev": by_split}
+  for split, ms in by_split.items():
+    prefix = "" if len(by_split) == 1 else f"{split} "
+    cells.update({f"{prefix}{k}": round(v, 4) for k, v in ms.items()})
+  row = report.summary_row(res, {"method": res["method"], "CR": res.get("cr", 0.0)}, cells)
+  verdict = (res.get("budget") or {}).get("verdict")
+  if verdict and not verdict["met"]:
+    row["budget"] = "NOT MET"
+  return row
+
+
+def write_summary(out: str, results: dict, *, title: str, wall_s: float) -> str:
+  """``summary.md``, ``summary.json`` and ``comparison.png`` of ``{folder: results}``; returns the table."""
+  rows = [summary_row(r) for r in results.values()]
+  cols = list(dict.fromkeys(c for r in rows for c in r))
+  table = report.markdown_table(rows, cols)
+  misses = [r["budget"]["verdict"]["why"] for r in results.values()
+            if (r.get("budget") or {}).get("verdict") and not r["budget"]["verdict"]["met"]]
+  notes = "".join(f"\n**{m}**\n" for m in misses)
+  with open(os.path.join(out, "summary.md"), "w") as f:
+    f.write(f"# {title}\n\nwall time (all methods, incl. loading and tokenizing): {wall_s:.0f} s\n\n{table}{notes}")
+  report.write_json({"title": title, "wall_s": wall_s, "rows": rows}, os.path.join(out, "summary.json"))
+  report.comparison_plot(results, os.path.join(out, "comparison.png"), title=title)
+  return table
