@@ -18,28 +18,28 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import softlm_jax as sl  # noqa: E402
-from softlm_jax import checkpoint, finetune, lm  # noqa: E402
+from softlm_jax import checkpoint, models, run  # noqa: E402
+from softlm_jax.cli import options  # noqa: E402
 
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--model", default="smollm2", help="smollm2 (embedded GGUF) or a HF Flax causal-LM folder")
-  ap.add_argument("--cr", type=finetune.fraction, default=0.5)
-  ap.add_argument("--reps", type=finetune.positive_int, default=3, help="load-time repetitions (median)")
+  ap.add_argument("--cr", type=options.fraction, default=0.5)
+  ap.add_argument("--reps", type=options.positive_int, default=3, help="load-time repetitions (median)")
   ap.add_argument("--out", default="runs/compact/smollm2")
   args = ap.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   cfg = sl.CompressionConfig(target_ratio=args.cr)
-  model, dense, tok = lm.load_lm(args.model, max_len=512)
+  loaded_model = models.load(args.model, "causal_lm", max_len=512)
+  model, dense, tok = loaded_model.module, loaded_model.params, loaded_model.tokenizer
   t = time.perf_counter()
   compact = sl.static_svd(dense, cfg)
   svd_s = time.perf_counter() - t
   path = os.path.join(args.out, "static.safetensors")
   t = time.perf_counter()
-  sl.save_compact(path, compact, cfg=cfg, model_config=model.config,
-                  metadata={"method": "static_svd", "source_model": args.model, "task": lm.LM_TASK,
-                            "tokenizer": args.model,
-                            "model_class": f"{type(model).__module__}.{type(model).__qualname__}"})
+  sl.save_compact(path, compact, cfg=cfg, model_config=loaded_model.manifest()[1],
+                  metadata=run.compact_metadata(loaded_model, {"task": "wikitext"}, "static-noft", 0, None))
   save_s = time.perf_counter() - t
   dense_path = os.path.join(args.out, "dense_float32.safetensors")
   from safetensors.flax import save_file

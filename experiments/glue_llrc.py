@@ -29,7 +29,8 @@ METHODS = "static-noft,softlm-noft,llrc,llrc-ft"
 
 def parse(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  options.add_run_args(ap, methods=True, default_methods=METHODS, default_out="runs/glue_llrc/sst2")
+  options.add_run_args(ap, methods=True, default_methods=METHODS, cr_flags=("--crs", "--cr"),
+                       default_out="runs/glue_llrc/sst2")
   ap.set_defaults(cr=[0.2, 0.3, 0.5], teacher_steps=215, configs_needed=True)
   return options.parse(ap, argv)
 

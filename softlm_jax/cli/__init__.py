@@ -54,9 +54,12 @@ def run(argv: Optional[list] = None):
   apply_xla_defaults()
   ap = build_parser()
   args = options.parse(ap, argv)
-  from softlm_jax.run import BudgetMissError
+  from softlm_jax.run import BudgetMissError, RunStopped
   try:
     return args.func(args)
+  except RunStopped as e:
+    print(f"softlm {args.command}: {e}")
+    return {"stopped": str(e)}
   except (FileNotFoundError, ValueError, BudgetMissError) as e:
     if os.environ.get("SOFTLM_DEBUG"):
       raise

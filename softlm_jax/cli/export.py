@@ -50,5 +50,6 @@ def run(args) -> dict:
                                   f"removed {man['achieved_ratio']:.3f} of the selected linears (target "
                                   f"{man['target_ratio']}); counted {man['counted_params']:,} params",
                                   f"file {rep['file_bytes'] / 2**20:.2f} MiB = arrays "
-                                  f"{rep['array_bytes'] / 2**20:.2f} MiB + header {rep['header_bytes'] / 1024:.1f} KiB"])
+                                  f"{rep['array_bytes'] / 2**20:.2f} MiB + header "
+                                  f"{rep['header_bytes'] / 1024:.1f} KiB"])
   return {"path": out, **rep}

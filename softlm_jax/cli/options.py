@@ -181,10 +181,10 @@ def add_data_args(ap, *, default_task: Optional[str] = None) -> None:
                  help="test windows of the --eval-every perplexity curve (default 4)")
 
 
-def add_compression_args(ap, *, crs: bool = True) -> None:
+def add_compression_args(ap, *, crs: bool = True, cr_flags: tuple = ("--cr",)) -> None:
   g = ap.add_argument_group("compression")
   if crs:
-    g.add_argument("--cr", "--crs", dest="cr", type=fractions, default=None,
+    g.add_argument(*cr_flags, dest="cr", type=fractions, default=None,
                    help="compression ratio(s): fraction of the block linears' parameters to remove, in (0, 1); "
                    "a comma list runs each (default 0.5)")
   else:
@@ -242,13 +242,15 @@ def add_train_args(ap) -> None:
   g.add_argument("--no-progress", action="store_true", default=None)
   g.add_argument("--allow-budget-miss", action="store_true", default=None,
                  help="a model that misses its budget is recorded as 'not met' instead of failing the run")
+  g.add_argument("--stop-after", type=positive_int, default=None,
+                 help="stop each training loop after N steps, checkpoint saved (rerun without it to resume)")
   g.add_argument("--mesh", default=None,
                  help="data=D,fsdp=F: train on a D x F device mesh, batches split D ways, params and Adam state "
                  "F ways (softlm_jax.make_mesh; default: one device)")
 
 
 def add_run_args(ap, *, methods: bool = True, default_methods: Optional[str] = None,
-                 out_required: bool = True, default_out: Optional[str] = None) -> None:
+                 out_required: bool = True, default_out: Optional[str] = None, cr_flags: tuple = ("--cr",)) -> None:
   """Everything ``softlm train`` (``methods=True``) / ``softlm compress`` takes."""
   add_model_arg(ap)
   if methods:
@@ -260,7 +262,7 @@ def add_run_args(ap, *, methods: bool = True, default_methods: Optional[str] = N
   ap.add_argument("--out", required=out_required and default_out is None, default=default_out,
                   help="run folder (one subfolder per method)")
   add_data_args(ap)
-  add_compression_args(ap, crs=methods)
+  add_compression_args(ap, crs=methods, cr_flags=cr_flags)
   add_train_args(ap)
 
 
@@ -271,7 +273,7 @@ _COMPRESSION = ("sharpness", "gamma", "alpha_lr", "loss", "init_rank", "decompos
                 "compress_steps", "mask_lr", "tv_weight", "budget_growth", "mask_init", "include", "exclude")
 _TRAIN = ("finetune_steps", "max_compress_steps", "steps", "teacher_steps", "batch_size", "lr", "seed", "distill",
           "calib", "calib_grams", "ft_steps", "refill", "alpha_opt", "eval_every", "keep_ckpt", "allow_budget_miss",
-          "mesh")
+          "mesh", "stop_after")
 _DATA = ("task", "data_dir", "train_file", "eval_file", "text_cols", "label_col", "task_type", "eval_limit",
          "max_len", "seq_len", "eval_len", "eval_windows", "curve_windows")
 
