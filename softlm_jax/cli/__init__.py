@@ -26,7 +26,7 @@ import os
 import pkgutil
 from typing import Optional
 
-_NOT_COMMANDS = {"options", "common"}
+_NOT_COMMANDS = {"options", "common", "__main__"}
 
 
 def commands() -> list:
