@@ -4,7 +4,7 @@ Selection rules (:mod:`softlm_jax.rules`: SoftLM's learned thresholds, arXiv 241
 learned singular-value masks with frozen weights) on one decomposition (:mod:`softlm_jax.svd`),
 interception, counting and export core.
 """
-from softlm_jax._version import __version__
+from softlm_jax._version import __version__ as __version__
 from softlm_jax.budget import (break_even_rank, budget_report, count_params, dense_params,
                                effective_rank, kept, layer_cost, layer_ranks, relaxed_count,
                                target_params, uniform_rank)

@@ -15,9 +15,7 @@ import optax
 
 from softlm_jax import budget, rules, tree
 from softlm_jax.config import CompressionConfig
-
-#: The optimizer partition of every leaf that is not a selection rule's (factors, biases, embeddings ...).
-WEIGHTS = "weights"
+from softlm_jax.rules import WEIGHTS_LABEL
 
 
 class BudgetState(NamedTuple):
@@ -51,7 +49,7 @@ def param_labels(params) -> object:
   label_of = {key: rule.label for rule in rules.rules() for key in rule.keys}
 
   def label(kp, _):
-    return label_of.get(_path(kp)[-1], WEIGHTS)
+    return label_of.get(_path(kp)[-1], WEIGHTS_LABEL)
   return jax.tree_util.tree_map_with_path(label, params)
 
 
@@ -157,7 +155,7 @@ def make_optimizer(cfg: CompressionConfig, weights_tx: Optional[optax.GradientTr
     raise ValueError(f"{rule.name} keeps the weights frozen (only {', '.join(rule.keys)} train): pass "
                      "weights_tx=None and fine-tune the exported model instead")
   txs = {r.label: optax.set_to_zero() for r in rules.rules()}
-  txs[WEIGHTS] = weights_tx if rule.trains_weights else optax.set_to_zero()
+  txs[WEIGHTS_LABEL] = weights_tx if rule.trains_weights else optax.set_to_zero()
   txs[rule.label] = alpha_tx or rule.optimizer(cfg)
   return budget_freeze(optax.multi_transform(txs, param_labels), target=target, cfg=cfg)
 

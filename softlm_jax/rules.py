@@ -32,6 +32,7 @@ import optax
 
 from softlm_jax import tree
 from softlm_jax.config import CompressionConfig
+from softlm_jax.registry import Registry
 from softlm_jax.threshold import relaxed_mask, soft_threshold, straight_through_mask
 
 
@@ -99,7 +100,9 @@ class Rule:
                          f"{self.keys}")
 
 
-_RULES: dict[str, Rule] = {}
+_RULES = Registry("method", Rule)
+#: The optimizer partition of every leaf that is no rule's (factors, biases, embeddings ...).
+WEIGHTS_LABEL = "weights"
 
 
 def register(rule: Rule, *, replace: bool = False) -> Rule:
@@ -108,55 +111,48 @@ def register(rule: Rule, *, replace: bool = False) -> Rule:
   Raises:
     ValueError: when the name is taken (unless ``replace``), or its keys or label are another rule's.
   """
-  if not isinstance(rule, Rule):
-    raise TypeError(f"register expects a softlm_jax.rules.Rule, got {type(rule).__name__}")
-  if rule.name in _RULES and not replace:
-    raise ValueError(f"a rule named {rule.name!r} is registered already (pass replace=True to replace it)")
-  for other in _RULES.values():
-    if other.name == rule.name:
-      continue
-    if set(other.keys) & set(rule.keys):
-      raise ValueError(f"rule {rule.name!r}: keys {sorted(set(other.keys) & set(rule.keys))} belong to rule "
-                       f"{other.name!r} already (a layer's keys must say its rule)")
-    if other.label == rule.label or rule.label == "weights":
-      raise ValueError(f"rule {rule.name!r}: optimizer label {rule.label!r} is taken "
-                       f"({'the weights' if rule.label == 'weights' else other.name})")
-  _RULES[rule.name] = rule
-  return rule
+  if isinstance(rule, Rule):  # (anything else: the registry's TypeError)
+    if rule.label == WEIGHTS_LABEL:
+      raise ValueError(f"rule {rule.name!r}: optimizer label {WEIGHTS_LABEL!r} is the weights' partition")
+    for other in rules():
+      if other.name == rule.name:
+        continue
+      if set(other.keys) & set(rule.keys):
+        raise ValueError(f"rule {rule.name!r}: keys {sorted(set(other.keys) & set(rule.keys))} belong to rule "
+                         f"{other.name!r} already (a layer's keys must say its rule)")
+      if other.label == rule.label:
+        raise ValueError(f"rule {rule.name!r}: optimizer label {rule.label!r} is rule {other.name!r}'s")
+  return _RULES.add(rule, replace=replace)
 
 
 def unregister(name: str) -> None:
   """Removes a rule (tests that register a toy rule clean up with it)."""
-  get(name)
-  del _RULES[name]
+  _RULES.remove(name)
 
 
 def get(name: str) -> Rule:
-  """The rule registered as ``name``. Raises ValueError listing the registered names."""
-  try:
-    return _RULES[name]
-  except KeyError:
-    raise ValueError(f"unknown method {name!r}; expected one of {names()}") from None
+  """The rule registered as ``name``. Raises ValueError (``unknown method ...``) listing the names."""
+  return _RULES.get(name)
 
 
 def names() -> tuple:
   """The registered rules' names, in registration order."""
-  return tuple(_RULES)
+  return _RULES.names()
 
 
 def rules() -> tuple:
   """The registered :class:`Rule` s, in registration order."""
-  return tuple(_RULES.values())
+  return _RULES.values()
 
 
 def selection_keys() -> tuple:
   """Every registered rule's keys (the leaves that are a selection, not weights)."""
-  return tuple(k for r in _RULES.values() for k in r.keys)
+  return tuple(k for r in rules() for k in r.keys)
 
 
 def replicated_keys() -> tuple:
   """The leaf names never split under FSDP (:func:`softlm_jax.shard.fsdp_spec`)."""
-  return tuple(k for r in _RULES.values() for k in r.replicated)
+  return tuple(k for r in rules() for k in r.replicated)
 
 
 def rule_of(layer: Mapping) -> Optional[Rule]:
@@ -165,7 +161,7 @@ def rule_of(layer: Mapping) -> Optional[Rule]:
   Raises:
     ValueError: naming the keys, when the layer holds keys of two rules or only some of one rule's.
   """
-  found = [r for r in _RULES.values() if any(k in layer for k in r.keys)]
+  found = [r for r in rules() if any(k in layer for k in r.keys)]
   if not found:
     return None
   if len(found) > 1:
@@ -305,6 +301,6 @@ LLRC = register(Rule(
     label="mask", refill=refill_to_target))
 
 
-__all__ = ["LLRC", "Rule", "SOFTLM", "alphas", "get", "initial_mask_logits", "layers_of", "llrc_loss", "names",
-           "refill_to_target", "register", "replicated_keys", "rule_of", "rules", "selection_keys", "softlm_loss",
-           "unregister"]
+__all__ = ["LLRC", "Rule", "SOFTLM", "WEIGHTS_LABEL", "alphas", "get", "initial_mask_logits", "layers_of",
+           "llrc_loss", "names", "refill_to_target", "register", "replicated_keys", "rule_of", "rules",
+           "selection_keys", "softlm_loss", "unregister"]

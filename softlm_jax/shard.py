@@ -3,11 +3,11 @@
 One rule places every array: :func:`fsdp_spec`. A parameter or optimizer-state leaf is split along
 ``"fsdp"`` on its largest axis whose size the fsdp axis divides, and replicated when none does; the
 selection rules' small leaves (:func:`softlm_jax.rules.replicated_keys`: SoftLM's scalar ``alpha``,
-LLRC's ``mask_logits``) are always replicated. Batches are split along ``"data"`` on their leading axis. The jitted train step
-(:func:`softlm_jax.train.make_train_step` with ``mesh=``) then works on *global* arrays: XLA's SPMD
-partitioner inserts the all-gathers and reductions, so the parameter count, the budget freeze and
-the compression loss are computed on the whole model and come out replicated, the same on every
-device.
+LLRC's ``mask_logits``) are always replicated. Batches are split along ``"data"`` on their leading
+axis. The jitted train step (:func:`softlm_jax.train.make_train_step` with ``mesh=``) then works on
+*global* arrays: XLA's SPMD partitioner inserts the all-gathers and reductions, so the parameter
+count, the budget freeze and the compression loss are computed on the whole model and come out
+replicated, the same on every device.
 
 Several hosts: call ``jax.distributed.initialize()`` first on every host; ``jax.devices()`` then
 lists all of them and the same code runs on each (every host builds the same global batch from the

@@ -34,6 +34,7 @@ import numpy as np
 
 from softlm_jax import budget, tree
 from softlm_jax.config import CompressionConfig
+from softlm_jax.registry import Registry
 
 #: What a decomposition can need (see the module docstring).
 NEEDS = ("nothing", "grams", "calibration")
@@ -66,7 +67,7 @@ class Decomposition:
       raise ValueError(f"decomposition {self.name!r}: needs must be one of {NEEDS}, got {self.needs!r}")
 
 
-_DECOMPOSITIONS: dict[str, Decomposition] = {}
+_DECOMPOSITIONS = Registry("decomposition", Decomposition)
 
 
 def register(decomposition: Decomposition, *, replace: bool = False) -> Decomposition:
@@ -74,32 +75,22 @@ def register(decomposition: Decomposition, *, replace: bool = False) -> Decompos
 
   Raises ValueError when the name is taken, unless ``replace``.
   """
-  if not isinstance(decomposition, Decomposition):
-    raise TypeError(f"register expects a softlm_jax.svd.Decomposition, got {type(decomposition).__name__}")
-  if decomposition.name in _DECOMPOSITIONS and not replace:
-    raise ValueError(f"a decomposition named {decomposition.name!r} is registered already "
-                     "(pass replace=True to replace it)")
-  _DECOMPOSITIONS[decomposition.name] = decomposition
-  return decomposition
+  return _DECOMPOSITIONS.add(decomposition, replace=replace)
 
 
 def unregister(name: str) -> None:
   """Removes a decomposition (tests that register a toy one clean up with it)."""
-  get(name)
-  del _DECOMPOSITIONS[name]
+  _DECOMPOSITIONS.remove(name)
 
 
 def get(name: str) -> Decomposition:
   """The decomposition registered as ``name``. Raises ValueError listing the registered names."""
-  try:
-    return _DECOMPOSITIONS[name]
-  except KeyError:
-    raise ValueError(f"unknown decomposition {name!r}; expected one of {names()}") from None
+  return _DECOMPOSITIONS.get(name)
 
 
 def names() -> tuple:
   """The registered decompositions' names, in registration order."""
-  return tuple(_DECOMPOSITIONS)
+  return _DECOMPOSITIONS.names()
 
 
 # --- the linear algebra ---------------------------------------------------------------------------------

@@ -1,7 +1,6 @@
 """The decomposition registry and Calibration: a decomposition registered here alone is handed the
 Calibration and goes through compress_params, static_svd and export; Grams are collected once per run;
 a partly compressed tree's Grams come through its compressed layers."""
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 import softlm_jax as sl
 from softlm_jax import calib, svd
 from tests.conftest import VOCAB, build, rel_err
+from tests.test_whiten import eager_grams
 
 
 def calib_batches(n=3, b=2, t=12, seed=1):
@@ -169,20 +169,7 @@ def test_partly_compressed_grams_come_through_the_compressed_layers():
     return {**{k: v for k, v in node.items() if k not in ("left", "s", "right", "alpha")},
             "kernel": jnp.asarray(kernel)}
   dense_trunc = sl.tree.map_modules(partial, truncate)
-  acts: dict = {}
-
-  def rec(next_fun, args, kwargs, context):
-    mod = context.module
-    if context.method_name == "__call__" and mod.scope is not None and mod.has_variable("params", "kernel"):
-      path = "/".join(mod.scope.path)
-      if second.matches(path) and mod.get_variable("params", "kernel").ndim == 2:
-        x = np.asarray(args[0] if args else kwargs["inputs"], np.float64)
-        acts.setdefault(path, []).append(x.reshape(-1, x.shape[-1]))
-    return next_fun(*args, **kwargs)
-  with nn.intercept_methods(rec):
-    for b in batches:
-      model(b["input_ids"], params=dense_trunc)
-  ref = {p: np.concatenate(xs).T @ np.concatenate(xs) for p, xs in acts.items()}
+  ref = eager_grams(model, dense_trunc, batches, second)
   assert set(got) == set(ref) and ref
   dense_grams = sl.collect_grams(lambda p, b: model(b["input_ids"], params=p).logits, model.params, batches, second,
                                  progress=False)
