@@ -18,6 +18,7 @@ decomposition that draws statistics while the model is being compressed gets the
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterable, Mapping
 from typing import Any, Callable, Optional
 
@@ -195,9 +196,16 @@ class Calibration:
 
   @staticmethod
   def selection(params: Mapping, cfg: CompressionConfig) -> tuple:
-    """The cache key: ``((path, shape, dtype), ...)`` of the dense kernels ``cfg`` selects in ``params``."""
-    return tuple((p, tuple(np.shape(k)), str(k.dtype if hasattr(k, "dtype") else np.asarray(k).dtype))
-                 for p, k in tree.selected_kernels(params, cfg))
+    """The cache key: ``((path, shape, dtype, fingerprint), ...)`` of the dense kernels ``cfg`` selects in
+    ``params``. The fingerprint is a digest of a few entries of each kernel (its first and last row's
+    ends: no pass over the weights), so trees with other weights (the dense model and a fine-tuned
+    teacher) get their own Grams."""
+    key = []
+    for path, k in tree.selected_kernels(params, cfg):
+      probe = np.concatenate([np.asarray(k[0, :8]).ravel(), np.asarray(k[-1, -8:]).ravel()])
+      digest = hashlib.blake2b(probe.tobytes(), digest_size=8).hexdigest()
+      key.append((path, tuple(np.shape(k)), str(probe.dtype), digest))
+    return tuple(key)
 
   def collect(self, params: Mapping, cfg: CompressionConfig) -> Grams:
     """Collects the Grams of ``cfg``'s selection in ``params`` now (no cache): :func:`collect_grams`.
@@ -210,11 +218,11 @@ class Calibration:
 
   def grams(self, params: Mapping, cfg: CompressionConfig) -> Grams:
     """The Grams of ``cfg``'s selection in the dense ``params``, collected on the first call for that
-    selection (:meth:`selection`: layer paths, shapes and dtypes) and shared after it.
+    selection and those weights (:meth:`selection`) and shared after it: every method and CR that
+    compresses the same tree with the same ``include`` / ``exclude`` gets one collection.
 
-    The cache assumes one dense model per Calibration (the usual run: every method and CR compresses the
-    same weights). A partly compressed tree is never served from the cache (its inputs depend on what
-    was compressed): it is collected anew each time.
+    A partly compressed tree is never served from the cache (its inputs depend on what was
+    compressed): it is collected anew each time.
     """
     if tree.factored_layers(params):
       return self.collect(params, cfg)

@@ -141,9 +141,13 @@ def test_grams_collected_once_per_run(monkeypatch):
   assert leaves_equal(plain, sl.compress_params(model.params, base.replace(decomposition="svd")))
   with pytest.raises(ValueError, match="decomposition is 'svd'"):
     sl.compress_params(model.params, base.replace(decomposition="svd"), grams=grams)
-  # another selection is another collection
+  # another selection, or other weights (e.g. a fine-tuned teacher), is another collection
   cal.grams(model.params, base.replace(include=r"layers/0/"))
   assert cal.collections == 2
+  other = build("llama", seed=1).params
+  g_other = cal.grams(other, base)
+  assert cal.collections == 3 and not np.array_equal(g_other[next(iter(grams))], grams[next(iter(grams))])
+  assert cal.grams(model.params, base) is grams and cal.grams(other, base) is g_other and cal.collections == 3
 
 
 def test_partly_compressed_grams_come_through_the_compressed_layers():
