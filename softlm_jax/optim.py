@@ -46,7 +46,7 @@ def _path(keypath) -> tuple[str, ...]:
 def param_labels(params) -> object:
   """Tree of optimizer partition labels: a selection rule's leaves get its ``label`` (SoftLM's
   ``alpha``: ``"alpha"``, LLRC's ``mask_logits``: ``"mask"``), every other leaf ``"weights"``."""
-  label_of = {key: rule.label for rule in rules.rules() for key in rule.keys}
+  label_of = {key: rule.label for rule in rules.all_rules() for key in rule.keys}
 
   def label(kp, _):
     return label_of.get(_path(kp)[-1], WEIGHTS_LABEL)
@@ -154,7 +154,7 @@ def make_optimizer(cfg: CompressionConfig, weights_tx: Optional[optax.GradientTr
   if not rule.trains_weights and weights_tx is not None:
     raise ValueError(f"{rule.name} keeps the weights frozen (only {', '.join(rule.keys)} train): pass "
                      "weights_tx=None and fine-tune the exported model instead")
-  txs = {r.label: optax.set_to_zero() for r in rules.rules()}
+  txs = {r.label: optax.set_to_zero() for r in rules.all_rules()}
   txs[WEIGHTS_LABEL] = weights_tx if rule.trains_weights else optax.set_to_zero()
   txs[rule.label] = alpha_tx or rule.optimizer(cfg)
   return budget_freeze(optax.multi_transform(txs, param_labels), target=target, cfg=cfg)

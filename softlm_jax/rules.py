@@ -114,7 +114,7 @@ def register(rule: Rule, *, replace: bool = False) -> Rule:
   if isinstance(rule, Rule):  # (anything else: the registry's TypeError)
     if rule.label == WEIGHTS_LABEL:
       raise ValueError(f"rule {rule.name!r}: optimizer label {WEIGHTS_LABEL!r} is the weights' partition")
-    for other in rules():
+    for other in all_rules():
       if other.name == rule.name:
         continue
       if set(other.keys) & set(rule.keys):
@@ -140,19 +140,19 @@ def names() -> tuple:
   return _RULES.names()
 
 
-def rules() -> tuple:
+def all_rules() -> tuple:
   """The registered :class:`Rule` s, in registration order."""
   return _RULES.values()
 
 
 def selection_keys() -> tuple:
   """Every registered rule's keys (the leaves that are a selection, not weights)."""
-  return tuple(k for r in rules() for k in r.keys)
+  return tuple(k for r in all_rules() for k in r.keys)
 
 
 def replicated_keys() -> tuple:
   """The leaf names never split under FSDP (:func:`softlm_jax.shard.fsdp_spec`)."""
-  return tuple(k for r in rules() for k in r.replicated)
+  return tuple(k for r in all_rules() for k in r.replicated)
 
 
 def rule_of(layer: Mapping) -> Optional[Rule]:
@@ -161,7 +161,7 @@ def rule_of(layer: Mapping) -> Optional[Rule]:
   Raises:
     ValueError: naming the keys, when the layer holds keys of two rules or only some of one rule's.
   """
-  found = [r for r in rules() if any(k in layer for k in r.keys)]
+  found = [r for r in all_rules() if any(k in layer for k in r.keys)]
   if not found:
     return None
   if len(found) > 1:
@@ -301,6 +301,6 @@ LLRC = register(Rule(
     label="mask", refill=refill_to_target))
 
 
-__all__ = ["LLRC", "Rule", "SOFTLM", "WEIGHTS_LABEL", "alphas", "get", "initial_mask_logits", "layers_of",
-           "llrc_loss", "names", "refill_to_target", "register", "replicated_keys", "rule_of", "rules",
+__all__ = ["LLRC", "Rule", "SOFTLM", "WEIGHTS_LABEL", "all_rules", "alphas", "get", "initial_mask_logits",
+           "layers_of", "llrc_loss", "names", "refill_to_target", "register", "replicated_keys", "rule_of",
            "selection_keys", "softlm_loss", "unregister"]
