@@ -1,28 +1,30 @@
 """softlm-jax: learned per-layer low-rank SVD compression for Flax models.
 
-Two selection rules on one decomposition/interception/counting/export core: SoftLM (learned
-thresholds, arXiv 2411.10543) and LLRC (learned singular-value masks with frozen weights).
+Selection rules (:mod:`softlm_jax.rules`: SoftLM's learned thresholds, arXiv 2411.10543, and LLRC's
+learned singular-value masks with frozen weights) on one decomposition (:mod:`softlm_jax.svd`),
+interception, counting and export core.
 """
+from softlm_jax._version import __version__ as __version__
 from softlm_jax.budget import (break_even_rank, budget_report, count_params, dense_params,
-                               effective_rank, kept, layer_cost, layer_ranks, refill_to_target, relaxed_count,
+                               effective_rank, kept, layer_cost, layer_ranks, relaxed_count,
                                target_params, uniform_rank)
-from softlm_jax.calib import Grams, collect_grams
+from softlm_jax.calib import Calibration, Grams, collect_grams
 from softlm_jax.checkpoint import CheckpointError, load_compact, save_compact
-from softlm_jax.compress import compress_params, init_rank, singular_scale, whitened_factors
+from softlm_jax.compress import compress_params, init_rank, singular_scale
 from softlm_jax.config import CompressionConfig
 from softlm_jax.export import export_params, static_ranks, static_svd
 from softlm_jax.intercept import factored_apply, intercept, register_layout
-from softlm_jax.losses import (adaptive_loss, compression_loss, distillation_loss, linear_loss, llrc_loss,
-                               total_variation)
+from softlm_jax.losses import adaptive_loss, compression_loss, distillation_loss, linear_loss, total_variation
 from softlm_jax.optim import BudgetState, budget_freeze, budget_state, make_optimizer, ramp_target
+from softlm_jax.rules import Rule, llrc_loss, refill_to_target
 from softlm_jax.shard import make_mesh
 from softlm_jax.stream import stream_layers
+from softlm_jax.svd import Decomposition, decompose, whitened_factors
 from softlm_jax.threshold import hard_threshold, relaxed_mask, soft_threshold, straight_through_mask
 
-__version__ = "0.1.0"
-
 __all__ = [
-    "BudgetState", "CheckpointError", "CompressionConfig", "Grams", "collect_grams", "ramp_target", "uniform_rank",
+    "BudgetState", "Calibration", "CheckpointError", "CompressionConfig", "Decomposition", "Grams", "Rule",
+    "collect_grams", "decompose", "ramp_target", "uniform_rank",
     "whitened_factors", "adaptive_loss", "break_even_rank", "budget_freeze", "budget_report", "budget_state",
     "compress_params", "compression_loss", "count_params",
     "dense_params", "distillation_loss", "effective_rank", "export_params", "factored_apply",
@@ -32,4 +34,5 @@ __all__ = [
     "stream_layers", "straight_through_mask", "target_params", "total_variation",
 ]
 
-from softlm_jax import calib, checkpoint, data, metrics, models, report, shard, stream, train, tree  # noqa: E402,F401
+from softlm_jax import (calib, checkpoint, data, metrics, models, report, rules, shard, stream, svd,  # noqa: E402,F401
+                        train, tree)

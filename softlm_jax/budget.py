@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from softlm_jax import tree
+from softlm_jax import rules, tree
 from softlm_jax.config import CompressionConfig
+from softlm_jax.rules import refill_to_target  # noqa: F401  (LLRC's; re-exported)
 
 INT_MAX = 2**31 - 1
 
@@ -41,26 +42,22 @@ def layer_shape(layer: Mapping) -> tuple[int, int]:
   return int(np.shape(layer["left"])[0]), int(np.shape(layer["right"])[-1])
 
 
-#: A training-form layer's learnable selection: SoftLM's threshold or LLRC's per-value mask logits.
-SELECTION_KEYS = ("alpha", "mask_logits")
-
-
 def has_selection(layer: Mapping) -> bool:
-  """Whether a factored layer is in training form (has a threshold or mask logits to learn)."""
-  return any(k in layer for k in SELECTION_KEYS)
+  """Whether a factored layer is in training form (holds a selection rule's parameters to learn)."""
+  return rules.rule_of(layer) is not None
 
 
 def kept(layer: Mapping) -> jax.Array:
   """Which singular triplets of a training-form layer survive export: bool ``(k,)``.
 
-  SoftLM: ``s > alpha`` (exactly the non-zero entries of ``Th(s)`` with c = 0); LLRC:
-  ``mask_logits > 0`` (the hard mask).
+  The layer's rule's ``kept`` (:mod:`softlm_jax.rules`): SoftLM ``s > alpha`` (exactly the non-zero
+  entries of ``Th(s)`` with c = 0); LLRC ``mask_logits > 0`` (the hard mask).
   """
-  if "alpha" in layer:
-    return layer["s"] > layer["alpha"]
-  if "mask_logits" in layer:
-    return layer["mask_logits"] > 0
-  raise ValueError(f"layer with keys {sorted(layer)} is not in training form")
+  rule = rules.rule_of(layer)
+  if rule is None:
+    raise ValueError(f"layer with keys {sorted(layer)} is not in training form (no selection parameters of "
+                     f"any rule {rules.names()})")
+  return rule.kept(layer)
 
 
 def effective_rank(layer: Mapping) -> jax.Array:
@@ -105,66 +102,20 @@ def count_params(params: Mapping, cfg: Optional[CompressionConfig] = None) -> ja
 
 
 def relaxed_count(params: Mapping, cfg: CompressionConfig) -> jax.Array:
-  """Differentiable stand-in for :func:`count_params` on LLRC trees (scalar float32).
+  """Differentiable stand-in for :func:`count_params` (scalar float32), e.g. for LLRC's budget term.
 
-  Each layer costs ``sum(relaxed_mask) * (rows + cols)``: the factored cost with the relaxed rank.
+  Each layer whose rule has a ``relaxed_rank`` (LLRC: ``sum(sigmoid(mask_logits / T))``) costs
+  ``relaxed_rank * (rows + cols)``: the factored cost with the relaxed rank; other layers count 0.
   The break-even rule is left out on purpose (it would give zero gradient while a layer is above
   break-even, e.g. at the start); the hard count decides when the budget is met.
   """
-  from softlm_jax.threshold import relaxed_mask
   total = jnp.zeros((), jnp.float32)
   for _, layer in tree.factored_layers(params):
-    if "mask_logits" in layer:
+    rule = rules.rule_of(layer)
+    if rule is not None and rule.relaxed_rank is not None:
       rows, cols = layer_shape(layer)
-      soft = relaxed_mask(layer["mask_logits"], temperature=cfg.mask_temperature)
-      total = total + jnp.sum(soft.astype(jnp.float32)) * (rows + cols)
+      total = total + rule.relaxed_rank(layer, cfg).astype(jnp.float32) * (rows + cols)
   return total
-
-
-def refill_to_target(params: Mapping, cfg: CompressionConfig, *, logit: float = 1e-3) -> dict:
-  """Re-enables dropped LLRC singular values, most-nearly-kept first, while the count stays <= target.
-
-  The budget freeze stops at the first update whose count is at or under the target, and that update
-  can drop several percent of the parameters at once (Adam moves every logit by about ``mask_lr``).
-  This takes back the overshoot: the dropped triplets (``mask_logits <= 0``) of all layers are
-  visited in order of decreasing logit, and each is turned back on (its logit set to ``logit`` > 0)
-  if the counted parameters (:func:`layer_cost`, break-even rule included) stay ``<=``
-  :func:`target_params`. Pure: returns a new tree; only ``mask_logits`` change. Plain Python/numpy,
-  outside jit (one sort over all singular values).
-
-  Args:
-    params: an LLRC training-form tree (every factored layer has ``mask_logits``).
-    cfg: the config it was compressed with (gives the target).
-    logit: the value a re-enabled logit gets.
-
-  Returns:
-    The tree with ``count_params(out) <= target_params`` and no dropped triplet left that would fit.
-  """
-  layers = dict(tree.factored_layers(params))
-  if not layers or not all("mask_logits" in lay for lay in layers.values()):
-    raise ValueError("refill_to_target needs an LLRC training-form tree (mask_logits in every factored layer)")
-  if not logit > 0:
-    raise ValueError(f"logit must be > 0 (a kept value), got {logit!r}")
-  target = target_params(params, cfg)
-  logits = {p: np.array(lay["mask_logits"], np.float32) for p, lay in layers.items()}
-  kept_of = {p: np.asarray(kept(lay)) for p, lay in layers.items()}
-  ranks = {p: int(np.sum(k)) for p, k in kept_of.items()}
-  costs = {p: np.asarray(layer_cost(np.arange(len(lg) + 1), *layer_shape(layers[p]))) for p, lg in logits.items()}
-  total = int(sum(int(costs[p][ranks[p]]) for p in logits))
-  if total > target:
-    raise ValueError(f"the tree counts {total} params, over the target {target}: train until the budget is met")
-  cands = [(float(logits[p][i]), p, i) for p, k in kept_of.items() for i in np.flatnonzero(~k)]
-  for _, p, i in sorted(cands, key=lambda c: -c[0]):
-    extra = int(costs[p][ranks[p] + 1]) - int(costs[p][ranks[p]])
-    if total + extra <= target:
-      total, ranks[p] = total + extra, ranks[p] + 1
-      logits[p][i] = logit
-
-  def visit(path, node):
-    if path in logits:
-      return {**node, "mask_logits": jnp.asarray(logits[path], jnp.asarray(node["mask_logits"]).dtype)}
-    return node
-  return tree.map_modules(params, visit)
 
 
 def dense_params(params: Mapping, cfg: Optional[CompressionConfig] = None) -> int:

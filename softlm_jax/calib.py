@@ -9,10 +9,16 @@ one ``(in, in)`` float32 matrix per layer, never the activations.
 
 Layers that read the same input (q/k/v, gate/up) are computed once per traced input and share the
 value.
+
+:class:`Calibration` bundles what a collection needs (``apply_fn``, batches, mask) so that a run builds it
+once and hands it to every :func:`softlm_jax.compress_params` / :func:`softlm_jax.static_svd` call:
+Grams are collected on the first call that needs them and shared by every method and CR after it, and a
+decomposition that draws statistics while the model is being compressed gets the object itself.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterable, Mapping
 from typing import Any, Callable, Optional
 
@@ -23,7 +29,7 @@ import numpy as np
 
 from softlm_jax import tree
 from softlm_jax.config import CompressionConfig
-from softlm_jax.intercept import _layout
+from softlm_jax.intercept import intercept, layout_of
 
 
 class Grams(dict):
@@ -54,7 +60,7 @@ def _capture(cfg: CompressionConfig, out: dict, layouts: dict, weights: Optional
       return next_fun(*args, **kwargs)
     path = "/".join(module.scope.path)
     kernel = module.get_variable("params", "kernel")
-    layout = _layout(module)
+    layout = layout_of(module)
     if kernel.ndim != 2 or layout is None or not cfg.matches(path):
       return next_fun(*args, **kwargs)
     x = args[0] if args else kwargs["inputs"]
@@ -84,7 +90,10 @@ def collect_grams(apply_fn: Callable[[Any, Any], Any], params: Mapping, batches:
   Args:
     apply_fn: ``apply_fn(params, batch)`` runs the unmodified model on dense ``params`` (e.g.
       ``lambda p, b: model(b["input_ids"], params=p).logits``); its output is discarded.
-    params: the dense tree (the kernels that ``cfg`` selects must be present).
+    params: the tree; Grams are collected for the dense kernels ``cfg`` selects in it. It may be
+      partly compressed (some selected layers already factored): ``apply_fn`` then runs under
+      :func:`softlm_jax.intercept` ``(cfg)``, so the remaining layers see the inputs the compressed
+      ones produce.
     batches: an iterable of batches (streamed: one batch in memory at a time). Every batch should
       have the same shapes, or each new shape compiles once more.
     cfg: selects the layers (``include`` / ``exclude``), as :func:`softlm_jax.compress_params` will.
@@ -103,12 +112,13 @@ def collect_grams(apply_fn: Callable[[Any, Any], Any], params: Mapping, batches:
       ``batches`` is empty.
   """
   layouts: dict[str, str] = {}  # filled while tracing (layouts are static)
+  factored = bool(tree.factored_layers(params))
 
   def grams_of(p, batch):
     """``({path: Gram}, token count or None)`` of one batch (traced)."""
     grams: dict[str, jax.Array] = {}
     weights = None if mask_fn is None else jnp.asarray(mask_fn(batch), jnp.float32)
-    with _capture(cfg, grams, layouts, weights):
+    with _capture(cfg, grams, layouts, weights), (intercept(cfg) if factored else contextlib.nullcontext()):
       apply_fn(p, batch)
     return grams, (jnp.sum(weights) if weights is not None else None)
 
@@ -144,6 +154,87 @@ def collect_grams(apply_fn: Callable[[Any, Any], Any], params: Mapping, batches:
     raise ValueError(f"{len(missing)} selected layers never ran under apply_fn, e.g. {missing[:4]}; "
                      f"collected Grams for {sorted(acc)[:4]}...: check apply_fn runs the whole model")
   return Grams({k: np.asarray(v) for k, v in acc.items()}, layouts, tokens)
+
+
+class Calibration:
+  """A calibration set: ``apply_fn`` + batches + mask, with the Grams it gives collected once per selection.
+
+  Build one per run and pass it as ``calibration=`` to :func:`softlm_jax.compress_params`,
+  :func:`softlm_jax.static_svd` and :func:`softlm_jax.svd.decompose`: a decomposition that needs Grams
+  (``"whitened"``) takes :meth:`grams` (collected on the first call, then served from the cache to
+  every method and CR with the same selection), one that needs nothing ignores it, and one registered
+  with ``needs="calibration"`` gets this object and may call :meth:`collect` on partly compressed
+  trees as it goes.
+
+  Args:
+    apply_fn: ``apply_fn(params, batch)``, as for :func:`collect_grams` (output discarded).
+    batches: the calibration batches: a sequence (iterated once per collection) or a zero-argument
+      callable returning a fresh iterable each time (for streamed data; a one-shot iterator serves one
+      collection only).
+    mask_fn: optional ``mask_fn(batch) -> (B, T)`` 0/1 token weights (e.g. the attention mask).
+    progress: show a tqdm bar while collecting.
+    total: number of batches for the bar, when ``batches`` has no ``len``.
+
+  Attributes:
+    collections: how many times Grams were actually collected (cache misses and :meth:`collect` calls).
+  """
+
+  def __init__(self, apply_fn: Callable[[Any, Any], Any], batches: Any,
+               mask_fn: Optional[Callable[[Any], jax.Array]] = None, *, progress: bool = True,
+               total: Optional[int] = None):
+    self.apply_fn = apply_fn
+    self.batches = batches
+    self.mask_fn = mask_fn
+    self.progress = progress
+    self.total = total
+    self.collections = 0
+    self._cache: dict[tuple, Grams] = {}
+
+  def iter_batches(self) -> Iterable:
+    """The batches of one pass (a fresh iterable when ``batches`` is a callable)."""
+    return self.batches() if callable(self.batches) else self.batches
+
+  @staticmethod
+  def selection(params: Mapping, cfg: CompressionConfig) -> tuple:
+    """The cache key: ``((path, shape, dtype, fingerprint), ...)`` of the dense kernels ``cfg`` selects in
+    ``params``. The fingerprint is a digest of a few entries of each kernel (its first and last row's
+    ends: no pass over the weights), so trees with other weights (the dense model and a fine-tuned
+    teacher) get their own Grams."""
+    key = []
+    for path, k in tree.selected_kernels(params, cfg):
+      probe = np.concatenate([np.asarray(k[0, :8]).ravel(), np.asarray(k[-1, -8:]).ravel()])
+      digest = hashlib.blake2b(probe.tobytes(), digest_size=8).hexdigest()
+      key.append((path, tuple(np.shape(k)), str(probe.dtype), digest))
+    return tuple(key)
+
+  def collect(self, params: Mapping, cfg: CompressionConfig) -> Grams:
+    """Collects the Grams of ``cfg``'s selection in ``params`` now (no cache): :func:`collect_grams`.
+
+    ``params`` may be partly compressed (its factored layers run under :func:`softlm_jax.intercept`).
+    """
+    self.collections += 1
+    return collect_grams(self.apply_fn, params, self.iter_batches(), cfg, mask_fn=self.mask_fn,
+                         progress=self.progress, total=self.total)
+
+  def grams(self, params: Mapping, cfg: CompressionConfig) -> Grams:
+    """The Grams of ``cfg``'s selection in the dense ``params``, collected on the first call for that
+    selection and those weights (:meth:`selection`) and shared after it: every method and CR that
+    compresses the same tree with the same ``include`` / ``exclude`` gets one collection.
+
+    A partly compressed tree is never served from the cache (its inputs depend on what was
+    compressed): it is collected anew each time.
+    """
+    if tree.factored_layers(params):
+      return self.collect(params, cfg)
+    key = self.selection(params, cfg)
+    if key not in self._cache:
+      self._cache[key] = self.collect(params, cfg)
+    return self._cache[key]
+
+  def __repr__(self) -> str:
+    return (f"Calibration(apply_fn={getattr(self.apply_fn, '__name__', self.apply_fn)!r}, "
+            f"batches={type(self.batches).__name__}, mask_fn={'yes' if self.mask_fn else None}, "
+            f"collections={self.collections}, cached={len(self._cache)})")
 
 
 def _rows(leaves) -> int:

@@ -39,7 +39,8 @@ from typing import Any, Optional, Union
 import jax.numpy as jnp
 import numpy as np
 
-from softlm_jax import budget, tree
+from softlm_jax import budget, rules, tree
+from softlm_jax._version import __version__
 from softlm_jax.config import CompressionConfig
 
 FORMAT = "softlm-compact"
@@ -115,7 +116,7 @@ def manifest(params: Mapping, cfg: Optional[CompressionConfig] = None, *, model_
   cfg = cfg or CompressionConfig()
   for path, layer in tree.factored_layers(params):
     if budget.has_selection(layer):
-      held = [k for k in budget.SELECTION_KEYS if k in layer]
+      held = list(rules.rule_of(layer).keys)
       raise ValueError(f"layer '{path}' is in training form (it has {held}):"
                        " a compact checkpoint holds the exported tree; call softlm_jax.export_params(params, cfg) "
                        "first (or save the training state with softlm_jax.train.save_checkpoint)")
@@ -124,9 +125,8 @@ def manifest(params: Mapping, cfg: Optional[CompressionConfig] = None, *, model_
   factored = {p for p, _ in tree.factored_layers(params)}
   layers = {p: {**v, "form": "factored" if p in factored else "dense"} for p, v in rep["layers"].items()}
   metadata = dict(metadata or {})
-  import softlm_jax
   return {
-      "format": FORMAT, "format_version": FORMAT_VERSION, "library_version": softlm_jax.__version__,
+      "format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__,
       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "method": metadata.get("method", cfg.method), "target_ratio": cfg.target_ratio,
       "achieved_ratio": rep["achieved_ratio"], "counted_params": rep["counted_params"],

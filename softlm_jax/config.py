@@ -18,17 +18,24 @@ DEFAULT_INCLUDE = r"(^|/)(layer|layers|h|blocks?)/\d+/"
 DEFAULT_EXCLUDE = r"(embed|wte|wpe|lm_head|pooler|classifier|score|qa_outputs)"
 
 LOSSES = ("adaptive", "linear")
-#: How a layer's singular values are decomposed: plain SVD of the kernel, or SVD in the coordinates
-#: whitened by the calibration Gram ``X^T X`` (activation-aware; needs ``grams=``).
-DECOMPOSITIONS = ("svd", "whitened")
 #: What each layer's spectrum is divided by before thresholding (so ``alpha`` and ``sharpness`` are
 #: unitless): ``"top"`` its largest value, ``"energy"`` ``sqrt(sum s^2)``, ``"uniform_rank"`` the
 #: first value the uniform keep-ratio at ``target_ratio`` drops (so ``alpha = 1`` in every layer is
 #: exactly the static-SVD allocation), ``"none"`` raw values (the paper).
 NORMALIZATIONS = ("top", "energy", "uniform_rank", "none")
-#: Selection rules: "softlm" (a learned threshold per layer, weights fine-tuned; arXiv 2411.10543) or
-#: "llrc" (a learned mask per singular value, weights frozen; Sundrani, Tudisco, Minervini).
-METHODS = ("softlm", "llrc")
+
+
+def __getattr__(name):
+  """``METHODS`` / ``DECOMPOSITIONS``: the names registered now in :mod:`softlm_jax.rules` (selection
+  rules: "softlm", "llrc", ...) and :mod:`softlm_jax.svd` (decompositions: "svd", "whitened", ...); the
+  registries are the one source, these are read from them on each access."""
+  if name == "METHODS":
+    from softlm_jax import rules
+    return rules.names()
+  if name == "DECOMPOSITIONS":
+    from softlm_jax import svd
+    return svd.names()
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,10 +55,11 @@ class CompressionConfig:
       everywhere is the static baseline's allocation and alphas rising together stay near it (the
       choice for whitened spectra, whose top values activation outliers inflate). ``"energy"``:
       ``sqrt(sum s^2)``. ``"none"`` (``False``): raw singular values as in the paper.
-    decomposition: ``"svd"`` (plain SVD of the kernel) or ``"whitened"`` (SVD of ``S^T W`` with
-      ``S S^T`` the calibration Gram, see :func:`softlm_jax.compress.whitened_factors`; pass
-      ``grams=`` from :func:`softlm_jax.collect_grams`). The selection rules, counting and export
-      only see ``left, s, right`` and are the same for both.
+    decomposition: a name registered in :mod:`softlm_jax.svd`: ``"svd"`` (plain SVD of the kernel) or
+      ``"whitened"`` (SVD of ``S^T W`` with ``S S^T`` the calibration Gram, see
+      :func:`softlm_jax.svd.whitened_factors`; pass ``grams=`` from :func:`softlm_jax.collect_grams`
+      or ``calibration=`` a :class:`softlm_jax.calib.Calibration`). The selection rules, counting and
+      export only see ``left, s, right`` and are the same for all.
     gram_floor: whitened: eigenvalues of each Gram are clipped at ``gram_floor * max eigenvalue``
       (directions the calibration never excited get a small, finite weight; rank-deficient Grams
       decompose).
@@ -63,9 +71,11 @@ class CompressionConfig:
     loss: ``"adaptive"`` (``sum exp(-alpha)``, paper eq. 9) or ``"linear"`` (``-sum alpha``, eq. 8).
     init_rank: ``"full"`` (min(m, n)), ``"break_even"`` (floor(mn/(m+n)): factors cost no more than
       the dense kernel) or an int (clipped to min(m, n)).
-    method: the selection rule, ``"softlm"`` or ``"llrc"``. Both share decomposition, interception,
-      counting and export; they differ in what a layer learns (``alpha`` vs ``mask_logits``) and in
-      the compression loss (:func:`softlm_jax.compression_loss`).
+    method: the selection rule, a name registered in :mod:`softlm_jax.rules`: ``"softlm"`` (a learned
+      threshold per layer, weights fine-tuned; arXiv 2411.10543) or ``"llrc"`` (a learned mask per
+      singular value, weights frozen; Sundrani, Tudisco, Minervini). All share decomposition,
+      interception, counting and export; they differ in what a layer learns (``alpha`` vs
+      ``mask_logits``), the compression loss (:func:`softlm_jax.compression_loss`) and what trains.
     mask_lr: LLRC: learning rate of the mask logits (the only trained parameters).
     mask_temperature: LLRC: ``T`` in the relaxed mask ``sigmoid(logit / T)``; the forward pass uses
       the hard mask ``logit > 0`` with the relaxed one's gradient (straight-through).
@@ -115,8 +125,8 @@ class CompressionConfig:
       object.__setattr__(self, "normalize", "top" if self.normalize else "none")
     if self.normalize not in NORMALIZATIONS:
       raise ValueError(f"unknown normalize {self.normalize!r}; expected one of {NORMALIZATIONS} (or a bool)")
-    if self.decomposition not in DECOMPOSITIONS:
-      raise ValueError(f"unknown decomposition {self.decomposition!r}; expected one of {DECOMPOSITIONS}")
+    from softlm_jax import rules, svd  # the registries (both import this module)
+    svd.get(self.decomposition)  # raises "unknown decomposition ..., expected one of ..."
     if not (0.0 <= self.gram_floor < 1.0 and self.gram_damp >= 0.0):
       raise ValueError(f"need 0 <= gram_floor < 1 and gram_damp >= 0, got {self.gram_floor!r}, {self.gram_damp!r}")
     if not self.sharpness > 0:
@@ -130,8 +140,7 @@ class CompressionConfig:
     if isinstance(self.init_rank, bool) or not (
         self.init_rank in ("full", "break_even") or (isinstance(self.init_rank, int) and self.init_rank > 0)):
       raise ValueError(f"init_rank must be 'full', 'break_even' or a positive int, got {self.init_rank!r}")
-    if self.method not in METHODS:
-      raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
+    rules.get(self.method)  # raises "unknown method ..., expected one of ..."
     if not (self.mask_lr > 0 and self.mask_temperature > 0 and self.tv_weight >= 0):
       raise ValueError(f"need mask_lr > 0, mask_temperature > 0, tv_weight >= 0; got {self.mask_lr!r}, "
                        f"{self.mask_temperature!r}, {self.tv_weight!r}")

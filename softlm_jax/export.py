@@ -18,9 +18,10 @@ from typing import Optional
 import jax.numpy as jnp
 import numpy as np
 
-from softlm_jax import budget, tree
-from softlm_jax.compress import FACTOR_KEYS, decompose, singular_scale
+from softlm_jax import budget, rules, tree
+from softlm_jax.compress import singular_scale
 from softlm_jax.config import CompressionConfig
+from softlm_jax.svd import decompose
 
 
 ROUNDINGS = ("down", "up")
@@ -44,10 +45,12 @@ def rounded_rank(rank: int, multiple: int = 1, rounding: str = "down") -> int:
   return rank - rank % multiple if rank >= multiple else rank
 
 
-def _emit(node: Mapping, left: np.ndarray, right: np.ndarray, dtype, rank_multiple: int = 1,
-          rank_rounding: str = "down") -> dict:
-  """Module params for factors ``left (rows, r)``, ``right (r, cols)`` (columns in decreasing
-  importance): rounded to ``rank_multiple``, then factored or, at/above break-even, dense."""
+def emit_layer(node: Mapping, left: np.ndarray, right: np.ndarray, dtype, rank_multiple: int = 1,
+               rank_rounding: str = "down") -> dict:
+  """Exported module params for factors ``left (rows, r)``, ``right (r, cols)`` (columns in decreasing
+  importance): rounded to ``rank_multiple``, then factored or, at/above break-even, a dense ``kernel``
+  (``rows @ cols`` in ``dtype``). ``node``'s other leaves (bias) are kept; its factors, kernel and
+  selection parameters are dropped."""
   r = rounded_rank(left.shape[1], rank_multiple, rank_rounding)
   if r <= left.shape[1]:
     left, right = left[:, :r], right[:r]
@@ -55,7 +58,8 @@ def _emit(node: Mapping, left: np.ndarray, right: np.ndarray, dtype, rank_multip
     left = np.pad(left, ((0, 0), (0, r - left.shape[1])))
     right = np.pad(right, ((0, r - right.shape[0]), (0, 0)))
   rows, r, cols = left.shape[0], left.shape[1], right.shape[1]
-  keep = {k: v for k, v in node.items() if k not in FACTOR_KEYS + ("kernel",)}
+  drop = set(tree.FACTOR_KEYS) | set(rules.selection_keys()) | {"kernel"}
+  keep = {k: v for k, v in node.items() if k not in drop}
   if r >= budget.break_even_rank(rows, cols):
     keep["kernel"] = jnp.asarray(left.astype(np.float32) @ right.astype(np.float32), dtype)
   else:
@@ -69,8 +73,9 @@ def export_params(params: Mapping, cfg: Optional[CompressionConfig] = None, *, r
   """Compact inference tree from a training-form tree.
 
   For each training-form layer: ``left <- (left * scale)[:, kept]``, ``right <- right[kept]`` with
-  ``scale = Th(s)`` (SoftLM) or ``s * mask`` (LLRC) and ``kept = budget.kept(layer)`` (its
-  non-zero entries, in any order: LLRC masks need not be a prefix); the rank is
+  ``scale`` the layer's rule's forward scale (:func:`softlm_jax.compress.singular_scale`: ``Th(s)``
+  for SoftLM, ``s * mask`` for LLRC) and ``kept = budget.kept(layer)`` (its non-zero entries, in any
+  order: LLRC masks need not be a prefix); the rank is
   :func:`softlm_jax.budget.effective_rank`. Already-exported layers and dense modules pass through.
   Run it outside ``jit`` (output shapes depend on the learned ranks).
 
@@ -90,7 +95,7 @@ def export_params(params: Mapping, cfg: Optional[CompressionConfig] = None, *, r
       kept = np.sort(kept[np.argsort(-np.abs(scale[kept]), kind="stable")[:r]])
     left = np.asarray(node["left"], np.float32)[:, kept] * scale[kept]
     right = np.asarray(node["right"], np.float32)[kept]
-    return _emit(node, left, right, np.asarray(node["left"]).dtype, rank_multiple, rank_rounding)
+    return emit_layer(node, left, right, np.asarray(node["left"]).dtype, rank_multiple, rank_rounding)
 
   return tree.map_modules(params, convert)
 
@@ -102,26 +107,28 @@ def static_ranks(params: Mapping, cfg: CompressionConfig) -> dict[str, int]:
 
 def static_svd(params: Mapping, cfg: CompressionConfig, ranks: Optional[Mapping[str, int]] = None, *,
                factors: Optional[Mapping[str, tuple]] = None, grams: Optional[Mapping] = None,
-               rank_multiple: int = 1, rank_rounding: str = "down") -> dict:
+               calibration=None, rank_multiple: int = 1, rank_rounding: str = "down") -> dict:
   """The static baseline: truncated SVD of every selected kernel, exported.
 
   ``ranks`` defaults to :func:`static_ranks` (the same keep-ratio in every layer, so the count is at
   most the target); pass e.g. the ranks of a SoftLM run to get its non-uniform shapes from the dense
-  weights. ``factors``: a :func:`softlm_jax.compress.decompose` result of the same ``params`` to
+  weights. ``factors``: a :func:`softlm_jax.svd.decompose` result of the same ``params`` to
   reuse (e.g. one SVD for several CRs); ``grams``: calibration Grams for
-  ``cfg.decomposition="whitened"`` (SVD-LLM's truncation when the ranks are uniform).
+  ``cfg.decomposition="whitened"`` (SVD-LLM's truncation when the ranks are uniform);
+  ``calibration``: a :class:`softlm_jax.calib.Calibration` the decomposition draws its statistics from
+  (shared Grams, see :func:`softlm_jax.svd.decompose`).
   ``rank_multiple`` / ``rank_rounding``: see the module docstring (``"down"`` keeps the count within
   the target).
   """
   rounded_rank(1, rank_multiple, rank_rounding)
   ranks = dict(static_ranks(params, cfg) if ranks is None else ranks)
-  factors = decompose(params, cfg, grams) if factors is None else factors
+  factors = decompose(params, cfg, grams, calibration) if factors is None else factors
 
   def convert(path: str, node: Mapping) -> Mapping:
     if path not in factors or "kernel" not in node:
       return node
     u, s, vt, dtype = factors[path]
     r = ranks[path]
-    return _emit(node, u[:, :r] * s[:r], vt[:r], dtype, rank_multiple, rank_rounding)
+    return emit_layer(node, u[:, :r] * s[:r], vt[:r], dtype, rank_multiple, rank_rounding)
 
   return tree.map_modules(params, convert)

@@ -18,8 +18,10 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
-from softlm_jax.compress import FACTOR_KEYS, singular_scale
+from softlm_jax import rules
+from softlm_jax.compress import singular_scale
 from softlm_jax.config import CompressionConfig
+from softlm_jax.tree import FACTOR_KEYS
 
 #: Module class name -> kernel storage layout. "in_out": y = x @ K (nn.Dense);
 #: "out_in": y = x @ K.T (Hugging Face's FlaxConv1D used by GPT-2).
@@ -33,7 +35,9 @@ def register_layout(module_type: type | str, layout: str) -> None:
   LAYOUTS[module_type if isinstance(module_type, str) else module_type.__name__] = layout
 
 
-def _layout(module: nn.Module) -> Optional[str]:
+def layout_of(module: nn.Module) -> Optional[str]:
+  """The kernel storage layout (:data:`LAYOUTS`) of ``module``'s class or its nearest registered base;
+  None for a module type nobody registered."""
   for cls in type(module).__mro__:
     if cls.__name__ in LAYOUTS:
       return LAYOUTS[cls.__name__]
@@ -126,13 +130,13 @@ def make_interceptor(cfg: Optional[CompressionConfig] = None, *, mode: Optional[
     if (context.method_name != "__call__" or module.scope is None
         or not module.has_variable("params", "left")):
       return next_fun(*args, **kwargs)
-    layout = _layout(module)
+    layout = layout_of(module)
     path = "/".join(module.scope.path)
     if layout is None:
       raise TypeError(f"layer '{path}': module type {type(module).__name__} holds factored params but "
                       f"softlm_jax does not know its kernel layout; call "
                       f"softlm_jax.register_layout({type(module).__name__}, 'in_out' or 'out_in')")
-    layer = {k: module.get_variable("params", k) for k in FACTOR_KEYS
+    layer = {k: module.get_variable("params", k) for k in FACTOR_KEYS + rules.selection_keys()
              if module.has_variable("params", k)}
     bias = module.get_variable("params", "bias") if module.has_variable("params", "bias") else None
     scale = singular_scale(layer, cfg) if "s" in layer else None

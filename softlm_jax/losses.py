@@ -1,4 +1,8 @@
-"""Compression losses: SoftLM's (paper section 4.4) and LLRC's (distillation, total variation, budget)."""
+"""Compression losses: SoftLM's (paper section 4.4) and LLRC's (distillation, total variation, budget).
+
+The math is here; each rule's loss over a tree (which leaves it reads) is its entry in
+:mod:`softlm_jax.rules` (``alphas`` and ``llrc_loss`` are re-exported from there).
+"""
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -7,9 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from softlm_jax import budget, tree
+from softlm_jax import rules
 from softlm_jax.config import CompressionConfig
-from softlm_jax.threshold import relaxed_mask
+from softlm_jax.rules import alphas, llrc_loss  # noqa: F401  (the rules' tree walks; re-exported)
 
 
 def adaptive_loss(alpha: jax.typing.ArrayLike) -> jax.Array:
@@ -20,12 +24,6 @@ def adaptive_loss(alpha: jax.typing.ArrayLike) -> jax.Array:
 def linear_loss(alpha: jax.typing.ArrayLike) -> jax.Array:
   """``L_cmp = -sum_i alpha_i`` (eq. 8): constant pressure. alpha: ``(L,)``."""
   return -jnp.sum(jnp.asarray(alpha))
-
-
-def alphas(params: Mapping) -> jax.Array:
-  """Stacked thresholds of every SoftLM layer, shape ``(L,)`` (``(0,)`` when there are none)."""
-  found = [layer["alpha"] for _, layer in tree.factored_layers(params) if "alpha" in layer]
-  return jnp.stack([jnp.asarray(a, jnp.float32) for a in found]) if found else jnp.zeros((0,))
 
 
 def total_variation(mask: jax.typing.ArrayLike) -> jax.Array:
@@ -72,33 +70,12 @@ def budget_price(cfg: CompressionConfig, step: jax.typing.ArrayLike | None = Non
   return jnp.exp(jnp.minimum(log_price, np.log(MAX_BUDGET_PRICE)))
 
 
-def llrc_loss(params: Mapping, cfg: CompressionConfig, step: jax.typing.ArrayLike | None = None) -> jax.Array:
-  """LLRC's regularisers (scalar): ``tv_weight * sum_l TV(mask_l) + gamma * price(step) * budget``.
-
-  ``budget = relaxed_count / dense_params`` while the hard count (:func:`softlm_jax.count_params`)
-  is above the target, else 0: it drives the count to the target and stops pressing once it is met.
-  ``price`` is :func:`budget_price` (``cfg.budget_growth**step``, 1 by default). The TV term acts on
-  the relaxed masks ``sigmoid(logits / T)``.
-  """
-  layers = [layer for _, layer in tree.factored_layers(params) if "mask_logits" in layer]
-  if not layers:
-    return jnp.zeros(())
-  tv = sum(total_variation(relaxed_mask(layer["mask_logits"], temperature=cfg.mask_temperature))
-           for layer in layers)
-  over = budget.count_params(params) > budget.target_params(params, cfg)
-  press = budget.relaxed_count(params, cfg) / budget.dense_params(params)
-  return cfg.tv_weight * tv + cfg.gamma * budget_price(cfg, step) * jnp.where(over, press, 0.0)
-
-
 def compression_loss(params: Mapping, cfg: CompressionConfig,
                      step: jax.typing.ArrayLike | None = None) -> jax.Array:
-  """The selection rule's regulariser, already weighted; scalar.
+  """The selection rule's regulariser (``softlm_jax.rules.get(cfg.method).loss``), already weighted; scalar.
 
-  SoftLM: ``gamma * L_cmp`` over all thresholds (adaptive or linear). LLRC: :func:`llrc_loss`, whose
-  budget price rises with ``step`` (the update index) when ``cfg.budget_growth > 1``.
+  SoftLM: ``gamma * L_cmp`` over all thresholds (adaptive or linear,
+  :func:`softlm_jax.rules.softlm_loss`). LLRC: :func:`llrc_loss`, whose budget price rises with ``step``
+  (the update index) when ``cfg.budget_growth > 1``.
   """
-  if cfg.method == "llrc":
-    return llrc_loss(params, cfg, step)
-  fn = adaptive_loss if cfg.loss == "adaptive" else linear_loss
-  a = alphas(params)
-  return cfg.gamma * fn(a) if a.size else jnp.zeros(())
+  return rules.get(cfg.method).loss(params, cfg, step)

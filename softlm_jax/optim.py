@@ -1,7 +1,9 @@
-"""Optimizer: thresholds in their own optax partition, and the budget freeze (paper section 4.5).
+"""Optimizer: each selection rule's parameters in their own optax partition, and the budget freeze
+(paper section 4.5).
 
-Like jaxpruner's ``wrap_optax``, the SoftLM rule is a ``GradientTransformation`` whose state (a
-NamedTuple) lives in the optimizer state, so it is jitted with the step and checkpointed with it.
+Like jaxpruner's ``wrap_optax``, the freeze is a ``GradientTransformation`` whose state (a NamedTuple)
+lives in the optimizer state, so it is jitted with the step and checkpointed with it. What a rule's
+leaves are called, how they train and how the freeze holds them comes from :mod:`softlm_jax.rules`.
 """
 from __future__ import annotations
 
@@ -11,12 +13,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from softlm_jax import budget, tree
+from softlm_jax import budget, rules, tree
 from softlm_jax.config import CompressionConfig
-
-THRESHOLD_KEYS = ("alpha",)
-#: Per-singular-value leaves whose pruned entries stay pruned once the budget is met.
-PER_VALUE_KEYS = ("s", "mask_logits")
+from softlm_jax.rules import WEIGHTS_LABEL
 
 
 class BudgetState(NamedTuple):
@@ -45,11 +44,12 @@ def _path(keypath) -> tuple[str, ...]:
 
 
 def param_labels(params) -> object:
-  """Tree of labels: ``"alpha"`` for thresholds, ``"mask"`` for LLRC mask logits, ``"weights"``
-  otherwise."""
+  """Tree of optimizer partition labels: a selection rule's leaves get its ``label`` (SoftLM's
+  ``alpha``: ``"alpha"``, LLRC's ``mask_logits``: ``"mask"``), every other leaf ``"weights"``."""
+  label_of = {key: rule.label for rule in rules.all_rules() for key in rule.keys}
+
   def label(kp, _):
-    name = _path(kp)[-1]
-    return "alpha" if name in THRESHOLD_KEYS else ("mask" if name == "mask_logits" else "weights")
+    return label_of.get(_path(kp)[-1], WEIGHTS_LABEL)
   return jax.tree_util.tree_map_with_path(label, params)
 
 
@@ -68,16 +68,18 @@ def ramp_target(dense: int, target: int, step: jax.typing.ArrayLike, ramp_steps:
 def budget_freeze(inner: optax.GradientTransformation, target: Optional[int] = None,
                   cfg: Optional[CompressionConfig] = None, ramp_steps: Optional[int] = None
                   ) -> optax.GradientTransformation:
-  """Zeroes threshold updates for good once the counted params reach the budget.
+  """Zeroes selection updates for good once the counted params reach the budget.
 
   At each update the params *before* the update are counted with :func:`softlm_jax.count_params`;
-  once ``count <= target`` the state flips to frozen (sticky). While frozen: every ``alpha`` update is
-  zero, and so is the update of every pruned entry (``~budget.kept``: a singular value at or below
-  its threshold, an LLRC mask logit at or below 0), so a pruned value stays pruned, the count can
+  once ``count <= target`` the state flips to frozen (sticky). While frozen, in every training-form
+  layer (its rule from :func:`softlm_jax.rules.rule_of`): the update of each of the rule's per-layer
+  leaves is zero (SoftLM's ``alpha``), and so is the update of every pruned entry (``~budget.kept``: a
+  singular value at or below its threshold, an LLRC mask logit at or below 0) of ``s`` and of the
+  rule's ``per_value`` leaves (LLRC's ``mask_logits``), so a pruned value stays pruned, the count can
   only fall and the budget stays met while training goes on.
 
   With a ramp (``ramp_steps``, default ``cfg.compress_steps``; 0 = none), before the freeze every
-  selection update (``alpha``, ``mask_logits``) is also zero at each update whose count is already at
+  selection update (all of a rule's leaves) is also zero at each update whose count is already at
   or under :func:`ramp_target`: the count falls no faster than the ramp, give or take one update.
 
   Args:
@@ -107,17 +109,23 @@ def budget_freeze(inner: optax.GradientTransformation, target: Optional[int] = N
     else:
       hold = jnp.zeros((), bool)
     updates, inner_state = inner.update(updates, state.inner, params)
-    kept_of = {path: budget.kept(layer) for path, layer in tree.factored_layers(params)
-               if budget.has_selection(layer)}
+    selected = {}  # layer path -> (its rule, its kept entries)
+    for path, layer in tree.factored_layers(params):
+      rule = rules.rule_of(layer)
+      if rule is not None:
+        selected[path] = (rule, rule.kept(layer))
 
     def mask(keypath, u):
       path = _path(keypath)
-      if path[-1] in THRESHOLD_KEYS:
-        return jnp.where(frozen | hold, jnp.zeros_like(u), u)
-      parent = "/".join(path[:-1])
-      if path[-1] in PER_VALUE_KEYS and parent in kept_of:
-        u = jnp.where(frozen & ~kept_of[parent], jnp.zeros_like(u), u)
-        return jnp.where(hold, jnp.zeros_like(u), u) if path[-1] == "mask_logits" else u
+      parent, name = "/".join(path[:-1]), path[-1]
+      if parent not in selected:
+        return u
+      rule, kept = selected[parent]
+      if name in rule.keys:
+        held = frozen & ~kept if name in rule.per_value else frozen
+        return jnp.where(held | hold, jnp.zeros_like(u), u)
+      if name == "s":  # the singular values: a pruned one stays pruned
+        return jnp.where(frozen & ~kept, jnp.zeros_like(u), u)
       return u
 
     updates = jax.tree_util.tree_map_with_path(mask, updates)
@@ -129,25 +137,26 @@ def budget_freeze(inner: optax.GradientTransformation, target: Optional[int] = N
 def make_optimizer(cfg: CompressionConfig, weights_tx: Optional[optax.GradientTransformation] = None,
                    alpha_tx: Optional[optax.GradientTransformation] = None,
                    target: Optional[int] = None) -> optax.GradientTransformation:
-  """``budget_freeze(partition({"weights": ..., "alpha": ..., "mask": ...}))``.
+  """``budget_freeze(partition({"weights": ..., <each rule's label>: ...}))`` for the rule ``cfg.method``.
 
-  SoftLM (``cfg.method="softlm"``): ``weights_tx`` for the weights (required; pass
-  ``optax.set_to_zero()`` for thresholds-only training), ``alpha_tx`` (default
-  ``optax.adam(cfg.alpha_lr)``, the paper's AdamW without decay) for the thresholds.
-  LLRC: only the mask logits train (``optax.adam(cfg.mask_lr)``); every weight gets a zero update,
-  so the weights stay bit-identical (fine-tune after export instead). Works on trees without
-  thresholds too (e.g. fine-tuning a static-SVD export): then the freeze is a no-op.
+  The rule's leaves train with ``alpha_tx`` (default: the rule's ``optimizer(cfg)``: SoftLM
+  ``optax.adam(cfg.alpha_lr)``, the paper's AdamW without decay; LLRC ``optax.adam(cfg.mask_lr)``);
+  other rules' leaves get zero updates. A rule that ``trains_weights`` (SoftLM) needs ``weights_tx``
+  for every other leaf (pass ``optax.set_to_zero()`` for thresholds-only training). One that does not
+  (LLRC: only the mask logits train) refuses it and gives every weight a zero update, so the weights
+  stay bit-identical (fine-tune after export instead). Works on trees without a selection too (e.g.
+  fine-tuning a static-SVD export): then the freeze is a no-op.
   """
-  if cfg.method == "llrc":
-    if weights_tx is not None:
-      raise ValueError("LLRC keeps the weights frozen (only mask logits train): pass weights_tx=None "
-                       "and fine-tune the exported model instead")
-    txs = {"weights": optax.set_to_zero(), "alpha": optax.set_to_zero(), "mask": optax.adam(cfg.mask_lr)}
-  else:
-    if weights_tx is None:
-      raise ValueError("SoftLM needs weights_tx (e.g. optax.adam(5e-5); optax.set_to_zero() to train "
-                       "the thresholds alone)")
-    txs = {"weights": weights_tx, "alpha": alpha_tx or optax.adam(cfg.alpha_lr), "mask": optax.set_to_zero()}
+  rule = rules.get(cfg.method)
+  if rule.trains_weights and weights_tx is None:
+    raise ValueError(f"{rule.name} needs weights_tx (e.g. optax.adam(5e-5); optax.set_to_zero() to train "
+                     f"its {', '.join(rule.keys)} alone)")
+  if not rule.trains_weights and weights_tx is not None:
+    raise ValueError(f"{rule.name} keeps the weights frozen (only {', '.join(rule.keys)} train): pass "
+                     "weights_tx=None and fine-tune the exported model instead")
+  txs = {r.label: optax.set_to_zero() for r in rules.all_rules()}
+  txs[WEIGHTS_LABEL] = weights_tx if rule.trains_weights else optax.set_to_zero()
+  txs[rule.label] = alpha_tx or rule.optimizer(cfg)
   return budget_freeze(optax.multi_transform(txs, param_labels), target=target, cfg=cfg)
 
 

@@ -40,18 +40,30 @@ def save_ppl_plot(fig, ax, path: str, *, xlabel: str, title: str, dense: Optiona
   print(f"wrote {path}")
 
 
-def budget_results(params, cfg, folder: str, title: str) -> dict:
-  """``{"budget": totals, "ranks": {path: rank}}`` of a compressed tree for a ``results.json``
-  (:func:`softlm_jax.budget_report`, the one count), and its rank heatmap written to
-  ``<folder>/ranks.png``."""
-  import os
-
+def budget_summary(params, cfg) -> dict:
+  """The counts of a compressed tree (pure; no files): ``{"budget": totals, "ranks": {path: rank},
+  "full": {path: min(rows, cols)}}``, all from :func:`softlm_jax.budget_report` (the one count).
+  ``budget`` holds ``counted_params``, ``dense_params``, ``target_params``, ``achieved_ratio`` and
+  ``budget_met``."""
   from softlm_jax.budget import budget_report
   rep = budget_report(params, cfg)
-  ranks = {p: v["rank"] for p, v in rep["layers"].items()}
-  rank_heatmap(ranks, os.path.join(folder, "ranks.png"), title=title,
-               full={p: min(v["shape"]) for p, v in rep["layers"].items()})
-  return {"budget": {k: v for k, v in rep.items() if k != "layers"}, "ranks": ranks}
+  return {"budget": {k: v for k, v in rep.items() if k != "layers"},
+          "ranks": {p: v["rank"] for p, v in rep["layers"].items()},
+          "full": {p: min(v["shape"]) for p, v in rep["layers"].items()}}
+
+
+def plot_ranks(summary: Mapping, path: str, title: str = "") -> None:
+  """Writes the rank heatmap of a :func:`budget_summary` to ``path`` (PNG; colour = rank / full rank)."""
+  rank_heatmap(summary["ranks"], path, title=title, full=summary["full"])
+
+
+def budget_results(params, cfg, folder: str, title: str) -> dict:
+  """``{"budget": totals, "ranks": {path: rank}}`` of a compressed tree for a ``results.json``
+  (:func:`budget_summary`), with its rank heatmap written to ``<folder>/ranks.png`` (:func:`plot_ranks`)."""
+  import os
+  summary = budget_summary(params, cfg)
+  plot_ranks(summary, os.path.join(folder, "ranks.png"), title)
+  return {"budget": summary["budget"], "ranks": summary["ranks"]}
 
 
 def rank_heatmap(ranks: Mapping[str, int], path: str, title: str = "",

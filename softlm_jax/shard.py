@@ -2,12 +2,12 @@
 
 One rule places every array: :func:`fsdp_spec`. A parameter or optimizer-state leaf is split along
 ``"fsdp"`` on its largest axis whose size the fsdp axis divides, and replicated when none does; the
-selection rule's small leaves (SoftLM's scalar ``alpha``, LLRC's ``mask_logits``) are always
-replicated. Batches are split along ``"data"`` on their leading axis. The jitted train step
-(:func:`softlm_jax.train.make_train_step` with ``mesh=``) then works on *global* arrays: XLA's SPMD
-partitioner inserts the all-gathers and reductions, so the parameter count, the budget freeze and
-the compression loss are computed on the whole model and come out replicated, the same on every
-device.
+selection rules' small leaves (:func:`softlm_jax.rules.replicated_keys`: SoftLM's scalar ``alpha``,
+LLRC's ``mask_logits``) are always replicated. Batches are split along ``"data"`` on their leading
+axis. The jitted train step (:func:`softlm_jax.train.make_train_step` with ``mesh=``) then works on
+*global* arrays: XLA's SPMD partitioner inserts the all-gathers and reductions, so the parameter
+count, the budget freeze and the compression loss are computed on the whole model and come out
+replicated, the same on every device.
 
 Several hosts: call ``jax.distributed.initialize()`` first on every host; ``jax.devices()`` then
 lists all of them and the same code runs on each (every host builds the same global batch from the
@@ -22,9 +22,9 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from softlm_jax import rules
+
 AXES = ("data", "fsdp")
-#: Leaves that are never split: the selection rule's per-layer scalar and per-value mask logits.
-REPLICATED_KEYS = ("alpha", "mask_logits")
 
 
 def make_mesh(data: int = 1, fsdp: int = 1, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
@@ -68,18 +68,19 @@ def fsdp_spec(path: str, shape: Sequence[int], fsdp: int) -> PartitionSpec:
   """THE sharding rule for a parameter or optimizer-state leaf.
 
   Args:
-    path: the leaf's path, ``"/"``-joined (only its last name is read: ``alpha`` and
-      ``mask_logits`` are replicated, and so are Adam's moments of them, which end in the same name).
+    path: the leaf's path, ``"/"``-joined (only its last name is read: the selection rules' replicated
+      keys, e.g. ``alpha`` and ``mask_logits``, are replicated, and so are Adam's moments of them,
+      which end in the same name).
     shape: the leaf's (global) shape.
     fsdp: size of the mesh's ``"fsdp"`` axis.
 
   Returns:
     ``PartitionSpec`` with ``"fsdp"`` on the largest axis whose size ``fsdp`` divides (the first
     such axis on ties), ``PartitionSpec()`` (replicated) when no axis divides, for scalars, for
-    ``REPLICATED_KEYS`` and when ``fsdp == 1``.
+    :func:`softlm_jax.rules.replicated_keys` and when ``fsdp == 1``.
   """
   name = path.rsplit("/", 1)[-1]
-  if fsdp == 1 or name in REPLICATED_KEYS or len(shape) == 0:
+  if fsdp == 1 or len(shape) == 0 or name in rules.replicated_keys():
     return PartitionSpec()
   best = None
   for axis, n in enumerate(shape):
@@ -194,6 +195,6 @@ def describe(mesh: Optional[Mesh]) -> str:
   return f"data={mesh.shape['data']},fsdp={mesh.shape['fsdp']} ({mesh.size} {mesh.devices.flat[0].platform} devices)"
 
 
-__all__ = ["AXES", "REPLICATED_KEYS", "batch_shardings", "describe", "fsdp_spec", "make_mesh", "parse_mesh",
+__all__ = ["AXES", "batch_shardings", "describe", "fsdp_spec", "make_mesh", "parse_mesh",
            "per_device_bytes", "replicated", "shard_batch", "shard_state", "shard_tree", "state_shardings",
            "tree_shardings"]

@@ -9,7 +9,10 @@ runs the same function on groups of modules instead (each group's dense kernels 
 resident size stays near one model. The per-group function is pluggable: any
 ``fn(params, cfg) -> params`` that rewrites the selected modules of the tree it is given, e.g.
 ``compress_params``, ``static_svd``, ``functools.partial(static_svd, ranks=...)`` or a whitened
-decomposition taking calibration statistics. Applied per group, ``compress_params`` and
+decomposition taking calibration statistics collected on the whole model first
+(``functools.partial(compress_params, grams=calibration.grams(params, cfg))``: a group's sub-tree is
+not a model that ``apply_fn`` can run, so a decomposition registered with ``needs="calibration"``
+cannot be streamed). Applied per group, ``compress_params`` and
 ``static_svd`` give exactly the one-shot result (each kernel's SVD does not depend on the others).
 
 With ``mesh`` each group's new leaves go straight into their place on the mesh

@@ -2,7 +2,7 @@
 
 A *factored layer* is a module's parameter dict that holds ``left`` (rows x k) and ``right``
 (k x cols) instead of ``kernel`` (rows x cols, in the module's own storage layout), plus, in training
-form, ``s`` (k,) and the threshold ``alpha`` ().
+form, ``s`` (k,) and its selection rule's parameters (:mod:`softlm_jax.rules`, e.g. SoftLM's threshold).
 """
 from __future__ import annotations
 
@@ -13,7 +13,10 @@ import numpy as np
 
 from softlm_jax.config import CompressionConfig
 
-FACTOR_KEYS = ("left", "right")
+#: The factor names of a factored layer, for every selection rule: ``left``, ``right`` and, in training form
+#: only, the singular values ``s``. A rule's own names come from :func:`softlm_jax.rules.selection_keys`;
+#: everything else in the module (bias) passes through untouched.
+FACTOR_KEYS = ("left", "right", "s")
 
 
 def join(path: tuple) -> str:
@@ -21,7 +24,8 @@ def join(path: tuple) -> str:
 
 
 def is_factored(node: Any) -> bool:
-  return isinstance(node, Mapping) and all(k in node for k in FACTOR_KEYS)
+  """Whether ``node`` is a factored layer (holds ``left`` and ``right``; training or exported form)."""
+  return isinstance(node, Mapping) and "left" in node and "right" in node
 
 
 def iter_modules(params: Mapping, prefix: tuple = ()) -> Iterator[tuple[tuple, Mapping]]:

@@ -20,7 +20,7 @@ from softlm_jax.bench.power import measure_power, power_probe
 from softlm_jax.bench.timing import Case, paired_speedup, summarize, time_interleaved
 from softlm_jax.bench.variants import flop_ratio, linear_shapes, make_variants
 from softlm_jax.config import CompressionConfig
-from softlm_jax.intercept import _layout, intercept
+from softlm_jax.intercept import intercept, layout_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +32,7 @@ class _Skip:
     if (context.method_name != "__call__" or module.scope is None
         or not module.has_variable("params", "kernel")):
       return next_fun(*args, **kwargs)
-    layout = _layout(module)
+    layout = layout_of(module)
     kernel = module.get_variable("params", "kernel")
     if layout is None or np.ndim(kernel) != 2 or not self.cfg.matches("/".join(module.scope.path)):
       return next_fun(*args, **kwargs)

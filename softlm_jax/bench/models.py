@@ -44,7 +44,8 @@ def _hf_classes(family: str):
           "llama": (tf.LlamaConfig, tf.FlaxLlamaForCausalLM)}[family]
 
 
-def _cast(params, dtype):
+def cast_params(params, dtype):
+  """``params`` with every floating leaf cast to ``dtype`` (integer leaves unchanged)."""
   return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
 
 
@@ -115,7 +116,7 @@ def build_model(name: str, dtype: str = "float32", seed: int = 0) -> BenchModel:
     config = {k: v for k, v in module.config.to_dict().items() if isinstance(v, (int, float, str, bool))}
     if jdt != jnp.float32:
       module = type(module)(module.config, dtype=jdt, _do_init=False)
-    return BenchModel(name, family, module, _cast(params, jdt), config, str(jdt))
+    return BenchModel(name, family, module, cast_params(params, jdt), config, str(jdt))
   config = dict(spec["config"])
   if family == "mamba":
     from softlm_jax.models.mamba import MambaConfig, MambaLM
@@ -126,4 +127,4 @@ def build_model(name: str, dtype: str = "float32", seed: int = 0) -> BenchModel:
     module = model_cls(cfg_cls(**config), seed=seed, dtype=jdt, _do_init=False)
     params = jax.jit(lambda r: module.init_weights(r, (1, 8)))(jax.random.PRNGKey(seed))
   params = jax.tree.map(jnp.asarray, dict(params))
-  return BenchModel(name, family, module, _cast(params, jdt), config, str(jdt))
+  return BenchModel(name, family, module, cast_params(params, jdt), config, str(jdt))

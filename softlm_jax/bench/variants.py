@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from softlm_jax import budget, tree
-from softlm_jax.bench.models import BenchModel, _cast
+from softlm_jax.bench.models import BenchModel, cast_params
 from softlm_jax.compress import decompose
 from softlm_jax.config import CompressionConfig
-from softlm_jax.export import _emit, export_params, static_ranks, static_svd
+from softlm_jax.export import emit_layer, export_params, static_ranks, static_svd
 
 
 def random_factors(params: Mapping, cfg: CompressionConfig, ranks: Mapping[str, int], seed: int = 0) -> dict:
@@ -39,7 +39,7 @@ def _export_random(params, cfg, ranks, rank_multiple):
     if path not in factors or "kernel" not in node:
       return node
     u, s, vt, dtype = factors[path]
-    return _emit(node, u * s, vt, dtype, rank_multiple)
+    return emit_layer(node, u * s, vt, dtype, rank_multiple)
   return tree.map_modules(params, convert)
 
 
@@ -118,6 +118,6 @@ def make_variants(bm: BenchModel, crs: Sequence[float], *, softlm_run: Optional[
                        "(rerun the training with --keep-ckpt)")
     for m in rank_multiples:
       ex = export_params(trained, scfg, rank_multiple=m)
-      out[f"softlm{_suffix(m)}"] = {"params": _cast(ex, jnp.dtype(bm.dtype)), "kind": "softlm",
+      out[f"softlm{_suffix(m)}"] = {"params": cast_params(ex, jnp.dtype(bm.dtype)), "kind": "softlm",
                                     "cr": scfg.target_ratio, "run": softlm_run, "rank_multiple": m}
   return out, prep
