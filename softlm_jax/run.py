@@ -45,11 +45,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from softlm_jax import budget, calib, checkpoint, report, serial, shard, tasks, train
-from softlm_jax.compress import compress_params, decompose
+from softlm_jax import budget, calib, checkpoint, report, rules, serial, shard, tasks, train
+from softlm_jax.compress import compress_params
 from softlm_jax.config import CompressionConfig
 from softlm_jax.export import export_params, static_svd
 from softlm_jax.optim import budget_state, make_optimizer
+from softlm_jax.svd import decompose
 
 ALPHA_OPTS = ("adam", "sgd")
 
@@ -70,7 +71,7 @@ class TrainConfig:
     calib: calibration examples (the first N training ones) of the frozen-weight methods.
     calib_grams: calibration examples of the Grams (whitened decomposition).
     ft_steps: fine-tuning steps of ``R-ft`` after the frozen-weight run.
-    refill: LLRC: after the budget is met, re-enable dropped values up to the target.
+    refill: rules with a refill (LLRC): after the budget is met, re-enable dropped values up to the target.
     alpha_opt: the thresholds' optimizer, ``"adam"`` (lr ``CompressionConfig.alpha_lr``) or ``"sgd"``.
     eval_every: log the task's curve metric every N steps (0: off).
     save_every: orbax checkpoint every N steps (and at the end).
@@ -145,23 +146,10 @@ def check_configs(ccfg: CompressionConfig, tcfg: TrainConfig) -> None:
 # methods
 
 
-def _rules() -> list[str]:
-  try:
-    from softlm_jax import rules
-    return list(rules.names())
-  except ImportError:
-    from softlm_jax.config import METHODS
-    return list(METHODS)
-
-
 def rule_trains_weights(rule: str) -> bool:
   """Whether a selection rule's own recipe trains the weights with the selection (SoftLM) or keeps
   them frozen (LLRC)."""
-  try:
-    from softlm_jax import rules
-    return bool(rules.get(rule).trains_weights)
-  except ImportError:
-    return rule != "llrc"
+  return bool(rules.get(rule).trains_weights)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,7 +186,7 @@ class Method:
 def method_names() -> list[str]:
   """Every method :func:`parse_method` accepts, for the registered rules."""
   out = ["dense", "dense-ft", "static", "static-noft"]
-  for r in _rules():
+  for r in rules.names():
     out += [r, f"{r}-noft", f"{r}-ft"]
   return out
 
@@ -239,8 +227,10 @@ class Comparison:
     dense = jax.tree.map(jnp.asarray, model.params)
     self.dense = shard.shard_tree(dense, self.mesh) if self.mesh is not None else dense
     self.teacher = None if task.dense_trains else self.dense
-    self.grams_collected = 0  # statistics passes over the calibration set (one per base tree)
-    self._grams: dict = {}
+    # one calibration set for every method, CR and base tree (its Grams are cached per selection and weights)
+    self.calibration = calib.Calibration(model.logits_fn(), lambda: task.calib_batches(tcfg.calib_grams,
+                                                                                        tcfg.batch_size),
+                                         mask_fn=task.mask_fn, progress=tcfg.progress)
     self._factors: dict = {}
     self._frozen: dict = {}  # (rule, cr) -> (exported tree, results) of an R-noft / frozen R run
     self.learned_steps: dict = {}  # cr -> a learned rule's total steps
@@ -264,29 +254,21 @@ class Comparison:
       return ("teacher" if self.task.dense_trains else "dense"), self.teacher
     return "dense", self.dense
 
-  def grams(self, key: str, params, cfg: CompressionConfig):
-    """Calibration Grams of ``cfg``'s layers on the tree ``key``, collected once."""
-    gkey = (key, cfg.include, cfg.exclude, self.tcfg.calib_grams)
-    if gkey not in self._grams:
-      t = time.time()
-      batches = self.task.calib_batches(self.tcfg.calib_grams, self.tcfg.batch_size)
-      self._grams[gkey] = calib.collect_grams(self.model.logits_fn(), params, batches, cfg, mask_fn=self.task.mask_fn,
-                                              progress=self.tcfg.progress)
-      self.grams_collected += 1
-      g = self._grams[gkey]
-      self.log(f"calibration Grams ({key}): {len(g)} layers over {g.tokens} tokens ({time.time() - t:.1f}s)")
-    return self._grams[gkey]
+  @property
+  def grams_collected(self) -> int:
+    """Statistics passes over the calibration set so far (one per base tree and selection)."""
+    return self.calibration.collections
 
   def factors(self, key: str, params, cfg: CompressionConfig) -> dict:
-    """The decomposition of ``params`` (:func:`softlm_jax.compress.decompose`), computed once per tree
-    and decomposition and shared by every method and CR."""
+    """The decomposition of ``params`` (:func:`softlm_jax.svd.decompose` with this run's
+    :class:`~softlm_jax.Calibration`), computed once per tree and decomposition and shared by every
+    method and CR."""
     fkey = (key, cfg.decomposition, cfg.include, cfg.exclude, cfg.gram_floor, cfg.gram_damp)
     if fkey not in self._factors:
-      grams = self.grams(key, params, cfg) if cfg.decomposition == "whitened" else None
       t = time.time()
-      self._factors[fkey] = decompose(params, cfg, grams)
+      self._factors[fkey] = decompose(params, cfg, calibration=self.calibration)
       self.log(f"{cfg.decomposition} decomposition of {len(self._factors[fkey])} layers ({key}): "
-               f"{time.time() - t:.1f}s")
+               f"{time.time() - t:.1f}s (calibration passes so far: {self.grams_collected})")
     return self._factors[fkey]
 
   def initial(self, method: Method, cr: float):
@@ -420,9 +402,10 @@ class Comparison:
         bs = budget_state(state.opt_state)
         res.update(train_steps=int(state.step), history=hist, freeze_step=int(bs.freeze_step))
         trained = state.params
-        if t.refill and method.rule == "llrc" and bool(bs.frozen):
+        refill = rules.get(method.rule).refill
+        if t.refill and refill is not None and bool(bs.frozen):
           res["counted_before_refill"] = int(budget.count_params(trained))
-          trained = budget.refill_to_target(trained, cfg)
+          trained = refill(trained, cfg)
         _, tf_metrics, probe_t = self.task.evaluate(self.model, trained, cfg)
         res["training_form_metrics"] = next(iter(tf_metrics.values()))
         final = export_params(trained, cfg)

@@ -48,8 +48,9 @@ def _lm_script():
   return lm
 
 
-@pytest.mark.parametrize("argv", [["--cr", "0.5"], ["--cr", "0.3", "--alpha-lr", "0.01", "--distill", "0"],
-                                  ["--cr", "0.5", "--decomposition", "svd", "--compress-steps", "0", "--batch-size", "8"]])
+@pytest.mark.parametrize("argv", [
+    ["--cr", "0.5"], ["--cr", "0.3", "--alpha-lr", "0.01", "--distill", "0"],
+    ["--cr", "0.5", "--decomposition", "svd", "--compress-steps", "0", "--batch-size", "8"]])
 def test_softlm_train_and_experiments_lm_build_equal_configs(argv):
   from softlm_jax import cli
   a = options.parse(cli.build_parser(), ["train", "--task", "wikitext", "--out", "x", *argv]).options
@@ -213,3 +214,25 @@ def test_tiny_mamba_manifest_rebuilds_the_module():
                                 np.asarray(module.apply({"params": params}, ids)))
   out = fam.generate(back, params, ids[:, :3], max_new_tokens=3)
   assert out.shape == (2, 6) and np.array_equal(np.asarray(out[:, :3]), np.asarray(ids[:, :3]))
+
+
+@needs_wikitext
+def test_third_rule_registered_in_tests_runs_through_the_pipeline(toy_family, tmp_path):
+  """test_rules' toy rule (a learnable keep fraction per layer), registered here, trains, freezes and
+  exports through softlm train; R-noft and R-ft come for free."""
+  from softlm_jax import cli, rules
+  from tests.test_rules import TOPK
+  rules.register(TOPK)
+  try:
+    assert {"topk", "topk-noft", "topk-ft"} <= set(run.method_names())
+    res = cli.run(["train", *TOY, "--methods", "topk,topk-ft", "--cr", "0.4", "--decomposition", "svd",
+                   "--alpha-lr", "0.1", "--gamma", "0.05", "--max-compress-steps", "150", "--ft-steps", "2",
+                   "--calib", "16", "--out", str(tmp_path / "run")])
+  finally:
+    rules.unregister("topk")
+  soft, ft = res["topk"], res["topk-ft"]
+  for r in (soft, ft):
+    assert r["budget"]["budget_met"] and r["freeze_step"] >= 0
+    assert r["export_max_abs_logit_diff"] < 1e-4
+  assert soft["train_steps"] == soft["freeze_step"] + 2  # --finetune-steps 2 after the freeze
+  assert ft["train_steps"] == ft["freeze_step"] + 2  # frozen-weight selection, then --ft-steps 2

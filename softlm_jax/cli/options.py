@@ -137,12 +137,8 @@ def text_cols_arg(text: str) -> list[str]:
 
 
 def decomposition_choices() -> tuple:
-  try:
-    from softlm_jax import svd
-    return tuple(svd.names())
-  except ImportError:
-    from softlm_jax.config import DECOMPOSITIONS
-    return tuple(DECOMPOSITIONS)
+  from softlm_jax import svd
+  return tuple(svd.names())
 
 
 # ---------------------------------------------------------------------------------------------------
