@@ -415,7 +415,7 @@ class Comparison:
                                                       self.task.train_loss(self.model, distill),
                                                       self._task_batches(distill[0] > 0),
                                                       os.path.join(out, "ckpt_ft"), steps=t.ft_steps)
-        final, res["train_steps"] = ft_state.params, steps0 + t.ft_steps
+        final, res["train_steps"], res["selection_steps"] = ft_state.params, steps0 + t.ft_steps, steps0
         probe_t = None
     res["main_metric"], res["metrics"], probe = self.task.evaluate(self.model, final, step_cfg)
     if probe_t is not None:
