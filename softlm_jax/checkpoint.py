@@ -331,6 +331,38 @@ def load_compact(path: Union[str, os.PathLike], *, verify: bool = True) -> tuple
   return params, man
 
 
+GENERATIVE_CLASS_MARKS = ("CausalLM", "LMHeadModel", "ForConditionalGeneration")
+CLASSIFIER_CLASS_MARKS = ("ForSequenceClassification", "ForTokenClassification", "ForMultipleChoice",
+                          "ForQuestionAnswering")
+
+
+def model_kind(man: Mapping) -> str:
+  """``"generative"``, ``"classifier"`` or ``"unknown"`` from a manifest: its ``metadata["model_class"]``
+  (e.g. ``...FlaxBertForSequenceClassification``), else the model config's ``architectures``, else a
+  ``num_labels`` in the metadata (written for classifiers and regressors only)."""
+  meta = man.get("metadata") or {}
+  names = [meta.get("model_class") or ""] + list((man.get("model_config") or {}).get("architectures") or [])
+  for name in names:
+    if any(m in name for m in CLASSIFIER_CLASS_MARKS):
+      return "classifier"
+    if any(m in name for m in GENERATIVE_CLASS_MARKS):
+      return "generative"
+  return "classifier" if "num_labels" in meta else "unknown"
+
+
+def require_generative(man: Mapping, path: Union[str, os.PathLike, None] = None) -> None:
+  """Raises ValueError (one line, naming the file, the model class and the task) when the manifest
+  says the model is a classifier: text generation needs a causal language model. Unknown kinds pass."""
+  if model_kind(man) != "classifier":
+    return
+  meta = man.get("metadata") or {}
+  cls = (meta.get("model_class") or "?").rsplit(".", 1)[-1]
+  what = f"{cls}, task {meta.get('task')!r}, {meta.get('num_labels', '?')} label(s)"
+  raise ValueError(f"{os.fspath(path) if path is not None else 'this checkpoint'} is a classifier ({what}), "
+                   "not a causal language model: `softlm generate` needs one (e.g. a --task wikitext run); "
+                   "use `softlm eval` for a classifier")
+
+
 def file_report(path: Union[str, os.PathLike]) -> dict:
   """Sizes of a compact checkpoint (plain ints): ``file_bytes``, ``header_bytes`` (JSON header incl.
   manifest), ``array_bytes``; ``params`` (every array's elements) = ``counted_params`` (the compressed

@@ -425,6 +425,8 @@ def cmd_generate(args) -> dict:
   import jax.numpy as jnp
   import numpy as np
   from softlm_jax.models import hf
+  from softlm_jax import checkpoint  # issue 18: refuse a classifier before loading anything
+  checkpoint.require_generative(checkpoint.read_manifest(args.checkpoint), args.checkpoint)
   params, info, model, cfg, _ = _load(args.checkpoint)
   meta = info["metadata"]
   if args.ids:

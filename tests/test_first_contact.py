@@ -1,0 +1,62 @@
+"""Issue 18, what a first-time user meets: `softlm generate` refuses a classifier at once, a nearly
+numeric label column is an error in auto mode, Ctrl-C stops training within seconds and resumes."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+import softlm_jax as sl
+from softlm_jax import checkpoint, cli, data
+from tests.conftest import build
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = sl.CompressionConfig(target_ratio=0.5)
+
+
+# --- softlm generate on a classifier ---------------------------------------------------------------
+
+def _save(path, name, metadata):
+  model = build(name)
+  sl.save_compact(path, sl.static_svd(model.params, CFG), cfg=CFG, model_config=model.config, metadata=metadata)
+  return path
+
+
+def test_model_kind_from_the_manifest(tmp_path):
+  clf = checkpoint.read_manifest(_save(tmp_path / "c.safetensors", "bert", {
+      "model_class": "transformers.models.bert.modeling_flax_bert.FlaxBertForSequenceClassification",
+      "task": "sst2", "num_labels": 2}))
+  assert checkpoint.model_kind(clf) == "classifier"
+  assert checkpoint.model_kind({"metadata": {"num_labels": 1}}) == "classifier"  # a regressor, no class name
+  assert checkpoint.model_kind({"metadata": {}, "model_config": {"architectures": ["BertForSequenceClassification"]}}) \
+      == "classifier"
+  lm_man = checkpoint.read_manifest(_save(tmp_path / "g.safetensors", "gpt2", {
+      "model_class": "transformers.models.gpt2.modeling_flax_gpt2.FlaxGPT2LMHeadModel", "task": "wikitext"}))
+  assert checkpoint.model_kind(lm_man) == "generative"
+  checkpoint.require_generative(lm_man)  # passes
+  assert checkpoint.model_kind({"metadata": {}}) == "unknown"
+  checkpoint.require_generative({"metadata": {}})  # an unknown kind is not refused
+  with pytest.raises(ValueError, match=r"c\.safetensors is a classifier \(FlaxBertForSequenceClassification, task "
+                     r"'sst2', 2 label\(s\)\), not a causal language model"):
+    checkpoint.require_generative(clf, tmp_path / "c.safetensors")
+
+
+def test_generate_refuses_a_classifier_before_loading(tmp_path, monkeypatch, capsys):
+  path = _save(tmp_path / "c.safetensors", "bert", {
+      "model_class": "transformers.models.bert.modeling_flax_bert.FlaxBertForSequenceClassification",
+      "task": "sst2", "num_labels": 2})
+
+  def no_load(*a, **k):
+    raise AssertionError("generate loaded the arrays / built the model before refusing")
+  monkeypatch.setattr(cli, "_load", no_load)
+  monkeypatch.delenv("SOFTLM_DEBUG", raising=False)
+  with pytest.raises(SystemExit) as e:
+    cli.run(["generate", str(path), "--ids", "1,2,3"])
+  msg = str(e.value)
+  assert msg.startswith("softlm generate: error: ") and "\n" not in msg
+  assert "is a classifier" in msg and "softlm eval" in msg
