@@ -60,3 +60,36 @@ def test_generate_refuses_a_classifier_before_loading(tmp_path, monkeypatch, cap
   msg = str(e.value)
   assert msg.startswith("softlm generate: error: ") and "\n" not in msg
   assert "is a classifier" in msg and "softlm eval" in msg
+
+
+# --- a numeric label column with one bad value ------------------------------------------------------
+
+def _scores_csv(path, labels):
+  rows = ["text,score"] + [f"sentence {i},{v}" for i, v in enumerate(labels)]
+  path.write_text("\n".join(rows) + "\n")
+  return str(path)
+
+
+@pytest.mark.parametrize("scores", ["float", "int"])
+def test_nearly_numeric_labels_are_an_error_in_auto_mode(tmp_path, scores):
+  rng = np.random.RandomState(0)
+  vals = [f"{x:.2f}" for x in rng.uniform(0, 5, 160)] if scores == "float" else [str(x) for x in range(160)]
+  vals[37] = "n/a"
+  path = _scores_csv(tmp_path / "s.csv", vals)
+  want = r"s\.csv: column 'score': regression labels must be numbers: row 38 has 'n/a'"
+  with pytest.raises(ValueError, match=want + r" \(1 of 160 rows are not numbers, the other 159"):
+    data.load_table(path, ["text"], "score")  # auto
+  with pytest.raises(ValueError, match=want):
+    data.load_table(path, ["text"], "score", task_type="regression")
+  # the user can still say each value is a class
+  d = data.load_table(path, ["text"], "score", task_type="classification")
+  assert d.num_labels == len(set(vals))
+  vals[37] = "2"
+  assert data.load_table(_scores_csv(tmp_path / "t.csv", vals), ["text"], "score").regression is (scores == "float")
+
+
+def test_few_integer_classes_and_a_word_stay_classification(tmp_path):
+  vals = [str(i % 3) for i in range(50)] + ["unknown"] * 2  # 96% numbers, but 3 distinct ids: class labels
+  d = data.load_table(_scores_csv(tmp_path / "c.csv", vals), ["text"], "score")
+  assert not d.regression and d.label_names == ["0", "1", "2", "unknown"]
+  assert data.infer_task_type(["pos", "neg", "1.5"]) == "classification"  # mostly words: classes
