@@ -475,7 +475,11 @@ def run(argv: Optional[list] = None):
 
 def main(argv: Optional[list] = None) -> int:
   """The ``softlm`` entry point: exit status 0 on success."""
-  run(argv)
+  try:
+    run(argv)
+  except KeyboardInterrupt:  # issue 18: Ctrl-C; training has saved and said where it resumes
+    from softlm_jax.interrupt import exit_interrupted
+    exit_interrupted(130)
   return 0
 
 

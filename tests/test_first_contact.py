@@ -93,3 +93,77 @@ def test_few_integer_classes_and_a_word_stay_classification(tmp_path):
   d = data.load_table(_scores_csv(tmp_path / "c.csv", vals), ["text"], "score")
   assert not d.regression and d.label_names == ["0", "1", "2", "unknown"]
   assert data.infer_task_type(["pos", "neg", "1.5"]) == "classification"  # mostly words: classes
+
+
+# --- Ctrl-C during training --------------------------------------------------------------------------
+
+FIT = textwrap.dedent("""
+  import sys, time
+  import jax.numpy as jnp, optax
+  import softlm_jax as sl
+  from softlm_jax import train
+  from tests.conftest import build
+  ckpt, stop_after = sys.argv[1], (int(sys.argv[2]) if len(sys.argv) > 2 else None)
+  model = build("bert")
+  cfg = sl.CompressionConfig(target_ratio=0.5)
+  tx = sl.make_optimizer(cfg, optax.adam(1e-3))
+  state = train.init_state(sl.compress_params(model.params, cfg), tx)
+  restored = train.restore_checkpoint(ckpt, state)
+  print("START", 0 if restored is None else int(restored.step), flush=True)
+  ids = jnp.ones((2, 8), jnp.int32)
+  def batch_fn(step):
+    time.sleep(0.02)
+    return ids
+  loss = lambda p, b, rng: jnp.mean(model(b, params=p).logits ** 2)
+  try:  # as the softlm command does (cli.main)
+    state, _ = train.fit(state, train.make_train_step(loss, tx, cfg), batch_fn, finetune_steps=10**6,
+                         max_compress_steps=10**6, ckpt_dir=ckpt, save_every=7, log_every=1, progress=False,
+                         stop_after=stop_after)
+  except KeyboardInterrupt:
+    from softlm_jax.interrupt import exit_interrupted
+    exit_interrupted(130)
+  print("END", int(state.step), flush=True)
+""")
+
+
+def _fit_process(ckpt, *extra):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+  return subprocess.Popen([sys.executable, "-c", FIT, str(ckpt), *map(str, extra)], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+
+
+def test_ctrl_c_stops_within_seconds_and_the_rerun_resumes(tmp_path):
+  ckpt = tmp_path / "ckpt"
+  p = _fit_process(ckpt)
+  deadline = time.time() + 240
+  while time.time() < deadline:  # until it has trained past its first checkpoint
+    hist = ckpt / "history.jsonl"
+    if hist.exists() and len(hist.read_text().splitlines()) >= 10:
+      break
+    assert p.poll() is None, p.communicate()[0]
+    time.sleep(0.1)
+  else:
+    p.kill()
+    pytest.fail("the tiny fit did not reach step 10 in 240 s")
+  t = time.time()
+  p.send_signal(signal.SIGINT)
+  try:
+    out, _ = p.communicate(timeout=30)
+  except subprocess.TimeoutExpired:
+    p.kill()
+    pytest.fail(f"still running 30 s after SIGINT:\n{p.communicate()[0][-2000:]}")
+  took = time.time() - t
+  assert took < 15, f"{took:.1f} s from SIGINT to exit"
+  assert p.returncode == 130 and "END" not in out
+  import re
+  m = re.search(r"\[interrupt\] interrupted at step (\d+); checkpoint in .*ckpt: rerun the same command to resume "
+                r"from step (\d+)", out)
+  assert m and m.group(1) == m.group(2), out[-2000:]
+  stopped = int(m.group(1))
+  assert stopped >= 10 and str(stopped) in os.listdir(ckpt)  # saved where it stopped
+  p = _fit_process(ckpt, stopped + 3)
+  out, _ = p.communicate(timeout=300)
+  assert p.returncode == 0, out[-2000:]
+  assert f"START {stopped}" in out and f"END {stopped + 3}" in out
+  steps = [json.loads(x)["step"] for x in (ckpt / "history.jsonl").read_text().splitlines()]
+  assert steps == list(range(1, stopped + 4)), steps  # no step lost or repeated across the interruption
