@@ -481,6 +481,8 @@ def run(argv: Optional[list] = None):
 
 def main(argv: Optional[list] = None) -> int:
   """The ``softlm`` entry point: exit status 0 on success."""
+  from softlm_jax.bench.machine import apply_default_xla_flags
+  apply_default_xla_flags()  # issue 18: the faster CPU path by default (before jax starts; $XLA_FLAGS wins)
   try:
     run(argv)
   except KeyboardInterrupt:  # issue 18: Ctrl-C; training has saved and said where it resumes
