@@ -6,10 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
-mkdir -p .whl
+rm -rf .whl && mkdir -p .whl   # the versions this venv runs (tokenizers 0.23 breaks transformers 4.57)
 "$PY" -m pip download --no-deps --only-binary=:all: --dest .whl \
-  "transformers==4.57.6" "flax==0.12.8" "optax==0.2.8" "orbax-checkpoint" "safetensors" "tokenizers" \
-  "huggingface_hub<1.0" "nvidia-ml-py" "chex" "tqdm" "msgpack" "regex" "filelock" "pyyaml" "tensorstore"
+  "transformers==4.57.6" "flax==0.12.8" "optax==0.2.8" "orbax-checkpoint==0.12.8" "safetensors==0.8.0" "tokenizers==0.22.2" \
+  "huggingface_hub==0.36.2" "nvidia-ml-py==13.615.71" "chex" "tqdm==4.70.1" "msgpack==1.2.4" "regex==2026.11.19" \
+  "filelock==4.3.1" "pyyaml==6.0.4" "tensorstore==0.1.86"
 du -sh .whl
 total=$(du -sb .whl | cut -f1)
 if [ "$total" -gt $((60 * 1024 * 1024)) ]; then
