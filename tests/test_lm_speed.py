@@ -29,7 +29,8 @@ def medium_llama():
 
 
 def direct(bm, params, batch, reps=5):
-  """Median seconds of the prefill call and of the NEW-step decode loop, timed here, alone."""
+  """Fastest seconds of the prefill call and of the NEW-step decode loop, timed here, alone (the minimum:
+  on this shared machine, at load ~18 on 2 cores, medians of the same call move by 3x between runs)."""
   prefill, step = lm_speed.lm_fns(bm, CFG)
   ids = jnp.asarray(np.random.RandomState(1).randint(0, bm.vocab, (batch, PROMPT)), jnp.int32)
   cache0 = bm.init_cache(batch, PROMPT + NEW)
@@ -45,7 +46,7 @@ def direct(bm, params, batch, reps=5):
     if r:  # the first round compiles
       pre.append(t1 - t0)
       dec.append(t2 - t1)
-  return float(np.median(pre)), float(np.median(dec))
+  return float(np.min(pre)), float(np.min(dec))
 
 
 def test_decode_loop_is_greedy_generation(tmp_path):
@@ -86,11 +87,13 @@ def test_softlm_bench_reports_tokens_per_second_that_match_a_direct_timing(tmp_p
     want = {"compact": direct(bm, jax.tree.map(jnp.asarray, params), batch),
             "dense": direct(bm, jax.tree.map(jnp.asarray, dense_params), batch)}
     for case, (pre_s, dec_s) in want.items():
-      # same calls, same shapes, timed apart: within 3x on this shared 2-core machine (its load moves timings
+      # same calls, same shapes, timed apart (fastest round each): within 3x on this shared 2-core machine (its load moves timings
       # by up to ~2x between runs), while a unit error (tokens per sequence instead of per batch: 8x; per
       # step instead of per loop: 8x) is far outside
       for mode, sec, tokens in (("prefill", pre_s, batch * PROMPT), ("decode", dec_s, batch * NEW)):
-        got = rows[(mode, case)]["tokens_per_s"]
+        row = rows[(mode, case)]
+        assert row["tokens_per_s"] == pytest.approx(tokens / np.median(row["times_s"]))
+        got = tokens / min(row["times_s"])
         assert 1 / 3 < got / (tokens / sec) < 3, (mode, case, batch, got, tokens / sec)
     # the bounds, from the two trees
     c = rows[("decode", "compact")]
