@@ -19,7 +19,6 @@ others still run; ``summary.md`` lists what was measured):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

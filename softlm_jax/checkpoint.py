@@ -164,7 +164,8 @@ def file_digests(path: Union[str, os.PathLike]) -> dict[str, str]:
       n = int.from_bytes(f.read(8), "little")
       header = json.loads(f.read(n))
     except (ValueError, UnicodeDecodeError) as e:
-      raise CheckpointError(f"{path}: not a readable safetensors header ({e}); it may be truncated or corrupt") from None
+      raise CheckpointError(f"{path}: not a readable safetensors header ({e}); "
+                            "it may be truncated or corrupt") from None
     base = 8 + n
     out = {}
     with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:

@@ -3,8 +3,9 @@
 Python delivers SIGINT as a KeyboardInterrupt wherever the main thread happens to be: inside a
 jitted step whose input state is donated (the state is then gone), inside an orbax save (a partial
 step folder), or in a C call that returns only much later. :class:`StopRequest` replaces that, for
-the duration of a ``with`` block (or between :meth:`StopRequest.install` and ``uninstall``), by a flag the loop reads after each step: the loop saves where it
-is, says so and raises KeyboardInterrupt itself. A second Ctrl-C raises KeyboardInterrupt at once.
+the duration of a ``with`` block (or between :meth:`StopRequest.install` and ``uninstall``), by a
+flag the loop reads after each step: the loop saves where it is, says so and raises
+KeyboardInterrupt itself. A second Ctrl-C raises KeyboardInterrupt at once.
 
 A process then still spends 10 s (tiny model, load ~17 on 2 cores) to minutes tearing the
 interpreter down (garbage-collecting jax/XLA objects), after everything is saved: a command-line

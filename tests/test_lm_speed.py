@@ -1,7 +1,6 @@
 """Issue 18: prefill / decode tokens per second (bench.lm_speed) agree with a direct timing of the same
 jitted calls, through `softlm bench` on a tiny causal-LM compact file; the bounds follow from the trees."""
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -87,8 +86,8 @@ def test_softlm_bench_reports_tokens_per_second_that_match_a_direct_timing(tmp_p
     want = {"compact": direct(bm, jax.tree.map(jnp.asarray, params), batch),
             "dense": direct(bm, jax.tree.map(jnp.asarray, dense_params), batch)}
     for case, (pre_s, dec_s) in want.items():
-      # same calls, same shapes, timed apart (fastest round each): within 3x on this shared 2-core machine (its load moves timings
-      # by up to ~2x between runs), while a unit error (tokens per sequence instead of per batch: 8x; per
+      # same calls, same shapes, timed apart (fastest round each): within 3x on this shared 2-core
+      # machine (its load moves timings by up to ~2x between runs), while a unit error (tokens per sequence instead of per batch: 8x; per
       # step instead of per loop: 8x) is far outside
       for mode, sec, tokens in (("prefill", pre_s, batch * PROMPT), ("decode", dec_s, batch * NEW)):
         row = rows[(mode, case)]

@@ -170,7 +170,8 @@ def markdown(res: Mapping) -> str:
   def fmt(v, spec):
     return "" if v is None else format(v, spec)
   return head + "".join(
-      f"| {r['mode']} | {r['batch']} | {r['prompt']} | {r['case']} | {r['tokens_per_s']:.1f} | {1e3 * r['median_s']:.1f}"
+      f"| {r['mode']} | {r['batch']} | {r['prompt']} | {r['case']} | {r['tokens_per_s']:.1f} "
+      f"| {1e3 * r['median_s']:.1f}"
       f" | {fmt(r.get('speedup'), '.2f')} | {fmt(r.get('flops_bound'), '.2f')} | {fmt(r.get('bytes_bound'), '.2f')} |\n"
       for r in res["rows"])
 
