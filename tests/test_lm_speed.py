@@ -87,8 +87,8 @@ def test_softlm_bench_reports_tokens_per_second_that_match_a_direct_timing(tmp_p
             "dense": direct(bm, jax.tree.map(jnp.asarray, dense_params), batch)}
     for case, (pre_s, dec_s) in want.items():
       # same calls, same shapes, timed apart (fastest round each): within 3x on this shared 2-core
-      # machine (its load moves timings by up to ~2x between runs), while a unit error (tokens per sequence instead of per batch: 8x; per
-      # step instead of per loop: 8x) is far outside
+      # machine (its load moves timings by up to ~2x between runs), while a unit error (tokens per
+      # sequence instead of per batch: 8x; per step instead of per loop: 16x) is far outside
       for mode, sec, tokens in (("prefill", pre_s, batch * PROMPT), ("decode", dec_s, batch * NEW)):
         row = rows[(mode, case)]
         assert row["tokens_per_s"] == pytest.approx(tokens / np.median(row["times_s"]))
