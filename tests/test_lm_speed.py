@@ -1,6 +1,7 @@
 """Issue 18: prefill / decode tokens per second (bench.lm_speed) agree with a direct timing of the same
 jitted calls, through `softlm bench` on a tiny causal-LM compact file; the bounds follow from the trees."""
 import json
+import os
 
 import jax
 import jax.numpy as jnp
