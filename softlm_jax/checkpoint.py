@@ -11,7 +11,8 @@ manifest::
   target_ratio      cfg.target_ratio (the CR asked for); achieved_ratio, counted_params, dense_params
   layers            {path: {"rank", "shape", "break_even", "params", "form": "factored" | "dense"}}:
                     :func:`softlm_jax.budget.budget_report`, the one counting source
-  arrays            {key: {"shape", "dtype"}} of every array in the file
+  arrays            {key: {"shape", "dtype", "sha256"}} of every array in the file; ``sha256`` is the hex
+                    digest of the array's raw bytes as stored (C order, little-endian), checked on load
   dtype             the floating dtype of the parameters ("float32", "bfloat16", or "mixed")
   source_model      ``metadata["source_model"]`` (e.g. "minilm", a HF name or path) or null
   compression       the CompressionConfig fields; model_config: the HF config dict (or null)
@@ -22,6 +23,11 @@ is the manifest). The bytes on disk are the compact parameters plus the header: 
 no singular values, no thresholds. A training-form tree (thresholds or masks still in it) is refused:
 export it first (:func:`softlm_jax.export_params`).
 
+:func:`load_compact` recomputes every array's sha256 from the bytes in the file and raises
+:class:`CheckpointError` naming the file and the key on a mismatch (a flipped bit anywhere in the
+arrays); ``verify=False`` skips that pass. Files written before the digests existed load with a
+warning.
+
 The write is atomic: the file is written to a temporary name in the destination folder, flushed to
 disk, then renamed over ``path`` (``os.replace``). An interrupted save leaves the previous file (or
 nothing) at ``path``, never a half-written file that loads.
@@ -30,9 +36,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
+import mmap
 import os
 import tempfile
+import warnings
 from collections.abc import Mapping
 from typing import Any, Optional, Union
 
@@ -133,9 +142,65 @@ def manifest(params: Mapping, cfg: Optional[CompressionConfig] = None, *, model_
       "dense_params": rep["dense_params"], "target_params": rep["target_params"],
       "source_model": metadata.get("source_model"), "dtype": _dtype_name(flat),
       "layers": layers,
-      "arrays": {k: {"shape": list(np.shape(v)), "dtype": str(jnp.asarray(v).dtype)} for k, v in flat.items()},
+      "arrays": {k: {"shape": list(np.shape(v)), "dtype": str(jnp.asarray(v).dtype), "sha256": array_digest(v)}
+                 for k, v in flat.items()},
       "compression": _config_dict(cfg), "model_config": _model_config_dict(model_config), "metadata": metadata,
   }
+
+
+def array_digest(x) -> str:
+  """Hex sha256 of an array's raw bytes (C order, native little-endian), as safetensors stores them."""
+  return hashlib.sha256(np.ascontiguousarray(np.asarray(x)).reshape(-1).view(np.uint8)).hexdigest()
+
+
+def file_digests(path: Union[str, os.PathLike]) -> dict[str, str]:
+  """``{key: hex sha256}`` of every tensor's bytes in a safetensors file, read straight from its data
+  section (the header's ``data_offsets``; no framework, any dtype). Raises CheckpointError if the
+  header is unreadable or a tensor's bytes lie past the end of the file."""
+  path = os.fspath(path)
+  with open(path, "rb") as f:
+    size = os.fstat(f.fileno()).st_size
+    try:
+      n = int.from_bytes(f.read(8), "little")
+      header = json.loads(f.read(n))
+    except (ValueError, UnicodeDecodeError) as e:
+      raise CheckpointError(f"{path}: not a readable safetensors header ({e}); "
+                            "it may be truncated or corrupt") from None
+    base = 8 + n
+    out = {}
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+      view = memoryview(mm)
+      try:
+        for key, spec in header.items():
+          if key == "__metadata__":
+            continue
+          begin, end = spec["data_offsets"]
+          if base + end > size:
+            raise CheckpointError(f"{path}: key '{key}' ends at byte {base + end}, the file has {size}; "
+                                  "it is truncated or corrupt")
+          out[key] = hashlib.sha256(view[base + begin:base + end]).hexdigest()
+      finally:
+        view.release()
+  return out
+
+
+def verify_digests(path: Union[str, os.PathLike], man: Mapping) -> None:
+  """Checks every array's bytes in ``path`` against the manifest's ``sha256``; raises CheckpointError
+  naming the file and the first key that differs. A manifest without digests (a file written before
+  they existed) warns and returns."""
+  path = os.fspath(path)
+  want = {k: v.get("sha256") for k, v in man["arrays"].items()}
+  if not any(want.values()):
+    warnings.warn(f"{path}: the manifest has no array digests (written by softlm_jax "
+                  f"{man.get('library_version')}); loaded without an integrity check", stacklevel=3)
+    return
+  got = file_digests(path)
+  for key, digest in want.items():
+    if digest is None:
+      raise CheckpointError(f"{path}: key '{key}' has no sha256 in the manifest while others do")
+    if got.get(key) != digest:
+      raise CheckpointError(f"{path}: key '{key}' fails its checksum (sha256 {str(got.get(key))[:12]}..., the "
+                            f"manifest says {digest[:12]}...): the file is corrupt; re-export or copy it again")
 
 
 def _write(path: str, tensors: dict, header: dict) -> None:
@@ -234,8 +299,12 @@ def _check(path: str, man: Mapping, flat: Mapping[str, Any]) -> None:
                               f"at rank {spec['rank']} of {tuple(spec['shape'])} needs {tuple(shape)}")
 
 
-def load_compact(path: Union[str, os.PathLike]) -> tuple[dict, dict]:
+def load_compact(path: Union[str, os.PathLike], *, verify: bool = True) -> tuple[dict, dict]:
   """Loads a compact checkpoint: ``(params, info)``.
+
+  ``verify`` (default True): recompute every array's sha256 from the file and compare it with the
+  manifest (:func:`verify_digests`); False skips that pass (faster; shapes, dtypes and ranks are still
+  checked).
 
   ``params``: the exported tree (nested dicts of ``jax.Array``, the saved dtypes), to run under
   :func:`softlm_jax.intercept`; ``info``: the manifest. Checks the format version, every array's
@@ -253,12 +322,46 @@ def load_compact(path: Union[str, os.PathLike]) -> tuple[dict, dict]:
     raise CheckpointError(f"{path}: cannot read the arrays ({type(e).__name__}: {e}); "
                           "the file may be truncated or corrupt") from None
   _check(path, man, flat)
+  if verify:
+    verify_digests(path, man)
   params = unflatten(flat)
   ranks = {p: int(r) for p, r in budget.layer_ranks(params).items()}
   for layer, spec in man["layers"].items():
     if spec["form"] == "factored" and ranks.get(layer) != spec["rank"]:
       raise CheckpointError(f"{path}: layer '{layer}' has rank {ranks.get(layer)}, the manifest says {spec['rank']}")
   return params, man
+
+
+GENERATIVE_CLASS_MARKS = ("CausalLM", "LMHeadModel", "ForConditionalGeneration")
+CLASSIFIER_CLASS_MARKS = ("ForSequenceClassification", "ForTokenClassification", "ForMultipleChoice",
+                          "ForQuestionAnswering")
+
+
+def model_kind(man: Mapping) -> str:
+  """``"generative"``, ``"classifier"`` or ``"unknown"`` from a manifest: its ``metadata["model_class"]``
+  (e.g. ``...FlaxBertForSequenceClassification``), else the model config's ``architectures``, else a
+  ``num_labels`` in the metadata (written for classifiers and regressors only)."""
+  meta = man.get("metadata") or {}
+  names = [meta.get("model_class") or ""] + list((man.get("model_config") or {}).get("architectures") or [])
+  for name in names:
+    if any(m in name for m in CLASSIFIER_CLASS_MARKS):
+      return "classifier"
+    if any(m in name for m in GENERATIVE_CLASS_MARKS):
+      return "generative"
+  return "classifier" if "num_labels" in meta else "unknown"
+
+
+def require_generative(man: Mapping, path: Union[str, os.PathLike, None] = None) -> None:
+  """Raises ValueError (one line, naming the file, the model class and the task) when the manifest
+  says the model is a classifier: text generation needs a causal language model. Unknown kinds pass."""
+  if model_kind(man) != "classifier":
+    return
+  meta = man.get("metadata") or {}
+  cls = (meta.get("model_class") or "?").rsplit(".", 1)[-1]
+  what = f"{cls}, task {meta.get('task')!r}, {meta.get('num_labels', '?')} label(s)"
+  raise ValueError(f"{os.fspath(path) if path is not None else 'this checkpoint'} is a classifier ({what}), "
+                   "not a causal language model: `softlm generate` needs one (e.g. a --task wikitext run); "
+                   "use `softlm eval` for a classifier")
 
 
 def file_report(path: Union[str, os.PathLike]) -> dict:

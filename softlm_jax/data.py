@@ -270,13 +270,41 @@ def read_table(path: str) -> tuple[list, list[dict]]:
   return names, rows
 
 
-def infer_task_type(values: Sequence) -> str:
-  """``"regression"`` when every label is a number and some are not integers, else ``"classification"``."""
+#: auto mode: a label column at least this fraction numbers ...
+NEAR_NUMERIC_FRACTION = 0.9
+#: ... with more distinct numbers than this (or any non-integer) is a regression column with bad rows
+MAX_AUTO_CLASSES = 20
+
+
+def _number(v) -> Optional[float]:
   try:
-    nums = [float(v) for v in values]
+    x = float(v)
   except (TypeError, ValueError):
-    return "classification"
-  return "classification" if all(float(x).is_integer() for x in nums) else "regression"
+    return None
+  return x if np.isfinite(x) else None
+
+
+def infer_task_type(values: Sequence) -> str:
+  """``"regression"`` when every label is a number and some are not integers, else ``"classification"``.
+
+  Raises ValueError (naming the first row, 1-based, and its value) for a column that is almost all
+  numbers (:data:`NEAR_NUMERIC_FRACTION`) that look like a regression target (a non-integer, or more
+  than :data:`MAX_AUTO_CLASSES` distinct values) but has a few that are not: one ``n/a`` in a column
+  of scores would otherwise make a classifier with one class per distinct score. A few integer ids
+  plus a word (``0, 1, 2, unknown``) stay classification.
+  """
+  nums = [_number(v) for v in values]
+  good = [x for x in nums if x is not None]
+  if len(good) == len(nums):
+    return "classification" if all(float(x).is_integer() for x in good) else "regression"
+  looks_continuous = any(not x.is_integer() for x in good) or len(set(good)) > MAX_AUTO_CLASSES
+  if good and len(good) >= NEAR_NUMERIC_FRACTION * len(nums) and looks_continuous:
+    bad = [i for i, x in enumerate(nums) if x is None]
+    raise ValueError(f"regression labels must be numbers: row {bad[0] + 1} has {values[bad[0]]!r} "
+                     f"({len(bad)} of {len(nums)} rows are not numbers, the other {len(good)} are, with "
+                     f"{len(set(good))} distinct values); fix or drop those rows, or pass --task-type "
+                     "classification if each value is a class")
+  return "classification"
 
 
 def load_table(path: str, text_cols: Sequence[str], label_col: str, *, task_type: str = "auto",
@@ -305,12 +333,17 @@ def load_table(path: str, text_cols: Sequence[str], label_col: str, *, task_type
   if empty:
     raise ValueError(f"{path}: row {empty[0] + 1} has no {label_col!r} label ({len(empty)} rows without one)")
   texts = [tuple("" if r.get(c) is None else str(r[c]) for c in text_cols) for r in rows]
-  kind = infer_task_type(raw) if task_type == "auto" else task_type
+  try:
+    kind = infer_task_type(raw) if task_type == "auto" else task_type
+  except ValueError as e:
+    raise ValueError(f"{path}: column {label_col!r}: {e}") from None
   if kind == "regression":
-    try:
-      labels = np.asarray([float(v) for v in raw], np.float32)
-    except ValueError as e:
-      raise ValueError(f"{path}: regression labels must be numbers ({e})") from None
+    nums = [_number(v) for v in raw]
+    bad = [i for i, x in enumerate(nums) if x is None]
+    if bad:
+      raise ValueError(f"{path}: column {label_col!r}: regression labels must be numbers: row {bad[0] + 1} has "
+                       f"{raw[bad[0]]!r} ({len(bad)} of {len(raw)} rows are not numbers)")
+    labels = np.asarray(nums, np.float32)
     return TextData(texts, labels, 1, None, str(path))
   keys = [str(v) for v in raw]
   if label_names is None:

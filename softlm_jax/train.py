@@ -20,6 +20,7 @@ import optax
 from softlm_jax import budget, losses, shard, tree
 from softlm_jax.config import CompressionConfig
 from softlm_jax.intercept import intercept
+from softlm_jax.interrupt import StopRequest
 from softlm_jax.optim import budget_state
 
 
@@ -189,8 +190,9 @@ def fit(state: TrainState, train_step: Callable, batch_fn: Callable[[int], Any],
 
   if eval_fn is not None and eval_every > 0 and step == 0:
     log({"step": 0, **evaluate(state.params), "time": 0.0})
+  ctrl_c = StopRequest().install()  # issue 18: Ctrl-C stops at a step boundary, saves, says where it resumes
   while step < end:
-    if stop_after is not None and step >= stop_after:
+    if (stop_after is not None and step >= stop_after) or ctrl_c.requested:
       break
     state, metrics = train_step(state, batch_fn(step))
     step, end = step + 1, end_step(state)  # the end moves once the budget freezes the thresholds
@@ -210,9 +212,25 @@ def fit(state: TrainState, train_step: Callable, batch_fn: Callable[[int], Any],
       bar.update(1)
     if mgr is not None and (step % save_every == 0 or step == end):
       save_checkpoint(ckpt_dir, state, mgr)
+  ctrl_c.uninstall()
   if bar is not None:
     bar.close()
+  if ctrl_c.requested:
+    _stopped(ckpt_dir, state, mgr, step)
   return state, history
+
+
+def _stopped(ckpt_dir: Optional[str], state: TrainState, mgr, step: int) -> None:
+  """After a Ctrl-C: saves ``state`` (unless step ``step`` is saved already), prints where a rerun
+  resumes and raises KeyboardInterrupt with that line."""
+  if mgr is None:
+    msg = f"interrupted at step {step}; no checkpoint folder, nothing saved"
+  else:
+    if mgr.latest_step() != step:
+      save_checkpoint(ckpt_dir, state, mgr)
+    msg = f"interrupted at step {step}; checkpoint in {ckpt_dir}: rerun the same command to resume from step {step}"
+  print(f"[interrupt] {msg}", flush=True)
+  raise KeyboardInterrupt(msg)
 
 
 def distill_task(logits_fn: Callable, *, base_loss: Optional[Callable] = None, weight: float = 1.0,

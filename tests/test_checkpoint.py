@@ -186,3 +186,74 @@ def test_generate_from_loaded_compact_model(tmp_path, name):
     nxt = logits(model, loaded, seq)[:, -1].argmax(-1)
     seq = jnp.concatenate([seq, jnp.asarray(nxt, jnp.int32)[:, None]], 1)
   assert out.shape == (2, 11) and np.array_equal(np.asarray(out), np.asarray(seq))
+
+
+# --- checksums (issue 18) --------------------------------------------------------------------------
+
+def _tiny_keys():
+  _, ex = trained_export(build("bert"))
+  return sorted(checkpoint.flatten(ex))
+
+
+@pytest.fixture(scope="module")
+def saved_once(tmp_path_factory):
+  folder = tmp_path_factory.mktemp("digests")
+  path, ex = saved(folder)
+  return path, ex
+
+
+def _flip_byte(path, key, out):
+  """A copy of ``path`` with one byte flipped in the middle of ``key``'s data."""
+  raw = bytearray(path.read_bytes())
+  n = struct.unpack("<Q", raw[:8])[0]
+  begin, end = json.loads(raw[8:8 + n])[key]["data_offsets"]
+  raw[8 + n + (begin + end) // 2] ^= 0x10
+  out.write_bytes(bytes(raw))
+  return out
+
+
+@pytest.mark.parametrize("key", _tiny_keys())
+def test_one_flipped_byte_in_any_array_names_the_key(saved_once, tmp_path, key):
+  path, ex = saved_once
+  bad = _flip_byte(path, key, tmp_path / "bad.safetensors")
+  with pytest.raises(sl.CheckpointError, match=rf"bad\.safetensors: key '{key}' fails its checksum"):
+    sl.load_compact(bad)
+  loaded, _ = sl.load_compact(bad, verify=False)  # the caller's choice: loads, the byte still flipped
+  a, b = np.asarray(checkpoint.flatten(loaded)[key]), np.asarray(checkpoint.flatten(ex)[key])
+  assert a.shape == b.shape and not np.array_equal(a, b)
+  others = {k: v for k, v in checkpoint.flatten(loaded).items() if k != key}
+  assert all(np.array_equal(np.asarray(v), np.asarray(checkpoint.flatten(ex)[k])) for k, v in others.items())
+
+
+def test_digests_are_of_the_stored_bytes(saved_once):
+  path, ex = saved_once
+  man = checkpoint.read_manifest(path)
+  import hashlib
+  want = {k: hashlib.sha256(np.asarray(v).tobytes()).hexdigest() for k, v in checkpoint.flatten(ex).items()}
+  assert {k: v["sha256"] for k, v in man["arrays"].items()} == want == checkpoint.file_digests(path)
+
+
+def test_bfloat16_digests_verify(tmp_path):
+  _, ex = trained_export(build("gpt2"))
+  ex16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), ex)
+  path = tmp_path / "b.safetensors"
+  sl.save_compact(path, ex16, cfg=CFG)
+  sl.load_compact(path)  # verifies
+  key = sorted(checkpoint.read_manifest(path)["arrays"])[0]
+  with pytest.raises(sl.CheckpointError, match=rf"key '{key}' fails its checksum"):
+    sl.load_compact(_flip_byte(path, key, tmp_path / "c.safetensors"))
+
+
+def test_file_without_digests_loads_with_a_warning(tmp_path, ids):
+  path, ex = saved(tmp_path)
+
+  def strip(h):  # a file from before issue 18
+    m = json.loads(h["__metadata__"]["softlm"])
+    for v in m["arrays"].values():
+      del v["sha256"]
+    h["__metadata__"]["softlm"] = json.dumps(m)
+  rewrite_header(path, strip)
+  with pytest.warns(UserWarning, match=r"m\.safetensors: the manifest has no array digests"):
+    loaded, _ = sl.load_compact(path)
+  model = build("bert")
+  assert np.array_equal(logits(model, loaded, ids), logits(model, ex, ids))

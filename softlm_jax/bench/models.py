@@ -21,6 +21,9 @@ MODELS: dict[str, dict] = {
         num_key_value_heads=4, intermediate_size=5632, max_position_embeddings=2048)},
     "mamba-130m": {"family": "mamba", "config": dict(
         vocab_size=50280, hidden_size=768, num_hidden_layers=24, state_size=16, expand=2)},
+    "smollm2-135m": {"family": "llama", "config": dict(  # SmolLM2-135M's shapes (random weights)
+        vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+        intermediate_size=1536, max_position_embeddings=2048, tie_word_embeddings=True)},
     "minilm": {"family": "bert", "real": True},
     "tiny-bert": {"family": "bert", "config": dict(
         vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

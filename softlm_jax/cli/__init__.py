@@ -49,9 +49,9 @@ def run(argv: Optional[list] = None):
   """Parses ``argv`` and runs the command; returns its result (a dict). User errors (a missing file,
   a bad value, a missed budget) exit with one line naming what is wrong (``SOFTLM_DEBUG=1``: the
   traceback)."""
+  from softlm_jax.bench.machine import apply_default_xla_flags
   from softlm_jax.cli import options
-  from softlm_jax.cli.common import apply_xla_defaults
-  apply_xla_defaults()
+  apply_default_xla_flags()  # the measured-faster CPU path, before jax starts ($XLA_FLAGS wins)
   ap = build_parser()
   args = options.parse(ap, argv)
   from softlm_jax.run import BudgetMissError, RunStopped
@@ -67,8 +67,13 @@ def run(argv: Optional[list] = None):
 
 
 def main(argv: Optional[list] = None) -> int:
-  """The ``softlm`` entry point: exit status 0 on success."""
-  run(argv)
+  """The ``softlm`` entry point: exit status 0 on success, 130 after Ctrl-C (training has saved its
+  checkpoint and said where a rerun resumes; the interpreter's slow teardown is skipped)."""
+  try:
+    run(argv)
+  except KeyboardInterrupt:
+    from softlm_jax.interrupt import exit_interrupted
+    exit_interrupted(130)
   return 0
 
 

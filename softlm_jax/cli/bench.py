@@ -44,6 +44,12 @@ def run(args) -> dict:
                                                         "run": os.path.abspath(args.checkpoint)}}, cfg=cfg)
   res["command"] = "softlm bench " + " ".join(sys.argv[2:])
   stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
+  if bm.decoder and family != "mamba":  # prefill and decode tokens/s, dense vs compact, with the bounds
+    from softlm_jax.bench import lm_speed
+    res["lm_speed"] = lm_speed.lm_speed(bm, {"dense": bm.params, "compact": tree_asarray(params)}, cfg=cfg,
+                                        batches=sorted({1, *args.batch}), prompts=args.seq, reps=args.reps,
+                                        warmup=args.warmup)
+    lm_speed.write(res["lm_speed"], os.path.join(out, f"{stem}_lm_speed.md"))
   bench.write_json(res, os.path.join(out, f"{stem}.json"))
   table = bench.markdown_table(res)
   with open(os.path.join(out, f"{stem}.md"), "w") as f:

@@ -5,21 +5,6 @@ import os
 import time
 
 
-def apply_xla_defaults() -> None:
-  """Sets this machine's measured-faster XLA flags before jax starts, unless the user's ``XLA_FLAGS``
-  already says otherwise (:func:`softlm_jax.bench.machine.default_xla_flags`)."""
-  try:
-    from softlm_jax.bench.machine import default_xla_flags
-  except ImportError:
-    return
-  flags = default_xla_flags()
-  if flags:
-    current = os.environ.get("XLA_FLAGS", "")
-    add = [f for f in flags.split() if f.split("=")[0] not in current]
-    if add:
-      os.environ["XLA_FLAGS"] = " ".join([current, *add]).strip()
-
-
 def banner(title: str, lines: list[str]) -> None:
   width = max([len(title)] + [len(x) for x in lines]) + 2
   print("\n" + "=" * width + f"\n {title}\n" + "-" * width)

@@ -22,12 +22,9 @@ def add_parser(sub):
 def run(args) -> dict:
   import jax.numpy as jnp
   import numpy as np
-  from softlm_jax import checkpoint, models, report
+  from softlm_jax import checkpoint, report
   info0 = checkpoint.read_manifest(args.checkpoint)
-  fam = models.family.family_of_manifest(info0)
-  if fam.kind != "causal_lm":  # refuse before loading anything
-    raise ValueError(f"{args.checkpoint} holds a {fam.kind} ({(info0.get('metadata') or {}).get('task')} task, "
-                     f"{fam.name}), not a causal language model: it cannot generate text")
+  checkpoint.require_generative(info0, args.checkpoint)  # a classifier is refused before anything loads
   params, info, model, cfg, _ = common.load_compact_model(args.checkpoint, tokenizer=not args.ids)
   if args.ids:
     prompts, tok, mask = None, None, None
