@@ -1,7 +1,6 @@
 """Pieces the subcommands share: the closing banner, loading a compact checkpoint with its model."""
 from __future__ import annotations
 
-import os
 import time
 
 
