@@ -31,9 +31,11 @@ batches, then spends the parameter budget where the loss needs it, exactly:
    values: ``r = #{s > alpha}``). A layer's options are ``min_rank .. break_even - 1`` (factored,
    ``r (rows + cols)``) and its full width ``k`` (at or above break-even export keeps it dense at
    ``rows * cols``, so ranks in between are dominated). Greedy on each layer's lower convex hull of
-   (cost, drop) points by gain per parameter (the LP relaxation of this multiple-choice knapsack, optimal
-   up to its one fractional segment), then an exact fill one option step at a time by gain per cost
-   until no layer's next step fits. Slack: ``target - count`` is below the cheapest next step of any
+   (cost, drop) points by gain per parameter (the LP relaxation of this multiple-choice knapsack); a
+   segment that no longer fits is replaced by the hull of that layer's options that still fit the room
+   left, so a blocked jump (e.g. to dense) gives way to its own single triplets before other layers'
+   lesser gains; then an exact fill one option step at a time by gain per cost until no layer's next step
+   fits (a guarantee; the greedy normally leaves nothing for it). Slack: ``target - count`` is below the cheapest next step of any
    layer not at full width (one triplet, ``rows + cols`` parameters, or the jump to dense). Every count
    is :mod:`softlm_jax.budget`'s.
 4. :func:`alpha_for_ranks`: SoftLM's initial thresholds, each layer's ``alpha`` between its ``r``-th and
@@ -337,7 +339,12 @@ def fill_budget(shapes: Mapping[str, tuple[int, int, int]], drops: Mapping[str, 
       h, pos = hulls[p]
       hulls[p] = (h, pos + 1)
       push(i, p)
-    # else: this layer's hull is blocked; its later segments need this one
+    else:  # blocked: the hull of this layer's options that still fit the room, from where it stands
+      costs = opts[p][1]
+      last = a + int(np.searchsorted(costs[a:], costs[a] + (target - total), side="right"))
+      if last - a >= 2:
+        hulls[p] = ([a + j for j in _lower_hull(costs[a:last], dvals[p][a:last])], 0)
+        push(i, p)
   # 2) exact fill, one option step at a time, best gain per parameter among the steps that fit
   while True:
     best = None
