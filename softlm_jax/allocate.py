@@ -549,8 +549,8 @@ def svdllm_v2_ranks(factors: Mapping[str, tuple], cfg: CompressionConfig, *, min
     for p, (rows, cols, k) in shapes.items():
       ratio = float(np.clip(lam * R * weights[p], 0.0, 1.0 - 1e-9))
       be = budget.break_even_rank(rows, cols)
-      r = min(budget.uniform_rank(rows, cols, ratio), k, max(be - 1, 0))
-      out[p] = max(r, min(min_rank, k))
+      r = max(min(budget.uniform_rank(rows, cols, ratio), k, max(be - 1, 0)), min(min_rank, k))
+      out[p] = r if r < be else k  # at or above break-even only the full width is an option
     return out
 
   def count(ranks):
