@@ -71,24 +71,55 @@ def check_mix(mix: float) -> float:
   return float(mix)
 
 
-@jax.jit
-def _error_aware(w: jax.Array, g: jax.Array, c: jax.Array, mix: jax.Array, floor: float, damp: float):
-  """Batched closed form, ``w (B, in, out)``, ``g, c (B, in, in)``: see the module docstring."""
+def whitening(gram: np.ndarray, *, floor: float = 1e-6, damp: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+  """``(root (n,), q (n, n))`` with ``S = q diag(root)``, ``S S^T`` = the symmetrised, damped Gram with its
+  eigenvalues clipped at ``floor`` x the largest (all ones for a zero Gram), as
+  :func:`softlm_jax.whitened_factors`. One LAPACK ``syevd`` in float32 (on the 2-core CPU of BENCHMARKS.md
+  3x faster than ``jnp.linalg.eigh`` at n = 1536); the layers of a group share it."""
+  import scipy.linalg
+  g = np.asarray(gram, np.float32)
   n = g.shape[-1]
-  hi = jax.lax.Precision.HIGHEST
-  g = 0.5 * (g + jnp.swapaxes(g, -1, -2))
-  mean_diag = jnp.trace(g, axis1=-2, axis2=-1)[:, None, None] / n
-  g = g + damp * mean_diag * jnp.eye(n, dtype=g.dtype)
-  lam, q = jnp.linalg.eigh(g)
-  top = lam[:, -1:]
-  lam = jnp.where(top > 0, jnp.maximum(lam, floor * top), 1.0)
-  root = jnp.sqrt(lam)  # S = q diag(root)
-  qt = jnp.swapaxes(q, -1, -2)
-  a = root[:, :, None] * jnp.matmul(qt, w, precision=hi)  # S^T W
-  b = jnp.matmul(qt, jnp.matmul(c, w, precision=hi), precision=hi) / root[:, :, None]  # S^{-1} C W
-  u, s, vt = jnp.linalg.svd((1.0 - mix) * a + mix * b, full_matrices=False)
-  left = jnp.matmul(q, u / root[:, :, None], precision=hi)  # S^{-T} U
-  return left, s, vt
+  g = 0.5 * (g + g.T)
+  if damp:
+    g = g + np.float32(damp * np.trace(g) / n) * np.eye(n, dtype=np.float32)
+  lam, q = scipy.linalg.eigh(g, driver="evd")  # ascending
+  top = lam[-1]
+  lam = np.maximum(lam, floor * top) if top > 0 else np.ones_like(lam)
+  return np.sqrt(lam).astype(np.float32), q.astype(np.float32)
+
+
+def thin_svd(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Thin SVD ``a = u diag(s) vt`` of ``a (m, n)``, ``k = min(m, n)``, ``s`` descending, from the float64
+  Gram of the smaller side (one k x k ``syevd``: 4-5x faster than a float32 ``gesdd`` on this CPU; ``s_i``
+  exact to float64 rounding times ``(s_0 / s_i)^2``). Singular vectors of values below ``1e-7 s_0`` are
+  set to 0 (their triplets carry nothing; the product stays ``a`` to that tolerance). float32 outputs."""
+  import scipy.linalg
+  a64 = np.asarray(a, np.float64)
+  m, n = a64.shape
+  tall = m >= n
+  lam, vecs = scipy.linalg.eigh(a64.T @ a64 if tall else a64 @ a64.T, driver="evd")
+  lam, vecs = lam[::-1], vecs[:, ::-1]
+  s = np.sqrt(np.maximum(lam, 0.0))
+  ok = s > 1e-7 * max(s[0], 1e-300)
+  inv = np.where(ok, 1.0 / np.where(ok, s, 1.0), 0.0)
+  if tall:  # a = u s v^T with v = vecs: u = a v / s
+    u, vt = (a64 @ vecs) * inv, vecs.T * ok[:, None]
+  else:  # u = vecs: v^T = u^T a / s
+    u, vt = vecs * ok, (vecs.T @ a64) * inv[:, None]
+  return u.astype(np.float32), s.astype(np.float32), vt.astype(np.float32)
+
+
+def closed_form(w: np.ndarray, root: np.ndarray, q: np.ndarray, cross: np.ndarray, mix: float
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """``left (in, k), s (k,), right (k, out)`` of ``T = (1 - mix) W + mix G_c^{-1} C W`` in the ``G_c``
+  metric: ``S^T T = (1 - mix) S^T W + mix S^{-1} C W = U diag(s) V^T``, ``left = S^{-T} U``, ``right = V^T``.
+  ``w (in, out)`` in x out, ``(root, q)`` from :func:`whitening` of ``G_c``, ``cross (in, in)`` = ``C``."""
+  w = np.asarray(w, np.float32)
+  a = root[:, None] * (q.T @ w)  # S^T W
+  if mix:
+    a = (1.0 - mix) * a + mix * ((q.T @ (np.asarray(cross, np.float32) @ w)) / root[:, None])  # + S^{-1} C W
+  u, s, vt = thin_svd(a)
+  return q @ (u / root[:, None]), s, vt
 
 
 def error_aware_factors(kernels: np.ndarray, grams: np.ndarray, cross: np.ndarray, *, mix: float,
@@ -115,18 +146,18 @@ def error_aware_factors(kernels: np.ndarray, grams: np.ndarray, cross: np.ndarra
   mix = check_mix(mix)
   if layout not in ("in_out", "out_in"):
     raise ValueError(f"layout must be 'in_out' or 'out_in', got {layout!r}")
-  k = jnp.asarray(kernels, jnp.float32)
+  k = np.asarray(kernels, np.float32)
   if layout == "out_in":
-    k = jnp.swapaxes(k, -1, -2)
+    k = np.swapaxes(k, -1, -2)
   n = k.shape[1]
   if np.shape(grams)[1:] != (n, n) or np.shape(cross)[1:] != (n, n):
     raise ValueError(f"grams {np.shape(grams)} and cross {np.shape(cross)} must be (B, {n}, {n}) for kernels "
                      f"{np.shape(kernels)} in layout {layout!r}")
-  left, s, vt = _error_aware(k, jnp.asarray(grams, jnp.float32), jnp.asarray(cross, jnp.float32),
-                             jnp.float32(mix), float(floor), float(damp))
+  outs = [closed_form(k[i], *whitening(grams[i], floor=floor, damp=damp), cross[i], mix) for i in range(len(k))]
+  left, s, vt = (np.stack([o[j] for o in outs]) for j in range(3))
   if layout == "out_in":  # K = T^T = V diag(s) (S^{-T} U)^T
-    left, vt = jnp.swapaxes(vt, -1, -2), jnp.swapaxes(left, -1, -2)
-  return np.asarray(left), np.asarray(s), np.asarray(vt)
+    left, vt = np.swapaxes(vt, -1, -2), np.swapaxes(left, -1, -2)
+  return left, s, vt
 
 
 @jax.jit
@@ -258,23 +289,20 @@ def propagated_factors(params: Mapping, cfg: CompressionConfig, calibration: Any
         warnings.warn(f"layer '{group[0]}' (and {len(group) - 1} more sharing its input): {tokens} calibration "
                       f"tokens for {n} input features, so its Gram is rank-deficient; its eigenvalues are clipped "
                       f"at gram_floor={cfg.gram_floor} x the largest", stacklevel=2)
-      by_shape: dict = {}
+      root, q = whitening(np.asarray(g_acc), floor=cfg.gram_floor, damp=cfg.gram_damp)  # one per group
+      c_np = np.asarray(c_acc)
       for path in group:
-        by_shape.setdefault((np.shape(kernels[path]), layouts[path]), []).append(path)
-      for (_, layout), paths in by_shape.items():
-        stack = np.stack([np.asarray(kernels[p], np.float32) for p in paths])
-        m = len(paths)
-        left, s, right = error_aware_factors(stack, np.broadcast_to(np.asarray(g_acc), (m, n, n)),
-                                             np.broadcast_to(np.asarray(c_acc), (m, n, n)), mix=mix,
-                                             layout=layout, floor=cfg.gram_floor, damp=cfg.gram_damp)
-        for i, path in enumerate(paths):
-          out[path] = (left[i], s[i], right[i], np.asarray(kernels[path]).dtype)
-          r = int(ranks[path])
-          rel = path[len(blk) + 1:]
-          node = {k: v for k, v in get_subtree(comp_blk, rel).items() if k != "kernel"}
-          node["left"] = jnp.asarray(left[i][:, :r] * s[i][:r])
-          node["right"] = jnp.asarray(right[i][:r])
-          comp_blk = with_subtree(comp_blk, rel, node)
+        k = np.asarray(kernels[path], np.float32)
+        left, s, right = closed_form(k if layouts[path] == "in_out" else k.T, root, q, c_np, mix)
+        if layouts[path] == "out_in":
+          left, right = right.T, left.T
+        out[path] = (left, s, right, np.asarray(kernels[path]).dtype)
+        r = int(ranks[path])
+        rel = path[len(blk) + 1:]
+        node = {key: v for key, v in get_subtree(comp_blk, rel).items() if key != "kernel"}
+        node["left"] = jnp.asarray(left[:, :r] * s[:r])
+        node["right"] = jnp.asarray(right[:r])
+        comp_blk = with_subtree(comp_blk, rel, node)
       if bar is not None:
         bar.update(1)
     comp_tree = runner.place(params, blk, comp_blk)

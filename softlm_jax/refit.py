@@ -57,7 +57,7 @@ class RefitConfig:
     b1, b2: Adam's moment decays.
   """
 
-  steps: int = 64
+  steps: int = 32
   lr: float = 3e-4
   inputs: str = "compressed"
   b1: float = 0.9
@@ -264,7 +264,8 @@ def refit_blocks(dense_params: Mapping, params: Mapping, calibration: Any, confi
         _save_block(path, trainable, meta)
     new_block = _unflatten({**frozen, **trainable})
     params = with_subtree(params, blk, new_block)
-    streams.h_c = streams.compressed_outputs(blk, new_block, "compressed")
+    if config.inputs == "compressed":
+      streams.h_c = streams.compressed_outputs(blk, new_block, "compressed")
     streams.h_f = targets
     if on_block is not None:
       on_block(i, blk, info)

@@ -1,6 +1,8 @@
 """Propagated, error-aware decomposition: the closed form against an independent least-squares solution,
 exactness at full rank, lower end-to-end error than whitened on correlated inputs, the block runner, and
 the errors."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -139,6 +141,11 @@ def test_full_rank_reproduces_dense(name):
   with sl.intercept():
     a, b = fn(model.params, batches[0]), fn(st, batches[0])
   assert float(jnp.max(jnp.abs(a - b))) < 1e-3 * float(jnp.max(jnp.abs(a)))
+  # the factors plug into compress_params, also a few layers at a time under stream_layers
+  one_shot = sl.compress_params(model.params, cfg, factors=f)
+  streamed = sl.stream_layers(functools.partial(sl.compress_params, factors=f), model.params, cfg, group_bytes=1)
+  for x, y in zip(jax.tree.leaves(one_shot), jax.tree.leaves(streamed)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_propagated_beats_whitened_end_to_end():
@@ -169,18 +176,25 @@ def test_propagated_beats_whitened_end_to_end():
 
 
 def test_mask_fn_weights_tokens():
-  """Padding positions (weight 0) do not change the factors: padded batches give the same result as the
-  unpadded prefix... up to the causal model reading only earlier tokens."""
+  """Padding positions (weight 0) do not count: a causal model's first 10 positions do not see the later
+  ones, so batches padded to 16 with weight 0 after position 10 give the factors of the 10-token batches."""
   model = build("llama")
   fn = apply_fn(model)
-  batches = correlated_batches(3, t=16)
+  rng = np.random.RandomState(5)  # uncorrelated tokens: well-conditioned Grams, so float noise stays small
+  batches = [{"input_ids": jnp.asarray(rng.randint(0, VOCAB, (4, 16)), jnp.int32)} for _ in range(3)]
   cfg = sl.CompressionConfig(decomposition="whitened", target_ratio=0.5)
   short = [{"input_ids": b["input_ids"][:, :10]} for b in batches]
   f_short = propagate.propagated_factors(model.params, cfg, (fn, short, None), progress=False)
   mask = lambda b: jnp.broadcast_to(jnp.arange(16) < 10, b["input_ids"].shape).astype(jnp.float32)  # noqa: E731
   f_mask = propagate.propagated_factors(model.params, cfg, (fn, batches, mask), progress=False)
   for p in f_short:
-    np.testing.assert_allclose(f_mask[p][1], f_short[p][1], rtol=2e-3, atol=1e-5 * f_short[p][1][0])
+    s_mask, s_short = f_mask[p][1], f_short[p][1]
+    # the leading values to float precision, the whole spectrum to a few percent (float noise through the
+    # compressed stream); counting the padded positions would move the leading values by far more
+    np.testing.assert_allclose(s_mask[:4], s_short[:4], rtol=1e-3)
+    np.testing.assert_allclose(s_mask, s_short, rtol=5e-2, atol=1e-3 * s_short[0])
+  f_all = propagate.propagated_factors(model.params, cfg, (fn, batches, None), progress=False)
+  assert max(abs(f_all[p][1][0] / f_short[p][1][0] - 1) for p in f_short) > 1e-2  # the test can fail
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -204,7 +218,7 @@ def test_nan_activation_names_the_layer():
   norm["weight"] = norm["weight"].at[0].set(jnp.nan)
   params = sl.tree.map_modules(params, lambda p, n: dict(n))
   params["model"]["layers"]["1"]["post_attention_layernorm"] = norm
-  with pytest.raises(ValueError, match=r"layer 'model/layers/1/mlp/gate_proj'.*NaN/Inf"):
+  with pytest.raises(ValueError, match=r"layer 'model/layers/1/mlp/(gate|up)_proj'.*NaN/Inf"):
     propagate.propagated_factors(params, sl.CompressionConfig(), (apply_fn(model), correlated_batches(2), None),
                                  progress=False)
 
