@@ -59,8 +59,11 @@ from softlm_jax.compress import _check_finite
 from softlm_jax.config import CompressionConfig
 from softlm_jax.export import static_ranks
 
-#: Default mixing weight between the compressed-input (0) and dense-output (1) objectives, chosen on
-#: SmolLM2-135M at CR 0.5 (BENCHMARKS.md, "Issue 17: training-free frontier").
+#: Default mixing weight between the compressed-input (0) and dense-output (1) objectives. Provisional:
+#: the SmolLM2 sweep (BENCHMARKS.md, "Issue 17: training-free frontier") did not finish on the shared CPU.
+#: On tiny random Llama / GPT-2 / BERT models (in-sample output error) 0.5 and 1 both beat the whitened
+#: decomposition and 1 was best by up to 2x, while 0 (SVD-LLM's local update alone) was sometimes worse
+#: than whitened; 0.5 is the choice that does not lean on ``G_c^{-1} C`` alone with few tokens.
 DEFAULT_MIX = 0.5
 
 
