@@ -33,7 +33,6 @@ from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from softlm_jax.intercept import _layout, intercept
@@ -163,7 +162,7 @@ class BlockRunner:
           order.append(blk)
       elif is_linear and layout is not None and path not in {p for p, _, _ in self.linears.get(blk, [])}:
         self.linears.setdefault(blk, []).append((path, key, layout))
-    del keep
+    keep.clear()
     order = [b for b in order if b in self.linears]
     if blocks is not None:
       missing = [b for b in blocks if b not in order]
