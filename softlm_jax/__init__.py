@@ -36,3 +36,4 @@ __all__ = [
 
 from softlm_jax import (calib, checkpoint, data, metrics, models, report, rules, shard, stream, svd,  # noqa: E402,F401
                         train, tree)
+from softlm_jax import propagate  # noqa: E402,F401  (registers decomposition="propagated")

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from softlm_jax import budget, calib, checkpoint, report, rules, serial, shard, tasks, train
+from softlm_jax import budget, calib, checkpoint, report, rules, serial, shard, svd, tasks, train
 from softlm_jax.compress import compress_params
 from softlm_jax.config import CompressionConfig
 from softlm_jax.export import export_params, static_svd
@@ -263,7 +263,10 @@ class Comparison:
     """The decomposition of ``params`` (:func:`softlm_jax.svd.decompose` with this run's
     :class:`~softlm_jax.Calibration`), computed once per tree and decomposition and shared by every
     method and CR."""
-    fkey = (key, cfg.decomposition, cfg.include, cfg.exclude, cfg.gram_floor, cfg.gram_damp)
+    # a decomposition drawn while compressing (propagated) depends on the upstream ranks, i.e. on the CR
+    per_cr = svd.get(cfg.decomposition).needs == "calibration"
+    fkey = (key, cfg.decomposition, cfg.include, cfg.exclude, cfg.gram_floor, cfg.gram_damp,
+            cfg.target_ratio if per_cr else None)
     if fkey not in self._factors:
       t = time.time()
       self._factors[fkey] = decompose(params, cfg, calibration=self.calibration)

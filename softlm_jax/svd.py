@@ -185,7 +185,7 @@ def balance(left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray
   return (left * a).astype(left.dtype), (right / a[:, None]).astype(right.dtype)
 
 
-def _check_finite(path: str, kernel: Any, what: str = "kernel") -> None:
+def check_finite(path: str, kernel: Any, what: str = "kernel") -> None:
   k = np.asarray(kernel)
   bad = int(np.size(k) - np.count_nonzero(np.isfinite(k)))
   if bad:
@@ -215,7 +215,7 @@ def gram_layouts(kernels: list[tuple[str, Any]], grams: Mapping) -> dict[str, st
     if g.ndim != 2 or g.shape[0] != g.shape[1] or g.shape[0] not in (rows, cols):
       raise ValueError(f"layer '{path}': Gram has shape {g.shape}, expected ({rows}, {rows}) for an in x out "
                        f"kernel or ({cols}, {cols}) for an out x in one (kernel {rows} x {cols})")
-    _check_finite(path, g, "Gram")
+    check_finite(path, g, "Gram")
     if path in recorded:
       layout = recorded[path]
       if g.shape[0] != (rows if layout == "in_out" else cols):
@@ -335,7 +335,7 @@ def decompose(params: Mapping, cfg: CompressionConfig, grams: Optional[Mapping] 
   d = get(cfg.decomposition)
   kernels = tree.selected_kernels(params, cfg)
   for path, k in kernels:
-    _check_finite(path, k)
+    check_finite(path, k)
   budget.dense_params(params, cfg)  # int32 range check
   out = dict(d.factors(params, cfg, _stats(d, params, cfg, grams, calibration)))
   _check_factors(d, kernels, out)

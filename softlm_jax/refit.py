@@ -1,0 +1,302 @@
+"""Calibration-only block refit: each compressed block fit to the dense block's output, before any fine-tuning.
+
+For each block, in model order, Adam trains that block's factors (``left``, ``right``) and the biases
+of its factored layers to minimise the relative squared error between the compressed block's output
+and the dense block's output on the calibration tokens::
+
+  L_i = sum_tokens ||block_i^c(h^in) - block_i^f(h^f)||^2 / sum_tokens ||block_i^f(h^f)||^2
+
+``h^f`` is the dense model's hidden state at the block's input (the targets are the dense block's
+outputs on it); ``h^in`` is, with ``RefitConfig.inputs="compressed"`` (the default), the hidden state
+of the compressed model with every earlier block already refit, so a block also learns to undo the
+error it receives; with ``"dense"`` it is ``h^f`` (a purely local fit). Both lower every block's held-out
+error on the tiny test model (``tests/test_refit.py``); the default ``"compressed"`` and ``steps=32``,
+``lr=3e-4`` are provisional (not yet compared on SmolLM2, see BENCHMARKS.md). No labels are used. Blocks run
+alone on cached hidden states (:class:`softlm_jax.blocks.BlockRunner`), so a step costs one block's
+forward and backward pass, about 1/30 of the model's for SmolLM2.
+
+The tree is an **exported** one (:func:`softlm_jax.export_params` or :func:`softlm_jax.static_svd`:
+plain ``left (rows, r)`` / ``right (r, cols)`` factors, or kernels where a layer is kept dense). The
+factor pairs are balanced first (:func:`softlm_jax.compress.balance`: the same kernels; Adam's steps
+are then of the same relative size on both sides), and no shape changes: every rank, and so the
+parameter count, is exactly as given. Norms, dense-kept kernels and everything outside the blocks
+are left as they are.
+
+Resumable: with ``ckpt_dir`` each finished block is written atomically to ``block_<i>.npz``; a rerun
+loads the finished blocks and continues with the next, giving bit-identical parameters.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from softlm_jax import tree
+from softlm_jax.blocks import BlockRunner, get_subtree, with_subtree
+from softlm_jax.compress import balance
+from softlm_jax.propagate import unpack_calibration
+
+INPUTS = ("compressed", "dense")
+
+
+@dataclasses.dataclass(frozen=True)
+class RefitConfig:
+  """How each block is refit.
+
+  Attributes:
+    steps: Adam steps per block; each step takes one calibration batch, cycling through them in order.
+    lr: Adam's learning rate.
+    inputs: ``"compressed"`` (the compressed model's hidden states, earlier blocks refit) or
+      ``"dense"`` (the dense model's) as the compressed block's input; the targets are always the dense
+      block's outputs on the dense inputs.
+    b1, b2: Adam's moment decays.
+  """
+
+  steps: int = 32
+  lr: float = 3e-4
+  inputs: str = "compressed"
+  b1: float = 0.9
+  b2: float = 0.999
+
+  def __post_init__(self):
+    if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+      raise ValueError(f"RefitConfig.steps must be an int >= 0, got {self.steps!r}")
+    if not self.lr > 0:
+      raise ValueError(f"RefitConfig.lr must be > 0, got {self.lr!r}")
+    if self.inputs not in INPUTS:
+      raise ValueError(f"RefitConfig.inputs must be one of {INPUTS}, got {self.inputs!r}")
+    if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
+      raise ValueError(f"RefitConfig.b1, b2 must be in [0, 1), got {self.b1!r}, {self.b2!r}")
+
+
+def _flatten(node: Mapping, prefix: str = "") -> dict:
+  out = {}
+  for k, v in node.items():
+    key = f"{prefix}/{k}" if prefix else str(k)
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, key))
+    else:
+      out[key] = v
+  return out
+
+
+def _unflatten(flat: Mapping) -> dict:
+  out: dict = {}
+  for key, v in flat.items():
+    node = out
+    *head, last = key.split("/")
+    for k in head:
+      node = node.setdefault(k, {})
+    node[last] = v
+  return out
+
+
+def split_block(block: Mapping, path: str = "") -> tuple[dict, dict]:
+  """``(trainable, frozen)`` flat dicts of a block's leaves: ``left``, ``right`` and ``bias`` of each
+  factored (exported) module are trainable; everything else is frozen.
+
+  Raises:
+    ValueError: naming the layer, for a training-form layer (``s`` / ``alpha`` / ``mask_logits``).
+  """
+  trainable, frozen = {}, {}
+  for mpath, node in tree.iter_modules(block):
+    name = tree.join(mpath)
+    factored = tree.is_factored(node)
+    if factored and any(k in node for k in ("s", "alpha", "mask_logits")):
+      raise ValueError(f"layer '{path}/{name}': a training-form layer (keys {sorted(node)}); the refit takes an "
+                       "exported tree: softlm_jax.export_params(params, cfg) or softlm_jax.static_svd(...)")
+    for k, v in node.items():
+      if isinstance(v, Mapping):
+        continue
+      key = f"{name}/{k}" if name else k
+      (trainable if factored and k in ("left", "right", "bias") else frozen)[key] = v
+  return trainable, frozen
+
+
+def _balanced(block: Mapping) -> dict:
+  def fix(_, node):
+    if not tree.is_factored(node):
+      return node
+    left, right = balance(np.asarray(node["left"], np.float32), np.asarray(node["right"], np.float32))
+    return {**node, "left": jnp.asarray(left, node["left"].dtype), "right": jnp.asarray(right, node["right"].dtype)}
+  return tree.map_modules(block, fix)
+
+
+def _rel_err(y: jax.Array, t: jax.Array, w: Optional[jax.Array]):
+  """``(sum w ||y - t||^2, sum w ||t||^2)`` over tokens, float32."""
+  d = jnp.sum(jnp.square(y.astype(jnp.float32) - t.astype(jnp.float32)), axis=-1)
+  n = jnp.sum(jnp.square(t.astype(jnp.float32)), axis=-1)
+  if w is not None:
+    d, n = d * w, n * w
+  return jnp.sum(d), jnp.sum(n)
+
+
+class _Streams:
+  """The calibration set's hidden states at the current block's input, dense and compressed."""
+
+  def __init__(self, apply_fn, dense, batches, mask_fn):
+    self.runner = BlockRunner(apply_fn, dense, batches[0])
+    self.dense, self.batches = dense, batches
+    self.weights = [None if mask_fn is None else jnp.asarray(mask_fn(b), jnp.float32) for b in batches]
+    self.h_f = [self.runner.embed(dense, b) for b in batches]
+    self.h_c = list(self.h_f)
+
+  def dense_outputs(self, blk):
+    t = self.runner.place(self.dense, blk, get_subtree(self.dense, blk))
+    return [self.runner.run(t, blk, h, b)[0] for h, b in zip(self.h_f, self.batches)]
+
+  def compressed_outputs(self, blk, block_params, inputs):
+    t = self.runner.place(self.dense, blk, block_params)
+    src = self.h_c if inputs == "compressed" else self.h_f
+    return [self.runner.run(t, blk, h, b)[0] for h, b in zip(src, self.batches)]
+
+
+def _meta(config: RefitConfig, blk: str) -> str:
+  return json.dumps({"block": blk, "config": dataclasses.asdict(config)}, sort_keys=True)
+
+
+def _save_block(path: str, flat: Mapping, meta: str) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    np.savez(f, __meta__=np.asarray(meta), **{k: np.asarray(v) for k, v in flat.items()})
+  os.replace(tmp, path)
+
+
+def _load_block(path: str, meta: str, like: Mapping) -> dict:
+  with np.load(path) as z:
+    got = str(z["__meta__"])
+    if got != meta:
+      raise ValueError(f"refit checkpoint {path} was written for {got}, not {meta}: use another ckpt_dir or "
+                       "delete it")
+    flat = {k: z[k] for k in z.files if k != "__meta__"}
+  if set(flat) != set(like) or any(np.shape(flat[k]) != np.shape(like[k]) for k in like):
+    raise ValueError(f"refit checkpoint {path} does not match the block's parameters (keys or shapes differ)")
+  return {k: jnp.asarray(flat[k], like[k].dtype) for k in like}
+
+
+def refit_blocks(dense_params: Mapping, params: Mapping, calibration: Any, config: RefitConfig = RefitConfig(), *,
+                 ckpt_dir: Optional[str] = None, progress: bool = True,
+                 on_block: Optional[Callable[[int, str, dict], None]] = None) -> dict:
+  """Refits every block of an exported tree to the dense model's block outputs (module docstring).
+
+  Args:
+    dense_params: the dense tree (the targets).
+    params: the exported compressed tree of the same model (same block paths).
+    calibration: ``apply_fn``, ``batches``, ``mask_fn`` (an object with those attributes or a tuple), as
+      :func:`softlm_jax.propagate.propagated_factors`; ``mask_fn`` weights the loss's tokens.
+    config: :class:`RefitConfig`.
+    ckpt_dir: write each finished block there (atomic) and resume from it.
+    progress: a tqdm bar over all steps.
+    on_block: called as ``on_block(index, block path, {"loss_first": ..., "loss_last": ...})`` after each
+      block (when it is saved).
+
+  Returns:
+    ``params`` with each block's factors and factored-layer biases refit (balanced pairs), as plain
+    dicts; every leaf keeps its shape and dtype.
+  """
+  apply_fn, batches, mask_fn = unpack_calibration(calibration)
+  dense_params = jax.tree.map(jnp.asarray, dense_params)
+  params = tree.map_modules(jax.tree.map(jnp.asarray, params), lambda _, n: n)
+  streams = _Streams(apply_fn, dense_params, batches, mask_fn)
+  runner = streams.runner
+  nb = len(batches)
+  if ckpt_dir:
+    os.makedirs(ckpt_dir, exist_ok=True)
+  tx = optax.adam(config.lr, b1=config.b1, b2=config.b2)
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=len(runner.blocks) * config.steps, desc="block refit", dynamic_ncols=True, mininterval=2.0)
+
+  def make_step(blk):
+    def loss_fn(trainable, frozen, h, target, batch, w):
+      block = _unflatten({**frozen, **trainable})
+      y, _ = runner.run(runner.place(dense_params, blk, block), blk, h, batch)
+      d, n = _rel_err(y, target, w)
+      return d / jnp.maximum(n, 1e-30)
+
+    @jax.jit
+    def step(trainable, opt_state, frozen, h, target, batch, w):
+      loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, h, target, batch, w)
+      updates, opt_state = tx.update(grads, opt_state, trainable)
+      return optax.apply_updates(trainable, updates), opt_state, loss
+    return step
+
+  steps_fns: dict = {}
+  for i, blk in enumerate(runner.blocks):
+    block = get_subtree(params, blk)
+    targets = streams.dense_outputs(blk)
+    path = os.path.join(ckpt_dir, f"block_{i:03d}.npz") if ckpt_dir else None
+    meta = _meta(config, blk)
+    trainable, frozen = split_block(block, blk)
+    info: dict = {}
+    if path and os.path.exists(path):
+      trainable = _load_block(path, meta, split_block(_balanced(block), blk)[0])
+      if bar is not None:
+        bar.update(config.steps)
+    else:
+      if trainable and config.steps:
+        trainable, frozen = split_block(_balanced(block), blk)
+        key = runner.slot(blk) if runner.homogeneous else blk
+        if key not in steps_fns:  # one compiled step for every block when they run at the same slot
+          steps_fns[key] = make_step(blk)
+        step = steps_fns[key]
+        opt_state = tx.init(trainable)
+        src = streams.h_c if config.inputs == "compressed" else streams.h_f
+        losses = []
+        for t in range(config.steps):
+          b = t % nb
+          trainable, opt_state, loss = step(trainable, opt_state, frozen, src[b], targets[b], batches[b],
+                                            streams.weights[b])
+          losses.append(float(loss))
+          if bar is not None:
+            bar.update(1)
+            bar.set_postfix(block=i, loss=f"{losses[-1]:.3g}")
+        info = {"loss_first": losses[0], "loss_last": losses[-1]}
+      elif bar is not None:
+        bar.update(config.steps)
+      if path:
+        _save_block(path, trainable, meta)
+    new_block = _unflatten({**frozen, **trainable})
+    params = with_subtree(params, blk, new_block)
+    if config.inputs == "compressed":
+      streams.h_c = streams.compressed_outputs(blk, new_block, "compressed")
+    streams.h_f = targets
+    if on_block is not None:
+      on_block(i, blk, info)
+  if bar is not None:
+    bar.close()
+  return params
+
+
+def block_errors(dense_params: Mapping, params: Mapping, calibration: Any, *, inputs: str = "compressed"
+                 ) -> dict[str, float]:
+  """``{block path: relative squared output error}`` of ``params``' blocks against the dense blocks on
+  the calibration set: ``sum ||block^c(h^in) - block^f(h^f)||^2 / sum ||block^f(h^f)||^2`` with ``h^in``
+  the compressed model's own hidden states (``inputs="compressed"``) or the dense ones (``"dense"``)."""
+  if inputs not in INPUTS:
+    raise ValueError(f"inputs must be one of {INPUTS}, got {inputs!r}")
+  apply_fn, batches, mask_fn = unpack_calibration(calibration)
+  dense_params = jax.tree.map(jnp.asarray, dense_params)
+  params = jax.tree.map(jnp.asarray, params)
+  streams = _Streams(apply_fn, dense_params, batches, mask_fn)
+  out = {}
+  for blk in streams.runner.blocks:
+    targets = streams.dense_outputs(blk)
+    ys = streams.compressed_outputs(blk, get_subtree(params, blk), inputs)
+    d = n = 0.0
+    for y, t, w in zip(ys, targets, streams.weights):
+      dd, nn_ = _rel_err(y, t, w)
+      d, n = d + float(dd), n + float(nn_)
+    out[blk] = d / max(n, 1e-30)
+    if inputs == "compressed":
+      streams.h_c = ys
+    streams.h_f = targets
+  return out

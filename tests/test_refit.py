@@ -1,0 +1,101 @@
+"""Block refit: lower held-out block errors, identical parameters after an interrupted and resumed run,
+unchanged ranks, and the errors."""
+import jax
+import numpy as np
+import pytest
+
+import softlm_jax as sl
+from softlm_jax import refit
+from tests.conftest import VOCAB
+from tests.test_propagate import apply_fn, correlated_batches
+
+CFG = sl.CompressionConfig(target_ratio=0.5, decomposition="whitened")
+
+
+@pytest.fixture(scope="module")
+def setup():
+  from transformers import FlaxLlamaForCausalLM, LlamaConfig
+  model = FlaxLlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3,
+                                           num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+                                           max_position_embeddings=64), seed=2)
+  fn = apply_fn(model)
+  calib = correlated_batches(6, seed=0)
+  grams = sl.collect_grams(fn, model.params, calib, CFG, progress=False)
+  static = sl.static_svd(model.params, CFG, grams=grams)
+  return model, fn, calib, static
+
+
+def leaves(tree_):
+  return {sl.tree.join(p): n for p, n in sl.tree.iter_modules(tree_)}
+
+
+@pytest.mark.parametrize("inputs", ["compressed", "dense"])
+def test_refit_lowers_every_block_error_on_held_out_tokens(setup, inputs):
+  model, fn, calib, static = setup
+  held = correlated_batches(4, seed=123)
+  cfg = refit.RefitConfig(steps=30, lr=3e-3, inputs=inputs)
+  out = refit.refit_blocks(model.params, static, (fn, calib, None), cfg, progress=False)
+  before = refit.block_errors(model.params, static, (fn, held, None), inputs=inputs)
+  after = refit.block_errors(model.params, out, (fn, held, None), inputs=inputs)
+  assert set(before) == {f"model/layers/{i}" for i in range(3)}
+  for blk in before:
+    assert after[blk] < 0.9 * before[blk], (blk, before, after)
+
+
+def test_ranks_and_shapes_unchanged(setup):
+  model, fn, calib, static = setup
+  out = refit.refit_blocks(model.params, static, (fn, calib, None), refit.RefitConfig(steps=3, lr=1e-3), progress=False)
+  a, b = leaves(static), leaves(out)
+  assert set(a) == set(b)
+  for path in a:
+    assert set(a[path]) == set(b[path]), path
+    for k in a[path]:
+      assert np.shape(a[path][k]) == np.shape(b[path][k]) and a[path][k].dtype == b[path][k].dtype, (path, k)
+  assert sl.layer_ranks(out) == sl.layer_ranks(static)
+  assert int(sl.count_params(out, CFG)) == int(sl.count_params(static, CFG))
+  # only factored layers' factors and biases move; norms and embeddings are the dense ones
+  np.testing.assert_array_equal(b["model/layers/1/input_layernorm"]["weight"],
+                                a["model/layers/1/input_layernorm"]["weight"])
+  assert not np.array_equal(np.asarray(b["model/layers/1/mlp/up_proj"]["right"]),
+                            np.asarray(a["model/layers/1/mlp/up_proj"]["right"]))
+
+
+def test_resume_after_interruption_is_identical(setup, tmp_path):
+  model, fn, calib, static = setup
+  cfg = refit.RefitConfig(steps=5, lr=1e-3)
+  full = refit.refit_blocks(model.params, static, (fn, calib, None), cfg, ckpt_dir=str(tmp_path / "a"),
+                            progress=False)
+
+  class Stop(Exception):
+    pass
+
+  def interrupt(i, blk, info):
+    if i == 1:
+      raise Stop
+
+  with pytest.raises(Stop):
+    refit.refit_blocks(model.params, static, (fn, calib, None), cfg, ckpt_dir=str(tmp_path / "b"), progress=False,
+                       on_block=interrupt)
+  assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["block_000.npz", "block_001.npz"]
+  seen = []
+  resumed = refit.refit_blocks(model.params, static, (fn, calib, None), cfg, ckpt_dir=str(tmp_path / "b"),
+                               progress=False, on_block=lambda i, blk, info: seen.append(info))
+  assert seen[0] == {} and seen[1] == {} and "loss_last" in seen[2]  # blocks 0, 1 loaded, block 2 trained
+  for x, y in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  with pytest.raises(ValueError, match="was written for"):
+    refit.refit_blocks(model.params, static, (fn, calib, None), refit.RefitConfig(steps=6, lr=1e-3),
+                       ckpt_dir=str(tmp_path / "b"), progress=False)
+
+
+def test_errors(setup):
+  model, fn, calib, static = setup
+  for bad in (dict(steps=-1), dict(steps=1.5), dict(lr=0.0), dict(inputs="both"), dict(b1=1.0)):
+    with pytest.raises(ValueError, match="RefitConfig"):
+      refit.RefitConfig(**bad)
+  training_form = sl.compress_params(model.params, CFG, grams=sl.collect_grams(fn, model.params, calib, CFG,
+                                                                               progress=False))
+  with pytest.raises(ValueError, match=r"layer 'model/layers/0/[a-z_/]+': a training-form layer"):
+    refit.refit_blocks(model.params, training_form, (fn, calib, None), refit.RefitConfig(steps=1), progress=False)
+  with pytest.raises(ValueError, match="inputs must be one of"):
+    refit.block_errors(model.params, static, (fn, calib, None), inputs="both")
