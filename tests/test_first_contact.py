@@ -53,7 +53,8 @@ def test_generate_refuses_a_classifier_before_loading(tmp_path, monkeypatch, cap
 
   def no_load(*a, **k):
     raise AssertionError("generate loaded the arrays / built the model before refusing")
-  monkeypatch.setattr(cli, "_load", no_load)
+  from softlm_jax.cli import common
+  monkeypatch.setattr(common, "load_compact_model", no_load)
   monkeypatch.delenv("SOFTLM_DEBUG", raising=False)
   with pytest.raises(SystemExit) as e:
     cli.run(["generate", str(path), "--ids", "1,2,3"])
