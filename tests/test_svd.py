@@ -48,7 +48,7 @@ def recorded():
 
 def test_registered_decomposition_gets_the_calibration_and_exports(recorded):
   model = build("llama")
-  assert sl.config.DECOMPOSITIONS == ("svd", "whitened", "recorded")
+  assert sl.config.DECOMPOSITIONS == ("svd", "whitened", "propagated", "recorded")
   cfg = sl.CompressionConfig(decomposition="recorded", target_ratio=0.5)
   cal = sl.Calibration(counting_apply(model, []), calib_batches(), progress=False)
   cp = sl.compress_params(model.params, cfg, calibration=cal)
@@ -73,7 +73,8 @@ def test_registered_decomposition_gets_the_calibration_and_exports(recorded):
 
 
 def test_decomposition_registry_errors():
-  with pytest.raises(ValueError, match=r"unknown decomposition 'nope'; expected one of \('svd', 'whitened'\)"):
+  with pytest.raises(ValueError, match=r"unknown decomposition 'nope'; expected one of \('svd', 'whitened', "
+                     r"'propagated'\)"):
     sl.CompressionConfig(decomposition="nope")
   with pytest.raises(ValueError, match="registered already"):
     svd.register(svd.Decomposition("svd", needs="nothing", factors=svd.plain_factors))
