@@ -32,8 +32,12 @@ def parse(argv=None):
 def main(argv=None):
   o = parse(argv).options
   model, task = run.load(o.model, o.data, seed=o.train.seed)
-  results = run.run_comparison(model, task, o.compression, o.train, list(o.methods), list(o.crs), o.out,
-                               run_info={"data": o.data.to_dict(), "preset": o.preset})
+  try:
+    results = run.run_comparison(model, task, o.compression, o.train, list(o.methods), list(o.crs), o.out,
+                                 run_info={"data": o.data.to_dict(), "preset": o.preset})
+  except run.RunStopped as e:  # --stop-after: the checkpoint is saved, a rerun resumes
+    print(e)
+    return {}
   print(open(os.path.join(o.out, "summary.md")).read())
   return results
 

@@ -55,8 +55,12 @@ def main(argv=None):
   model, task = run.load(o.model, o.data, seed=o.train.seed)
   title = (f"{o.model}: WikiText-2 (train: valid; ppl: raw test, first {EVAL_CHARS} chars, "
            f"{task.windows['test'].shape[0]}x{task.windows['test'].shape[1]} tokens)")
-  results = run.run_comparison(model, task, o.compression, o.train, list(o.methods), list(o.crs), o.out,
-                               cr_folders=True, title=title, run_info={"data": o.data.to_dict(), "preset": o.preset})
+  try:
+    results = run.run_comparison(model, task, o.compression, o.train, list(o.methods), list(o.crs), o.out,
+                                 cr_folders=True, title=title, run_info={"data": o.data.to_dict(), "preset": o.preset})
+  except run.RunStopped as e:  # --stop-after: the checkpoint is saved, a rerun resumes
+    print(e)
+    return {}
   print(open(os.path.join(o.out, "summary.md")).read())
   return results
 
