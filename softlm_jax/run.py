@@ -312,7 +312,8 @@ class Comparison:
                             save_every=t.save_every, progress=t.progress, eval_fn=eval_fn, eval_every=t.eval_every,
                             mesh=self.mesh, stop_after=t.stop_after, **kw)
     if t.stop_after is not None and int(state.step) == t.stop_after:
-      train.save_checkpoint(ckpt, state)
+      if not os.path.isdir(os.path.join(ckpt, str(t.stop_after))):  # a rerun that stops there again has it
+        train.save_checkpoint(ckpt, state)
       raise RunStopped(f"stopped after {t.stop_after} steps (stop_after); checkpoint {ckpt}: the same run "
                        "without it resumes there")
     return state, hist

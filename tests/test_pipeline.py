@@ -237,3 +237,18 @@ def test_third_rule_registered_in_tests_runs_through_the_pipeline(toy_family, tm
   assert soft["train_steps"] == soft["freeze_step"] + 2  # --finetune-steps 2 after the freeze
   assert ft["selection_steps"] >= ft["freeze_step"]  # the frozen-weight selection ran until its budget was met
   assert ft["train_steps"] == ft["selection_steps"] + 2  # then --ft-steps 2 of fine-tuning
+
+
+@needs_wikitext
+def test_stop_after_saves_and_the_rerun_resumes(toy_family, tmp_path):
+  from softlm_jax import cli
+  out = tmp_path / "run"
+  argv = ["train", *TOY, "--methods", "static", "--cr", "0.5", "--steps", "6", "--decomposition", "svd",
+          "--keep-ckpt", "--out", str(out)]
+  for _ in range(2):  # the second time it stops at the same step again, without an error
+    assert "stopped after 3 steps" in cli.run([*argv, "--stop-after", "3"])["stopped"]
+    assert (out / "static" / "ckpt" / "3").is_dir() and not (out / "static" / "results.json").exists()
+  res = cli.run(argv)["static"]  # resumes at step 3
+  assert res["train_steps"] == 6 and res["budget"]["budget_met"]
+  steps = [h["step"] for h in res["history"]]
+  assert steps == sorted(set(steps)) and steps[-1] == 6
