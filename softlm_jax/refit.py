@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from softlm_jax import tree
+from softlm_jax import checkpoint, tree
 from softlm_jax.blocks import BlockRunner, get_subtree, with_subtree
 from softlm_jax.compress import balance
 from softlm_jax.propagate import unpack_calibration
@@ -74,28 +74,6 @@ class RefitConfig:
       raise ValueError(f"RefitConfig.inputs must be one of {INPUTS}, got {self.inputs!r}")
     if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
       raise ValueError(f"RefitConfig.b1, b2 must be in [0, 1), got {self.b1!r}, {self.b2!r}")
-
-
-def _flatten(node: Mapping, prefix: str = "") -> dict:
-  out = {}
-  for k, v in node.items():
-    key = f"{prefix}/{k}" if prefix else str(k)
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, key))
-    else:
-      out[key] = v
-  return out
-
-
-def _unflatten(flat: Mapping) -> dict:
-  out: dict = {}
-  for key, v in flat.items():
-    node = out
-    *head, last = key.split("/")
-    for k in head:
-      node = node.setdefault(k, {})
-    node[last] = v
-  return out
 
 
 def split_block(block: Mapping, path: str = "") -> tuple[dict, dict]:
@@ -217,7 +195,7 @@ def refit_blocks(dense_params: Mapping, params: Mapping, calibration: Any, confi
 
   def make_step(blk):
     def loss_fn(trainable, frozen, h, target, batch, w):
-      block = _unflatten({**frozen, **trainable})
+      block = checkpoint.unflatten({**frozen, **trainable})
       y, _ = runner.run(runner.place(dense_params, blk, block), blk, h, batch)
       d, n = _rel_err(y, target, w)
       return d / jnp.maximum(n, 1e-30)
@@ -264,7 +242,7 @@ def refit_blocks(dense_params: Mapping, params: Mapping, calibration: Any, confi
         bar.update(config.steps)
       if path:
         _save_block(path, trainable, meta)
-    new_block = _unflatten({**frozen, **trainable})
+    new_block = checkpoint.unflatten({**frozen, **trainable})
     params = with_subtree(params, blk, new_block)
     if config.inputs == "compressed":
       streams.h_c = streams.compressed_outputs(blk, new_block, "compressed")
