@@ -46,6 +46,8 @@ def parse(argv=None):
   ap.add_argument("--mix", default=str(propagate.DEFAULT_MIX), help="propagated: mixing weight(s), comma-separated")
   ap.add_argument("--base-mix", type=float, default=propagate.DEFAULT_MIX,
                   help="the propagated factors that allocated / refit rows build on")
+  ap.add_argument("--repropagate", action=argparse.BooleanOptionalAction, default=True,
+                  help="allocated: fit the propagated factors again with the upstream layers at the allocated ranks")
   ap.add_argument("--refit-base", default="propagated", choices=("whitened", "propagated", "allocated"))
   ap.add_argument("--refit-steps", type=int, default=refit.RefitConfig.steps)
   ap.add_argument("--refit-lr", type=float, default=refit.RefitConfig.lr)
@@ -207,13 +209,28 @@ def main(argv=None):
 
           def loss_fn(p, ids):
             return tasks.lm_loss(model(ids, params=p).logits, ids)
-          stats = allocate.triplet_stats(cparams, cfg, loss_fn, batches)
+          stats = allocate.triplet_stats(cparams, cfg, loss_fn, batches, progress=progress)
           ranks = allocate.allocate_ranks(cparams, cfg, allocate.drop_losses(stats))
           tree_ = allocate.allocated_static(dense, cfg, f, ranks)
+          del cparams
+        extra = {"mix": args.base_mix, "ranks": ranks, "repropagate": args.repropagate}
+        if args.repropagate:
+          # the uniform-rank factors were fit with every upstream layer at the uniform rank: fit them
+          # again with the upstream layers at their allocated ranks (the same ranks are kept)
+          with Stage(stages, "eval_before_repropagate"):
+            extra["ppl_before_repropagate"] = tasks.perplexity(model, tree_, None, test)
+          print(f"  allocated on uniform-rank factors: ppl {extra['ppl_before_repropagate']:.2f}", flush=True)
+          memo.pop(key, None)
+          del f
+          with Stage(stages, "repropagate"):
+            f2 = propagate.propagated_factors(dense, cfg, calibration, mix=args.base_mix, ranks=ranks,
+                                              progress=progress)
+          tree_ = allocate.allocated_static(dense, cfg, f2, ranks)
+          del f2
         path = os.path.join(args.out, name, "tree.npz")
         os.makedirs(os.path.join(args.out, name), exist_ok=True)
         save_tree(path, tree_)
-        finish(name, row, cr, tree_, cfg, stages, {"mix": args.base_mix})
+        finish(name, row, cr, tree_, cfg, stages, extra)
       elif row == "refit":
         rcfg = refit.RefitConfig(steps=args.refit_steps, lr=args.refit_lr, inputs=args.refit_inputs)
         tag = f"{args.refit_base}-m{args.base_mix:g}" if args.refit_base != "whitened" else "whitened"

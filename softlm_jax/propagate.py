@@ -320,8 +320,8 @@ def propagated_factors(params: Mapping, cfg: CompressionConfig, calibration: Any
 
 
 #: ``CompressionConfig(decomposition="propagated")``: drawn from the run's Calibration while compressing
-#: (the upstream layers at the uniform rank of ``cfg.target_ratio``), with the default mix.
+#: (the upstream layers at ``ranks``, default the uniform rank of ``cfg.target_ratio``), with the default mix.
 PROPAGATED = svd.register(svd.Decomposition(
-    "propagated", needs="calibration", balance=True,
-    factors=lambda params, cfg, calibration: propagated_factors(params, cfg, calibration,
-                                                                progress=getattr(calibration, "progress", True))))
+    "propagated", needs="calibration", balance=True, takes_ranks=True,
+    factors=lambda params, cfg, calibration, ranks=None: propagated_factors(
+        params, cfg, calibration, ranks=ranks, progress=getattr(calibration, "progress", True))))

@@ -8,7 +8,10 @@ never by parsed options; the ``softlm`` command, ``experiments/lm.py``, ``experi
 
 Methods (:func:`method_names`): ``dense`` (a classifier is fine-tuned: its head is new; an LM is
 evaluated as loaded), ``dense-ft`` (dense fine-tuning), ``static`` / ``static-noft`` (static SVD, the
-same keep-ratio in every layer, fine-tuned / not), and for every registered selection rule ``R``
+same keep-ratio in every layer, fine-tuned / not), ``allocated`` / ``allocated-noft`` (static SVD at
+the ranks of a global loss-aware allocation, :mod:`softlm_jax.allocate`; with a rank-dependent
+decomposition the factors are fit at those ranks; no weight trained before the fine-tuning), and for
+every registered selection rule ``R``
 (``softlm``, ``llrc``): ``R`` (the rule's own recipe: SoftLM trains thresholds and weights until the
 budget is met, then fine-tunes; LLRC learns masks with the weights frozen), ``R-noft`` (the selection
 learned by distillation with the weights frozen, on the calibration set) and ``R-ft`` (``R-noft``, then
@@ -21,6 +24,8 @@ Policies, in one place:
   and, with ``TrainConfig.distill``, distil from the teacher.
 * Calibration Grams (whitened decomposition) are collected once per base tree and shared by every
   method and CR; so is each decomposition.
+* ``TrainConfig.refit_steps`` > 0: the static methods' exported models get a calibration-only block
+  refit (:mod:`softlm_jax.refit`) before the fine-tuning (``softlm compress`` never trains: no refit).
 * Steps: a learned rule stops ``finetune_steps`` after its budget is met; ``dense-ft`` and ``static``
   get ``TrainConfig.steps`` or the learned rule's total at the same CR (equal steps).
 * Budget: an exported model that misses its target (counted parameters above the target) is an error
@@ -53,6 +58,8 @@ from softlm_jax.optim import budget_state, make_optimizer
 from softlm_jax.svd import decompose
 
 ALPHA_OPTS = ("adam", "sgd")
+#: the methods without a learned selection (``-noft``: not fine-tuned)
+STATIC_BASES = ("static", "allocated")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +88,9 @@ class TrainConfig:
     allow_budget_miss: record a missed budget in the results instead of failing.
     stop_after: stop every training loop after this many steps, saving its checkpoint (a time-boxed
       run: :class:`RunStopped` is raised; the same run without it resumes there).
+    refit_steps: ``static`` / ``allocated``'s block refit (:mod:`softlm_jax.refit`) before any fine-tuning: Adam
+      steps per block matching the dense block's outputs on the calibration set (0: off).
+    refit_lr: its learning rate.
   """
   steps: Optional[int] = None
   teacher_steps: Optional[int] = None
@@ -102,20 +112,24 @@ class TrainConfig:
   progress: bool = True
   allow_budget_miss: bool = False
   stop_after: Optional[int] = None
+  refit_steps: int = 0
+  refit_lr: float = 3e-4
 
   def __post_init__(self):
     for name in ("steps", "teacher_steps", "stop_after"):
       v = getattr(self, name)
       if v is not None and (isinstance(v, bool) or int(v) < 1):
         raise ValueError(f"TrainConfig.{name} must be None or >= 1, got {v!r}")
-    for name in ("finetune_steps", "eval_every", "ft_steps"):
+    for name in ("finetune_steps", "eval_every", "ft_steps", "refit_steps"):
       if int(getattr(self, name)) < 0:
         raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
     for name in ("max_compress_steps", "batch_size", "calib", "calib_grams", "save_every"):
       if int(getattr(self, name)) < 1:
         raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)!r}")
-    if not self.lr > 0:
-      raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
+    for name in ("lr", "refit_lr"):
+      if not getattr(self, name) > 0:
+        raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)!r}")
+
     d = tuple(self.distill)
     if len(d) != 2 or d[0] < 0 or d[1] <= 0:
       raise ValueError(f"TrainConfig.distill must be (weight >= 0, T > 0), got {self.distill!r}")
@@ -154,7 +168,7 @@ def rule_trains_weights(rule: str) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-  """A parsed method name: ``base`` (``"dense"``, ``"static"`` or a rule) and ``variant`` (``""``,
+  """A parsed method name: ``base`` (``"dense"``, one of :data:`STATIC_BASES` or a rule) and ``variant`` (``""``,
   ``"noft"``, ``"ft"``)."""
   name: str
   base: str
@@ -166,14 +180,14 @@ class Method:
 
   @property
   def rule(self) -> Optional[str]:
-    return None if self.base in ("dense", "static") else self.base
+    return None if self.base == "dense" or self.base in STATIC_BASES else self.base
 
   @property
   def frozen(self) -> bool:
     """The selection is learned (or cut) on frozen weights of the teacher."""
     if self.base == "dense":
       return False
-    if self.base == "static":
+    if self.base in STATIC_BASES:
       return self.variant == "noft"
     return self.variant in ("noft", "ft") or not rule_trains_weights(self.base)
 
@@ -185,7 +199,7 @@ class Method:
 
 def method_names() -> list[str]:
   """Every method :func:`parse_method` accepts, for the registered rules."""
-  out = ["dense", "dense-ft", "static", "static-noft"]
+  out = ["dense", "dense-ft", "static", "static-noft", "allocated", "allocated-noft"]
   for r in rules.names():
     out += [r, f"{r}-noft", f"{r}-ft"]
   return out
@@ -232,6 +246,7 @@ class Comparison:
                                                                                         tcfg.batch_size),
                                          mask_fn=task.mask_fn, progress=tcfg.progress)
     self._factors: dict = {}
+    self._allocations: dict = {}
     self._frozen: dict = {}  # (rule, cr) -> (exported tree, results) of an R-noft / frozen R run
     self.learned_steps: dict = {}  # cr -> a learned rule's total steps
 
@@ -259,31 +274,80 @@ class Comparison:
     """Statistics passes over the calibration set so far (one per base tree and selection)."""
     return self.calibration.collections
 
-  def factors(self, key: str, params, cfg: CompressionConfig) -> dict:
+  def factors(self, key: str, params, cfg: CompressionConfig, ranks: Optional[dict] = None) -> dict:
     """The decomposition of ``params`` (:func:`softlm_jax.svd.decompose` with this run's
     :class:`~softlm_jax.Calibration`), computed once per tree and decomposition and shared by every
-    method and CR."""
+    method and CR. ``ranks``: the ranks the layers will run at, for a decomposition whose factors
+    depend on them (propagated; default its uniform ranks at the CR)."""
+    d = svd.get(cfg.decomposition)
     # a decomposition drawn while compressing (propagated) depends on the upstream ranks, i.e. on the CR
-    per_cr = svd.get(cfg.decomposition).needs == "calibration"
+    per_cr = d.needs == "calibration" or d.takes_ranks
+    rkey = tuple(sorted(ranks.items())) if (ranks is not None and d.takes_ranks) else None
     fkey = (key, cfg.decomposition, cfg.include, cfg.exclude, cfg.gram_floor, cfg.gram_damp,
-            cfg.target_ratio if per_cr else None)
+            cfg.target_ratio if per_cr else None, rkey)
     if fkey not in self._factors:
       t = time.time()
-      self._factors[fkey] = decompose(params, cfg, calibration=self.calibration)
-      self.log(f"{cfg.decomposition} decomposition of {len(self._factors[fkey])} layers ({key}): "
-               f"{time.time() - t:.1f}s (calibration passes so far: {self.grams_collected})")
+      self._factors[fkey] = decompose(params, cfg, calibration=self.calibration,
+                                      ranks=ranks if d.takes_ranks else None)
+      self.log(f"{cfg.decomposition} decomposition of {len(self._factors[fkey])} layers ({key}"
+               f"{', at the allocated ranks' if rkey else ''}): {time.time() - t:.1f}s (calibration passes so "
+               f"far: {self.grams_collected})")
     return self._factors[fkey]
+
+  def allocation(self, key: str, params, cfg: CompressionConfig) -> dict:
+    """``{path: rank}``: the global loss-aware allocation at ``cfg.target_ratio``
+    (:mod:`softlm_jax.allocate`), computed once per tree and CR: Fisher scores of every triplet from
+    one gradient pass of the task's loss over the ``calib_grams`` calibration examples, on the
+    (uniform-rank) factors of :meth:`factors`, then the exact budget fill of
+    :func:`softlm_jax.allocate.allocate_ranks`. No weight is trained."""
+    from softlm_jax import allocate
+    akey = (key, cfg.decomposition, cfg.include, cfg.exclude, cfg.target_ratio)
+    if akey not in self._allocations:
+      t = time.time()
+      cparams = allocate.full_rank(compress_params(params, cfg, factors=self.factors(key, params, cfg)), cfg)
+      batches = self.task.score_batches(self.tcfg.calib_grams, self.tcfg.batch_size)
+      stats = allocate.triplet_stats(cparams, cfg, self.task.score_loss(self.model), batches,
+                                     progress=self.tcfg.progress)
+      self._allocations[akey] = allocate.allocate_ranks(cparams, cfg, allocate.drop_losses(stats))
+      self.log(f"Fisher allocation at CR {cfg.target_ratio} ({key}): {len(batches)} batches, "
+               f"{time.time() - t:.1f}s")
+    return self._allocations[akey]
+
+  def static_tree(self, key: str, params, cfg: CompressionConfig, allocated: bool = False) -> dict:
+    """The exported static SVD of ``params`` at ``cfg.target_ratio``: the uniform keep-ratio, or the
+    ranks of :meth:`allocation` (``allocated``), from factors fit at those ranks when the
+    decomposition depends on them (propagated)."""
+    ranks = self.allocation(key, params, cfg) if allocated else None
+    return static_svd(params, cfg, ranks, factors=self.factors(key, params, cfg, ranks))
 
   def initial(self, method: Method, cr: float):
     """``(params, cfg)``: the tree ``method`` starts from at ``cr`` (training form for a rule, the
-    exported static SVD for ``static``, the dense tree for ``dense``)."""
+    exported static SVD for ``static``, the dense tree for ``dense``). No weight is trained here."""
     cfg = self.config(method, cr)
     if not method.compressed:
       return self.dense, cfg
     key, base = self.base(method)
-    if method.base == "static":
-      return static_svd(base, cfg, factors=self.factors(key, base, cfg)), cfg
+    if method.base in STATIC_BASES:
+      return self.static_tree(key, base, cfg, allocated=method.base == "allocated"), cfg
     return compress_params(base, cfg, factors=self.factors(key, base, cfg)), cfg
+
+  def refit(self, method: Method, params, out: str) -> tuple[dict, dict]:
+    """``(params, info)``: the block refit of an exported tree (``TrainConfig.refit_steps``), resumable
+    from ``<out>/ckpt_refit``; ``params`` unchanged when it is off."""
+    t = self.tcfg
+    if t.refit_steps == 0:
+      return params, {}
+    from softlm_jax import refit
+    t0, c0 = time.time(), time.process_time()
+    blocks: list = []
+    rcfg = refit.RefitConfig(steps=t.refit_steps, lr=t.refit_lr)
+    params = refit.refit_blocks(self.base(method)[1], params, self.calibration, rcfg,
+                                ckpt_dir=os.path.join(out, "ckpt_refit"), progress=t.progress,
+                                on_block=lambda i, blk, info: blocks.append({"block": blk, **info}))
+    info = {"steps_per_block": t.refit_steps, "lr": t.refit_lr, "blocks": blocks,
+            "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0}
+    self.log(f"[{method.name}] block refit: {len(blocks)} blocks x {t.refit_steps} steps, {info['wall_s']:.0f}s")
+    return params, info
 
   def optimizer(self, method: Method, cfg: CompressionConfig) -> optax.GradientTransformation:
     adam = optax.adam(self.tcfg.lr)
@@ -378,8 +442,11 @@ class Comparison:
         final, res["train_steps"] = state.params, int(state.step)
       else:
         final, res["train_steps"] = self.dense, 0
-    elif method.base == "static":
+    elif method.base in STATIC_BASES:
       final, _ = self.initial(method, cr)
+      final, refit_info = self.refit(method, final, out)
+      if refit_info:
+        res["refit"] = refit_info
       res["train_steps"] = 0
       if not method.frozen:
         steps = self.steps_for(cr)
@@ -444,7 +511,7 @@ class Comparison:
     with open(os.path.join(out, "table.md"), "w") as f:
       f.write(report.markdown_table([row], list(row)))
     if not t.keep_ckpt:
-      for d in ("ckpt", "ckpt_ft"):
+      for d in ("ckpt", "ckpt_ft", "ckpt_refit"):
         shutil.rmtree(os.path.join(out, d), ignore_errors=True)
     self._after(method, cr, res, final)
     if enforce:

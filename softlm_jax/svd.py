@@ -53,12 +53,16 @@ class Decomposition:
     balance: whether :func:`softlm_jax.compress_params` rebalances each layer's kept factors
       (:func:`balance`) before training: for decompositions whose ``left`` is not orthonormal
       (whitened: ``S^{-T} U``), so that Adam's steps have the same relative size on both sides.
+    takes_ranks: whether the factors depend on the ranks the layers will run at (propagated: each
+      layer is fit with the layers upstream already cut); ``factors`` then also takes
+      ``ranks={path: rank}`` (None: the uniform keep-ratio of ``cfg.target_ratio``).
   """
 
   name: str
   needs: str
   factors: Callable
   balance: bool = False
+  takes_ranks: bool = False
 
   def __post_init__(self):
     if not (isinstance(self.name, str) and self.name):
@@ -313,7 +317,7 @@ def _check_factors(d: Decomposition, kernels: list[tuple[str, Any]], out: Mappin
 
 
 def decompose(params: Mapping, cfg: CompressionConfig, grams: Optional[Mapping] = None,
-              calibration: Optional[Any] = None) -> dict[str, tuple]:
+              calibration: Optional[Any] = None, *, ranks: Optional[Mapping[str, int]] = None) -> dict[str, tuple]:
   """Factors of every kernel ``cfg`` selects by ``cfg.decomposition``: ``{path: (left, s, right, dtype)}``.
 
   Args:
@@ -324,6 +328,8 @@ def decompose(params: Mapping, cfg: CompressionConfig, grams: Optional[Mapping] 
     calibration: a :class:`softlm_jax.calib.Calibration`: the Grams are taken from it when ``grams`` is
       None (collected once per selection), and a decomposition with ``needs="calibration"`` gets it
       whole. Ignored by one that needs nothing, so a run can pass the same Calibration everywhere.
+    ranks: ``{path: rank}`` the layers will run at, for a decomposition whose factors depend on them
+      (``takes_ranks``: propagated); ignored by the others (their factors serve every rank).
 
   Returns:
     ``{path: (left (rows, q), s (q,), right (q, cols), dtype)}``, storage layout, ``s`` descending.
@@ -337,7 +343,8 @@ def decompose(params: Mapping, cfg: CompressionConfig, grams: Optional[Mapping] 
   for path, k in kernels:
     check_finite(path, k)
   budget.dense_params(params, cfg)  # int32 range check
-  out = dict(d.factors(params, cfg, _stats(d, params, cfg, grams, calibration)))
+  stats = _stats(d, params, cfg, grams, calibration)
+  out = dict(d.factors(params, cfg, stats, ranks=ranks) if d.takes_ranks else d.factors(params, cfg, stats))
   _check_factors(d, kernels, out)
   return out
 

@@ -204,6 +204,21 @@ class Task:
     n = min(n, self.n_train())
     return [self.inputs(np.arange(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
 
+  def score_batches(self, n: int, batch_size: int) -> list:
+    """The first ``n`` training examples in batches, as :meth:`score_loss` takes them (the calibration
+    set of a loss-aware allocation)."""
+    n = min(n, self.n_train())
+    return [self.example_batch(np.arange(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+
+  def example_batch(self, idx: np.ndarray) -> dict:
+    """``{"inputs", ["labels"]}`` of training examples ``idx``."""
+    return {"inputs": self.inputs(idx)}
+
+  def score_loss(self, model) -> Callable:
+    """``(params, batch) -> scalar``: the task loss in eval mode (no dropout, no distillation), on
+    :meth:`score_batches`: what :func:`softlm_jax.allocate.triplet_stats` differentiates."""
+    raise NotImplementedError
+
   def train_loss(self, model, distill: tuple = (0.0, 1.0)) -> Callable:
     """``(params, batch, rng) -> scalar``: the task loss, plus ``weight * T^2 * KL(teacher || student)``
     when ``distill = (weight, T)`` has ``weight > 0`` (the teacher tree in ``batch["teacher"]``)."""
@@ -251,8 +266,20 @@ class ClassificationTask(Task):
     return {k: jnp.asarray(v[idx]) for k, v in self.encoded["train"].items()}
 
   def train_batch(self, step, batch_size, seed):
-    idx = data.batch_indices(self.n_train(), batch_size, step, seed)
+    return self.example_batch(data.batch_indices(self.n_train(), batch_size, step, seed))
+
+  def example_batch(self, idx):
     return {"inputs": self.inputs(idx), "labels": jnp.asarray(self.train.labels[idx])}
+
+  def score_loss(self, model):
+    regression = self.regression
+
+    def loss(p, batch):
+      logits = model.logits(p, batch["inputs"])
+      if regression:
+        return jnp.mean((logits[:, 0].astype(jnp.float32) - batch["labels"]) ** 2)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+    return loss
 
   def train_loss(self, model, distill=(0.0, 1.0)):
     weight, temperature = distill
@@ -308,6 +335,10 @@ class LMTask(Task):
 
   def train_batch(self, step, batch_size, seed):
     return {"inputs": self.inputs(data.batch_indices(self.n_train(), batch_size, step, seed))}
+
+  def score_loss(self, model):
+    fn = model.logits_fn()
+    return lambda p, batch: lm_loss(fn(p, batch["inputs"]), batch["inputs"])
 
   def train_loss(self, model, distill=(0.0, 1.0)):
     from softlm_jax import train

@@ -13,10 +13,13 @@ COMMAND, ORDER = "compress", 0
 
 def add_parser(sub):
   p = sub.add_parser(COMMAND, help="model + config -> training-form checkpoint (a learned rule) or static SVD export",
-                     description="Compresses a model: a learned rule (softlm, llrc) writes its training-form state "
-                     "at step 0 to <out>/<method>/ckpt (continue with `softlm train`); static (static-noft) writes "
-                     "the exported static-SVD model to <out>/<method>/compact.safetensors.")
-  options.add_run_args(p, methods=False)
+                     description="Compresses a model with no weight trained by gradient. allocated (the default) "
+                     "and static write the exported model to <out>/<method>/compact.safetensors: allocated at the "
+                     "ranks of a global loss-aware allocation (one gradient pass over the calibration set), static "
+                     "at the same keep-ratio in every layer, from the preset's decomposition (the lm preset: "
+                     "propagated). A learned rule (softlm, llrc) writes its training-form state at step 0 to "
+                     "<out>/<method>/ckpt (continue with `softlm train`).")
+  options.add_run_args(p, methods=False, default_methods="allocated")
   p.set_defaults(configs_needed=True)
   return p
 
@@ -28,7 +31,7 @@ def run(args) -> dict:
   o = args.options
   method = pipeline.parse_method(o.methods[0])
   if not method.compressed:
-    raise ValueError("softlm compress takes a compressed method (static, softlm, llrc, ...), not dense")
+    raise ValueError("softlm compress takes a compressed method (allocated, static, softlm, llrc, ...), not dense")
   cr = o.crs[0]
   task_name = o.data.task if not o.data.train_file else os.path.splitext(os.path.basename(o.data.train_file))[0]
   check_run_folder(o.out, method.name, o.model, task_name, cr)

@@ -238,6 +238,10 @@ def add_train_args(ap) -> None:
   g.add_argument("--no-progress", action="store_true", default=None)
   g.add_argument("--allow-budget-miss", action="store_true", default=None,
                  help="a model that misses its budget is recorded as 'not met' instead of failing the run")
+  g.add_argument("--refit-steps", type=nonnegative_int, default=None,
+                 help="static/allocated: Adam steps per block of the calibration-only block refit before "
+                 "fine-tuning (softlm train only; 0: off)")
+  g.add_argument("--refit-lr", type=positive_float, default=None, help="the block refit's learning rate")
   g.add_argument("--stop-after", type=positive_int, default=None,
                  help="stop each training loop after N steps, checkpoint saved (rerun without it to resume)")
   g.add_argument("--mesh", default=None,
@@ -254,7 +258,8 @@ def add_run_args(ap, *, methods: bool = True, default_methods: Optional[str] = N
                     help="comma list of methods (softlm_jax.run.method_names(): dense, dense-ft, static, "
                     "static-noft, and for each selection rule R: R, R-noft, R-ft); default softlm,static,dense")
   else:
-    ap.add_argument("--method", type=method_arg, default="softlm", help="one method (default softlm)")
+    ap.add_argument("--method", type=method_arg, default=default_methods or "softlm",
+                    help=f"one method (default {default_methods or 'softlm'})")
   ap.add_argument("--out", required=out_required and default_out is None, default=default_out,
                   help="run folder (one subfolder per method)")
   add_data_args(ap)
@@ -269,7 +274,7 @@ _COMPRESSION = ("sharpness", "gamma", "alpha_lr", "loss", "init_rank", "decompos
                 "compress_steps", "mask_lr", "tv_weight", "budget_growth", "mask_init", "include", "exclude")
 _TRAIN = ("finetune_steps", "max_compress_steps", "steps", "teacher_steps", "batch_size", "lr", "seed", "distill",
           "calib", "calib_grams", "ft_steps", "refill", "alpha_opt", "eval_every", "keep_ckpt", "allow_budget_miss",
-          "mesh", "stop_after")
+          "mesh", "stop_after", "refit_steps", "refit_lr")
 _DATA = ("task", "data_dir", "train_file", "eval_file", "text_cols", "label_col", "task_type", "eval_limit",
          "max_len", "seq_len", "eval_len", "eval_windows", "curve_windows")
 

@@ -1,0 +1,80 @@
+"""The training-free recipe through the pipeline (issue 17, item 4): ``allocated`` methods (a global
+loss-aware allocation, factors fit again at the allocated ranks by a rank-dependent decomposition) and
+the block refit as a pipeline stage, on a tiny random Llama with WikiText-2 windows."""
+import json
+
+import numpy as np
+import pytest
+
+import softlm_jax as sl
+from softlm_jax import allocate, budget, data, propagate, refit, run, tasks, tree
+from softlm_jax.blocks import get_subtree
+
+needs_wikitext = pytest.mark.skipif(data.find_data_dir() is None, reason="needs ../shared/data (WikiText-2)")
+
+SMALL = ["--task", "wikitext", "--model", "tiny-llama", "--seq-len", "32", "--eval-len", "64", "--eval-windows", "2",
+         "--calib-grams", "8", "--batch-size", "4", "--no-progress"]
+
+
+def _ranks(tree_: dict) -> dict:
+  return {p: int(np.shape(lay["left"])[1]) for p, lay in tree.factored_layers(tree_)}
+
+
+@needs_wikitext
+def test_softlm_compress_writes_the_allocated_model_at_refit_ranks(tmp_path, monkeypatch):
+  """``softlm compress`` with no method writes ``allocated``: the exact budget fill of the Fisher
+  allocation, with the propagated factors fit a second time at exactly those ranks."""
+  from softlm_jax import cli
+  calls = []
+  real = propagate.propagated_factors
+  monkeypatch.setattr(propagate, "propagated_factors",
+                      lambda *a, **k: calls.append(k.get("ranks")) or real(*a, **k))
+  out = tmp_path / "c"
+  summary = cli.run(["compress", *SMALL, "--decomposition", "propagated", "--cr", "0.5", "--out", str(out)])
+  assert summary["method"] == "allocated"
+  params, info = sl.load_compact(out / "allocated" / "compact.safetensors")
+  got = _ranks(params)
+  # first the uniform-rank fit (the allocation scores its triplets), then the fit at the allocated ranks
+  assert len(calls) == 2 and calls[0] is None
+  full = {p: r for p, r in calls[1].items() if p not in got}  # at or above break-even: kept dense
+  assert calls[1] == {**got, **full}, (calls[1], got)
+  for p in full:
+    assert full[p] == min(np.shape(get_subtree(params, p)["kernel"]))
+  assert len(set(got.values())) > 1  # not the uniform keep-ratio
+  counted, target = summary["counted_params"], summary["target_params"]
+  assert counted <= target
+  shapes = {p: (*budget.layer_shape(lay), min(budget.layer_shape(lay))) for p, lay in tree.factored_layers(params)}
+  nxt = allocate.next_step_costs(shapes, got)
+  assert target - counted < min(nxt.values())  # exact: no layer's next triplet fits the slack
+  man = json.loads((out / "allocated" / "compress.json").read_text())
+  assert man["counted_params"] == counted
+
+
+@needs_wikitext
+def test_block_refit_runs_as_a_stage_and_keeps_the_ranks(tmp_path):
+  """``TrainConfig.refit_steps``: the static methods' exported model is refit block by block before
+  fine-tuning (the same as calling ``refit.refit_blocks`` on it), and no rank changes."""
+  from softlm_jax.cli import options
+  from softlm_jax import cli
+  o = options.parse(cli.build_parser(), ["train", *SMALL, "--decomposition", "whitened", "--out", str(tmp_path),
+                                         "--methods", "allocated-noft", "--cr", "0.5", "--refit-steps", "12",
+                                         "--refit-lr", "3e-3"]).options
+  model, task = run.load(o.model, o.data)
+  comp = run.Comparison(model, task, o.compression, o.train, str(tmp_path))
+  method = run.parse_method("allocated-noft")
+  before, cfg = comp.initial(method, 0.5)
+  res = comp.run_method("allocated-noft", 0.5)
+  after, _ = sl.load_compact(tmp_path / "allocated-noft" / "compact.safetensors")
+  assert _ranks(after) == _ranks(before)
+  assert res["budget"]["counted_params"] == int(sl.count_params(before, cfg))
+  blocks = res["refit"]["blocks"]
+  assert len(blocks) == 4 and res["train_steps"] == 0
+  # the stage is refit.refit_blocks on the exported model, from the dense model, on the run's calibration set
+  ref = refit.refit_blocks(comp.dense, before, comp.calibration, refit.RefitConfig(steps=12, lr=3e-3), progress=False)
+  for p, lay in tree.factored_layers(after):
+    want = get_subtree(ref, p)
+    for k in ("left", "right"):
+      np.testing.assert_allclose(np.asarray(lay[k]), np.asarray(want[k]), rtol=1e-5, atol=1e-6, err_msg=p)
+  # the refit model is what was evaluated
+  ppl = tasks.perplexity(model, after, None, task.windows["test"])
+  assert ppl == pytest.approx(res["metrics"]["test"]["ppl"], rel=1e-5)
