@@ -4,8 +4,9 @@ Rows (``--rows``), each at every ``--crs``:
   whitened     whitened SVD (SVD-LLM's truncation), the uniform keep-ratio (``static_svd``);
   propagated   + the propagated, error-aware decomposition (``softlm_jax.propagate``, ``--mix``; several
                values = the mixing-weight sweep), uniform ranks;
-  allocated    + the global loss-aware allocation of ``softlm_jax.allocate`` (Fisher scores from one
-               gradient pass over the calibration set) on the propagated factors of ``--base-mix``;
+  allocated    + the global loss-aware allocation of ``softlm_jax.allocate`` (Fisher scores of the whitened
+               triplets from one gradient pass over the calibration set), then the propagated factors
+               of ``--base-mix`` fit at the allocated ranks (``--no-repropagate``: the whitened ones);
   refit        + the calibration-only block refit (``softlm_jax.refit``) of the ``--refit-base`` row's
                exported model (``--refit-steps`` Adam steps per block at ``--refit-lr``).
 Calibration: the first ``--calib`` windows of ``--seq-len`` tokens of WikiText-2 valid, in batches of
@@ -47,7 +48,7 @@ def parse(argv=None):
   ap.add_argument("--base-mix", type=float, default=propagate.DEFAULT_MIX,
                   help="the propagated factors that allocated / refit rows build on")
   ap.add_argument("--repropagate", action=argparse.BooleanOptionalAction, default=True,
-                  help="allocated: fit the propagated factors again with the upstream layers at the allocated ranks")
+                  help="allocated: the propagated factors fit at the allocated ranks (else the whitened ones)")
   ap.add_argument("--refit-base", default="propagated", choices=("whitened", "propagated", "allocated"))
   ap.add_argument("--refit-steps", type=int, default=refit.RefitConfig.steps)
   ap.add_argument("--refit-lr", type=float, default=refit.RefitConfig.lr)
@@ -199,30 +200,27 @@ def main(argv=None):
         if done(name):
           continue
         stages = {}
-        key = ("factors", cr, args.base_mix)
-        if key not in memo:
-          with Stage(stages, "propagate"):
-            memo[key] = propagate.propagated_factors(dense, cfg, calibration, mix=args.base_mix, progress=progress)
-        f = memo[key]
-        with Stage(stages, "allocate"):
-          cparams = allocate.full_rank(sl.compress_params(dense, cfg, factors=f), cfg)
+        # scores on the whitened triplets (full rank = the dense model; they serve every CR), the exact
+        # fill at this CR, then the propagated factors fit at the allocated ranks
+        f = whitened_factors(cfg, stages)
+        if "drops" not in memo:
+          with Stage(stages, "scores"):
+            cparams = allocate.full_rank(sl.compress_params(dense, cfg, factors=f), cfg)
 
-          def loss_fn(p, ids):
-            return tasks.lm_loss(model(ids, params=p).logits, ids)
-          stats = allocate.triplet_stats(cparams, cfg, loss_fn, batches, progress=progress)
-          ranks = allocate.allocate_ranks(cparams, cfg, allocate.drop_losses(stats))
+            def loss_fn(p, ids):
+              return tasks.lm_loss(model(ids, params=p).logits, ids)
+            stats = allocate.triplet_stats(cparams, cfg, loss_fn, batches, progress=progress)
+            memo["drops"] = allocate.drop_losses(stats)
+            memo["cparams"] = cparams
+        with Stage(stages, "allocate"):
+          ranks = allocate.allocate_ranks(memo["cparams"], cfg, memo["drops"])
           tree_ = allocate.allocated_static(dense, cfg, f, ranks)
-          del cparams
-        extra = {"mix": args.base_mix, "ranks": ranks, "repropagate": args.repropagate}
+        extra = {"mix": args.base_mix, "ranks": ranks, "repropagate": args.repropagate, "scored_on": "whitened"}
+        with Stage(stages, "eval_whitened_allocated"):
+          extra["ppl_whitened_allocated"] = tasks.perplexity(model, tree_, None, test)
+        print(f"  whitened factors at the allocated ranks: ppl {extra['ppl_whitened_allocated']:.2f}", flush=True)
         if args.repropagate:
-          # the uniform-rank factors were fit with every upstream layer at the uniform rank: fit them
-          # again with the upstream layers at their allocated ranks (the same ranks are kept)
-          with Stage(stages, "eval_before_repropagate"):
-            extra["ppl_before_repropagate"] = tasks.perplexity(model, tree_, None, test)
-          print(f"  allocated on uniform-rank factors: ppl {extra['ppl_before_repropagate']:.2f}", flush=True)
-          memo.pop(key, None)
-          del f
-          with Stage(stages, "repropagate"):
+          with Stage(stages, "propagate"):
             f2 = propagate.propagated_factors(dense, cfg, calibration, mix=args.base_mix, ranks=ranks,
                                               progress=progress)
           tree_ = allocate.allocated_static(dense, cfg, f2, ranks)

@@ -247,6 +247,7 @@ class Comparison:
                                          mask_fn=task.mask_fn, progress=tcfg.progress)
     self._factors: dict = {}
     self._allocations: dict = {}
+    self._scores: dict = {}
     self._frozen: dict = {}  # (rule, cr) -> (exported tree, results) of an R-noft / frozen R run
     self.learned_steps: dict = {}  # cr -> a learned rule's total steps
 
@@ -296,21 +297,33 @@ class Comparison:
 
   def allocation(self, key: str, params, cfg: CompressionConfig) -> dict:
     """``{path: rank}``: the global loss-aware allocation at ``cfg.target_ratio``
-    (:mod:`softlm_jax.allocate`), computed once per tree and CR: Fisher scores of every triplet from
-    one gradient pass of the task's loss over the ``calib_grams`` calibration examples, on the
-    (uniform-rank) factors of :meth:`factors`, then the exact budget fill of
-    :func:`softlm_jax.allocate.allocate_ranks`. No weight is trained."""
+    (:mod:`softlm_jax.allocate`): Fisher scores of every triplet from one gradient pass of the task's
+    loss over the ``calib_grams`` calibration examples, then the exact budget fill of
+    :func:`softlm_jax.allocate.allocate_ranks`. No weight is trained.
+
+    The triplets scored are those of a decomposition whose full rank is the dense model: ``cfg``'s
+    own, or ``whitened`` when ``cfg``'s factors depend on the ranks (propagated: its full-rank map is
+    a least-squares fit to inputs from a model cut at other ranks, so scores taken there measured a
+    different model: ppl 3.0e6 on SmolLM2 at CR 0.5, BENCHMARKS.md). The scores serve every CR (they
+    do not depend on it); the fill runs per CR.
+    """
     from softlm_jax import allocate
-    akey = (key, cfg.decomposition, cfg.include, cfg.exclude, cfg.target_ratio)
-    if akey not in self._allocations:
+    score_cfg = cfg.replace(decomposition="whitened") if svd.get(cfg.decomposition).takes_ranks else cfg
+    skey = (key, score_cfg.decomposition, cfg.include, cfg.exclude, cfg.gram_floor, cfg.gram_damp)
+    if skey not in self._scores:
       t = time.time()
-      cparams = allocate.full_rank(compress_params(params, cfg, factors=self.factors(key, params, cfg)), cfg)
+      cparams = allocate.full_rank(compress_params(params, score_cfg,
+                                                   factors=self.factors(key, params, score_cfg)), score_cfg)
       batches = self.task.score_batches(self.tcfg.calib_grams, self.tcfg.batch_size)
-      stats = allocate.triplet_stats(cparams, cfg, self.task.score_loss(self.model), batches,
+      stats = allocate.triplet_stats(cparams, score_cfg, self.task.score_loss(self.model), batches,
                                      progress=self.tcfg.progress)
-      self._allocations[akey] = allocate.allocate_ranks(cparams, cfg, allocate.drop_losses(stats))
-      self.log(f"Fisher allocation at CR {cfg.target_ratio} ({key}): {len(batches)} batches, "
+      self._scores[skey] = (cparams, allocate.drop_losses(stats))
+      self.log(f"Fisher scores of the {score_cfg.decomposition} triplets ({key}): {len(batches)} batches, "
                f"{time.time() - t:.1f}s")
+    akey = skey + (cfg.target_ratio,)
+    if akey not in self._allocations:
+      cparams, drops = self._scores[skey]
+      self._allocations[akey] = allocate.allocate_ranks(cparams, cfg, drops)
     return self._allocations[akey]
 
   def static_tree(self, key: str, params, cfg: CompressionConfig, allocated: bool = False) -> dict:

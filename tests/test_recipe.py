@@ -23,7 +23,7 @@ def _ranks(tree_: dict) -> dict:
 @needs_wikitext
 def test_softlm_compress_writes_the_allocated_model_at_refit_ranks(tmp_path, monkeypatch):
   """``softlm compress`` with no method writes ``allocated``: the exact budget fill of the Fisher
-  allocation, with the propagated factors fit a second time at exactly those ranks."""
+  allocation (scored on the whitened triplets), the propagated factors fit at exactly those ranks."""
   from softlm_jax import cli
   calls = []
   real = propagate.propagated_factors
@@ -34,10 +34,10 @@ def test_softlm_compress_writes_the_allocated_model_at_refit_ranks(tmp_path, mon
   assert summary["method"] == "allocated"
   params, info = sl.load_compact(out / "allocated" / "compact.safetensors")
   got = _ranks(params)
-  # first the uniform-rank fit (the allocation scores its triplets), then the fit at the allocated ranks
-  assert len(calls) == 2 and calls[0] is None
-  full = {p: r for p, r in calls[1].items() if p not in got}  # at or above break-even: kept dense
-  assert calls[1] == {**got, **full}, (calls[1], got)
+  # the allocation scores the whitened triplets (full rank = dense); the propagated fit runs once, at its ranks
+  assert len(calls) == 1
+  full = {p: r for p, r in calls[0].items() if p not in got}  # at or above break-even: kept dense
+  assert calls[0] == {**got, **full}, (calls[0], got)
   for p in full:
     assert full[p] == min(np.shape(get_subtree(params, p)["kernel"]))
   assert len(set(got.values())) > 1  # not the uniform keep-ratio
