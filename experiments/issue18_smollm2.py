@@ -18,10 +18,11 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default="runs/issue18/smollm2")
   ap.add_argument("--loads", type=int, default=3)
+  ap.add_argument("--path", default=None, help="an existing SmolLM2 compact file (default: make a static CR 0.5 one)")
   ap.add_argument("--bench-args", default=None, help="run `softlm bench` on the file with these options")
   args = ap.parse_args()
   os.makedirs(args.out, exist_ok=True)
-  path = os.path.join(args.out, "static", "compact.safetensors")
+  path = args.path or os.path.join(args.out, "static", "compact.safetensors")
   res = {"load_start": loadavg()}
   if not os.path.exists(path):
     t = time.time()

@@ -462,6 +462,8 @@ class Comparison:
         res["refit"] = refit_info
       res["train_steps"] = 0
       if not method.frozen:
+        if refit_info:  # what the refit alone gave, before the fine-tuning
+          _, refit_info["metrics"], _ = self.task.evaluate(self.model, final, None)
         steps = self.steps_for(cr)
         state, res["history"] = self._fit(final, optax.adam(t.lr), None, self.task.train_loss(self.model, distill),
                                           self._task_batches(distill[0] > 0), ckpt, steps=steps)
