@@ -40,7 +40,7 @@ from softlm_jax.tasks import EVAL_CHARS, lm_loss  # noqa: E402,F401  (one loss, 
 
 def parser() -> argparse.ArgumentParser:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  options.add_run_args(ap, methods=True, default_methods="dense,softlm,static", cr_flags=("--crs", "--cr"),
+  options.add_run_args(ap, methods=True, default_methods=None, cr_flags=("--crs", "--cr"),
                        default_out="runs/lm/smollm2")
   ap.set_defaults(task=tasks.LM_TASK, cr=[0.25, 0.5, 0.75], configs_needed=True)
   return ap

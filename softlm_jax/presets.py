@@ -1,14 +1,21 @@
 """Named presets: the recommended settings, in one place.
 
 A preset gives the fields of the three run configs (:class:`softlm_jax.CompressionConfig`,
-:class:`softlm_jax.run.TrainConfig`, :class:`softlm_jax.tasks.DataConfig`); :func:`build` applies a
-user's overrides on top. The ``softlm`` command and the experiment scripts take their defaults from
-here, so the same options give the same run through every entry point.
+:class:`softlm_jax.run.TrainConfig`, :class:`softlm_jax.tasks.DataConfig`) and the default methods;
+:func:`build` applies a user's overrides on top. The ``softlm`` command and the experiment scripts take
+their defaults from here, so the same options give the same run through every entry point.
 
-* ``lm``: causal-LM compression, the measured best recipe of BENCHMARKS.md (issue 11: SmolLM2-135M at
-  CR 0.5, ppl 139.6 after 100 steps): whitened decomposition from 128 x 128 calibration tokens,
-  thresholds in ``uniform_rank`` units at lr 3e-2 following a 60-step ramp, 40 fine-tuning steps after
-  the freeze, distillation from the dense model (weight 1, T = 2), batch 4, lr 5e-5.
+* ``lm``: causal-LM compression, the measured best recipe of BENCHMARKS.md (issue 17, SmolLM2-135M):
+  the ``allocated`` method: Fisher scores of the whitened triplets from one gradient pass, the exact
+  budget fill, the propagated error-aware decomposition fit at those ranks (mix 0.5), all from the first
+  32 x 128 calibration tokens of WikiText-2 valid (CR 0.5: ppl 314.9 with no weight trained, against
+  1,092 for whitened uniform). ``softlm compress`` stops there; ``softlm train`` adds the block refit
+  (``refit_steps`` per block) and fine-tunes with distillation from the dense model (weight 1, T = 2),
+  batch 4, lr 5e-5. Its baseline ``static`` gets the same decomposition, refit and fine-tuning at
+  the uniform keep-ratio.
+* ``lm-softlm``: the SoftLM recipe of issue 11 (CR 0.5, ppl 139.6 after 100 steps): whitened
+  decomposition from 128 x 128 calibration tokens, thresholds in ``uniform_rank`` units at lr 3e-2
+  following a 60-step ramp, 40 fine-tuning steps after the freeze, the same distillation.
 * ``glue``: classifier fine-tuning on GLUE / the user's data: plain SVD (whitened + KD measured no
   better for SoftLM on SST-2), thresholds at lr 5e-3, batch 16, lr 1e-4, 150 steps after the freeze.
 * ``paper``: the SoftLM paper's plain recipe for a causal LM (plain SVD, no ramp, no distillation).
@@ -21,25 +28,37 @@ from typing import Optional
 from softlm_jax import tasks
 from softlm_jax.config import CompressionConfig
 
+_LM_DATA = {"task": tasks.LM_TASK, "seq_len": 128, "eval_len": 512, "eval_windows": 16}
+_LM_SOFTLM = {"decomposition": "whitened", "normalize": "uniform_rank", "alpha_lr": 3e-2, "compress_steps": 60,
+              "sharpness": 1000.0, "gamma": 1.0}
+_LM_TRAIN = {"finetune_steps": 40, "max_compress_steps": 150, "batch_size": 4, "lr": 5e-5, "distill": (1.0, 2.0),
+             "calib": 256, "calib_grams": 128, "ft_steps": 50}
+
 PRESETS: dict[str, dict] = {
     "lm": {
-        "compression": {"decomposition": "whitened", "normalize": "uniform_rank", "alpha_lr": 3e-2,
-                        "compress_steps": 60, "sharpness": 1000.0, "gamma": 1.0},
-        "train": {"finetune_steps": 40, "max_compress_steps": 150, "batch_size": 4, "lr": 5e-5,
-                  "distill": (1.0, 2.0), "calib": 256, "calib_grams": 128, "ft_steps": 50},
-        "data": {"task": tasks.LM_TASK, "seq_len": 128, "eval_len": 512, "eval_windows": 16},
+        "compression": {**_LM_SOFTLM, "decomposition": "propagated"},
+        "train": {**_LM_TRAIN, "calib_grams": 32, "refit_steps": 128, "refit_lr": 3e-4},
+        "data": dict(_LM_DATA),
+        "methods": ("allocated", "static", "dense"),
+    },
+    "lm-softlm": {
+        "compression": dict(_LM_SOFTLM),
+        "train": dict(_LM_TRAIN),
+        "data": dict(_LM_DATA),
+        "methods": ("softlm", "static", "dense"),
     },
     "glue": {
         "compression": {"decomposition": "svd", "normalize": "top", "alpha_lr": 5e-3, "compress_steps": 0},
         "train": {"finetune_steps": 150, "max_compress_steps": 300, "batch_size": 16, "lr": 1e-4,
                   "distill": (0.0, 1.0), "calib": 256, "calib_grams": 256, "ft_steps": 50},
         "data": {"task": "sst2"},
+        "methods": ("softlm", "static", "dense"),
     },
     "paper": {
         "compression": {"decomposition": "svd", "normalize": "top", "alpha_lr": 5e-3, "compress_steps": 0},
-        "train": {"finetune_steps": 40, "max_compress_steps": 150, "batch_size": 4, "lr": 5e-5,
-                  "distill": (0.0, 1.0), "calib": 256, "calib_grams": 128, "ft_steps": 50},
-        "data": {"task": tasks.LM_TASK, "seq_len": 128, "eval_len": 512, "eval_windows": 16},
+        "train": {**_LM_TRAIN, "distill": (0.0, 1.0)},
+        "data": dict(_LM_DATA),
+        "methods": ("softlm", "static", "dense"),
     },
 }
 
@@ -56,6 +75,11 @@ def default_preset(task: Optional[str], train_file: Optional[str] = None) -> str
   return "lm" if task == tasks.LM_TASK and not train_file else "glue"
 
 
+def methods(name: str) -> tuple:
+  """The methods a preset runs by default (``softlm train`` without ``--methods``)."""
+  return tuple(get(name)["methods"])
+
+
 def get(name: str) -> dict:
   if name not in PRESETS:
     raise ValueError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
@@ -68,8 +92,8 @@ def build(preset: Optional[str] = None, *, compression: Optional[dict] = None, t
   ignored: "not given"). Without ``preset`` it follows the task (:func:`default_preset`).
 
   The one rule between options lives here: a decomposition given without ``normalize`` gets its own
-  units (``uniform_rank`` for whitened spectra, whose top values activation outliers inflate;
-  ``top`` for plain SVD).
+  units (``top`` for plain SVD; ``uniform_rank`` for the activation-aware spectra, whitened and
+  propagated, whose top values activation outliers inflate).
   """
   from softlm_jax.run import TrainConfig
   compression = {k: v for k, v in (compression or {}).items() if v is not None}
@@ -77,7 +101,8 @@ def build(preset: Optional[str] = None, *, compression: Optional[dict] = None, t
   data = {k: v for k, v in (data or {}).items() if v is not None}
   p = get(preset or default_preset(data.get("task"), data.get("train_file")))
   if "decomposition" in compression and "normalize" not in compression:
-    compression["normalize"] = "uniform_rank" if compression["decomposition"] == "whitened" else "top"
+    compression["normalize"] = "top" if compression["decomposition"] == "svd" else "uniform_rank"
+  p.pop("methods", None)
   ccfg = CompressionConfig(**{**p["compression"], **compression})
   tcfg = TrainConfig(**{**p["train"], **train})
   dcfg = tasks.DataConfig(**{**p["data"], **data})

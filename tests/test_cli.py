@@ -93,7 +93,7 @@ def test_lm_compress_train_eval_generate(work):
   run = work["root"] / "lm"
   lm_args = ["--task", "wikitext", "--model", work["lm"], "--out", run, "--seq-len", "32", "--eval-len", "32",
              "--eval-windows", "2", "--batch-size", "4", "--no-progress"]
-  softlm("train", "--methods", "static", "--steps", "2", *lm_args)
+  softlm("train", "--methods", "static", "--steps", "2", "--refit-steps", "2", *lm_args)  # the lm preset: propagated
   res = json.loads((run / "static" / "results.json").read_text())
   assert res["train_steps"] == 2 and not (run / "static" / "ckpt").exists()  # deleted: no --keep-ckpt
   path = run / "static" / "compact.safetensors"

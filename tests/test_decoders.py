@@ -48,7 +48,7 @@ def test_lm_script_end_to_end(tmp_path):
   sys.path.insert(0, os.path.join(ROOT, "experiments"))
   import lm
   out = tmp_path / "run"
-  lm.main(["--model", "tiny-llama", "--methods", "dense,softlm,static,llrc", "--crs", "0.5",
+  lm.main(["--model", "tiny-llama", "--preset", "lm-softlm", "--methods", "dense,softlm,static,llrc", "--crs", "0.5",
            "--seq-len", "32", "--batch-size", "4", "--finetune-steps", "3", "--max-compress-steps", "150",
            "--alpha-lr", "0.05", "--lr", "1e-3", "--calib", "16", "--eval-windows", "2", "--eval-len", "64",
            "--refill", "--out", str(out), "--no-progress", "--compress-steps", "0", "--distill", "0",

@@ -56,11 +56,21 @@ def test_softlm_train_and_experiments_lm_build_equal_configs(argv):
   a = options.parse(cli.build_parser(), ["train", "--task", "wikitext", "--out", "x", *argv]).options
   b = _lm_script().parse(["--out", "x", *argv]).options
   assert (a.compression, a.train, a.data) == (b.compression, b.train, b.data)
-  if argv == ["--cr", "0.5"]:  # the BENCHMARKS recipe that gave 139.6 (issue 11), from the one preset
-    assert a.compression.decomposition == "whitened" and a.compression.normalize == "uniform_rank"
-    assert a.compression.alpha_lr == 3e-2 and a.compression.compress_steps == 60
-    assert a.train.distill == (1.0, 2.0) and a.train.batch_size == 4 and a.train.finetune_steps == 40
-    assert a.model == "smollm2" and a.preset == "lm"
+  if argv == ["--cr", "0.5"]:  # the BENCHMARKS recipe of issue 17 (allocated + propagated), from the one preset
+    assert a.compression.decomposition == "propagated" and a.compression.normalize == "uniform_rank"
+    assert a.train.calib_grams == 32 and a.train.refit_steps == 128 and a.train.steps is None
+    assert a.train.distill == (1.0, 2.0) and a.train.batch_size == 4 and a.train.lr == 5e-5
+    assert a.model == "smollm2" and a.preset == "lm" and a.methods == b.methods == ("allocated", "static", "dense")
+
+
+def test_lm_softlm_preset_is_the_issue_11_recipe():
+  """The SoftLM recipe that gave 139.6 at CR 0.5 (issue 11) stays one flag away."""
+  from softlm_jax import cli
+  a = options.parse(cli.build_parser(), ["train", "--task", "wikitext", "--out", "x", "--preset", "lm-softlm"]).options
+  assert a.compression.decomposition == "whitened" and a.compression.normalize == "uniform_rank"
+  assert a.compression.alpha_lr == 3e-2 and a.compression.compress_steps == 60
+  assert a.train.distill == (1.0, 2.0) and a.train.batch_size == 4 and a.train.finetune_steps == 40
+  assert a.train.calib_grams == 128 and a.train.refit_steps == 0 and a.methods == ("softlm", "static", "dense")
 
 
 def test_decomposition_without_normalize_gets_its_units():
@@ -68,6 +78,8 @@ def test_decomposition_without_normalize_gets_its_units():
   assert c.normalize == "uniform_rank"
   c, _, _ = presets.build("lm", compression={"decomposition": "svd"})
   assert c.normalize == "top"
+  c, _, _ = presets.build("lm-softlm", compression={"decomposition": "propagated"})
+  assert c.normalize == "uniform_rank"
 
 
 def test_method_names_follow_the_rules():
@@ -137,7 +149,8 @@ def toy_family():
   models.family.unregister(fam.name)
 
 
-TOY = ["--task", "wikitext", "--model", "toy-mlp", "--seq-len", "16", "--eval-len", "32", "--eval-windows", "2",
+TOY = ["--task", "wikitext", "--model", "toy-mlp", "--preset", "lm-softlm", "--seq-len", "16", "--eval-len", "32",
+       "--eval-windows", "2",
        "--batch-size", "4", "--calib-grams", "8", "--finetune-steps", "2", "--alpha-lr", "0.1", "--lr", "1e-3",
        "--compress-steps", "0", "--no-progress"]
 
@@ -151,7 +164,7 @@ def test_toy_family_runs_through_run_comparison_and_softlm_train(toy_family, tmp
   out = tmp_path / "run"
   res = cli.run(["train", *TOY, "--methods", "softlm,static", "--cr", "0.4,0.6", "--out", str(out),
                  "--max-compress-steps", "120"])
-  assert len(calls) == 1  # whitened (the lm preset): one Gram pass shared by both methods and both CRs
+  assert len(calls) == 1  # whitened (the lm-softlm preset): one Gram pass shared by both methods and both CRs
   assert set(res) == {"softlm_cr0.4", "static_cr0.4", "softlm_cr0.6", "static_cr0.6"}
   for name, r in res.items():
     b = r["budget"]

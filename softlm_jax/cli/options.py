@@ -256,7 +256,8 @@ def add_run_args(ap, *, methods: bool = True, default_methods: Optional[str] = N
   if methods:
     ap.add_argument("--methods", type=methods_arg, default=default_methods,
                     help="comma list of methods (softlm_jax.run.method_names(): dense, dense-ft, static, "
-                    "static-noft, and for each selection rule R: R, R-noft, R-ft); default softlm,static,dense")
+                    "static-noft, allocated, allocated-noft, and for each selection rule R: R, R-noft, R-ft); default: the "
+                    "preset's (lm: allocated,static,dense; the others: softlm,static,dense)")
   else:
     ap.add_argument("--method", type=method_arg, default=default_methods or "softlm",
                     help=f"one method (default {default_methods or 'softlm'})")
@@ -313,7 +314,7 @@ def configs(args) -> RunOptions:
   preset = get("preset") or presets.default_preset(d["task"], d["train_file"])
   ccfg, tcfg, dcfg = presets.build(preset, compression=c, train=t, data=d)
   run.check_configs(ccfg, tcfg)
-  methods = get("methods") or ([get("method")] if get("method") else ["softlm", "static", "dense"])
+  methods = get("methods") or ([get("method")] if get("method") else list(presets.methods(preset)))
   model = get("model") or presets.DEFAULT_MODEL[dcfg.model_kind]
   return RunOptions(ccfg, tcfg, dcfg, tuple(crs), tuple(methods), model, get("out"), preset)
 
