@@ -256,8 +256,8 @@ def add_run_args(ap, *, methods: bool = True, default_methods: Optional[str] = N
   if methods:
     ap.add_argument("--methods", type=methods_arg, default=default_methods,
                     help="comma list of methods (softlm_jax.run.method_names(): dense, dense-ft, static, "
-                    "static-noft, allocated, allocated-noft, and for each selection rule R: R, R-noft, R-ft); default: the "
-                    "preset's (lm: allocated,static,dense; the others: softlm,static,dense)")
+                    "static-noft, allocated, allocated-noft, and for each selection rule R: R, R-noft, R-ft); "
+                    "default: the preset's (lm: allocated,static,dense; the others: softlm,static,dense)")
   else:
     ap.add_argument("--method", type=method_arg, default=default_methods or "softlm",
                     help=f"one method (default {default_methods or 'softlm'})")
