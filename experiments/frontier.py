@@ -49,7 +49,9 @@ def parse(argv=None):
                   help="the propagated factors that allocated / refit rows build on")
   ap.add_argument("--repropagate", action=argparse.BooleanOptionalAction, default=True,
                   help="allocated: the propagated factors fit at the allocated ranks (else the whitened ones)")
-  ap.add_argument("--refit-base", default="propagated", choices=("whitened", "propagated", "allocated"))
+  ap.add_argument("--refit-base", default="propagated", choices=("whitened", "propagated", "allocated", "file"))
+  ap.add_argument("--base-file", default=None, help="refit --refit-base file: this compact checkpoint (e.g. what "
+                  "`softlm compress` wrote at the same CR)")
   ap.add_argument("--refit-steps", type=int, default=refit.RefitConfig.steps)
   ap.add_argument("--refit-lr", type=float, default=refit.RefitConfig.lr)
   ap.add_argument("--refit-inputs", default=refit.RefitConfig.inputs, choices=refit.INPUTS)
@@ -231,13 +233,17 @@ def main(argv=None):
         finish(name, row, cr, tree_, cfg, stages, extra)
       elif row == "refit":
         rcfg = refit.RefitConfig(steps=args.refit_steps, lr=args.refit_lr, inputs=args.refit_inputs)
-        tag = f"{args.refit_base}-m{args.base_mix:g}" if args.refit_base != "whitened" else "whitened"
+        tag = {"whitened": "whitened", "file": "file"}.get(args.refit_base, f"{args.refit_base}-m{args.base_mix:g}")
         name = f"refit-{tag}-s{rcfg.steps}-lr{rcfg.lr:g}-{rcfg.inputs}_cr{cr:g}"
         if done(name):
           continue
         stages = {}
         if args.refit_base == "propagated":
           _, base, cfg = propagated_tree(cr, args.base_mix, stages)
+        elif args.refit_base == "file":
+          base, info = sl.load_compact(args.base_file)
+          if abs(info["target_ratio"] - cr) > 1e-9:
+            raise SystemExit(f"{args.base_file} has CR {info['target_ratio']}, this row {cr}")
         elif args.refit_base == "allocated":
           base = load_tree(os.path.join(args.out, f"allocated-m{args.base_mix:g}_cr{cr:g}", "tree.npz"))
         else:
@@ -247,7 +253,7 @@ def main(argv=None):
                                      ckpt_dir=os.path.join(args.out, name, "ckpt"), progress=progress)
         finish(name, row, cr, tree_, cfg, stages, {"mix": args.base_mix, "refit": vars(args) and
                                                    {"steps": rcfg.steps, "lr": rcfg.lr, "inputs": rcfg.inputs,
-                                                    "base": args.refit_base}})
+                                                    "base": args.refit_base, "base_file": args.base_file}})
 
 
 if __name__ == "__main__":

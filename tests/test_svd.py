@@ -196,3 +196,22 @@ def test_calibration_batches_from_a_callable():
   g2 = cal.collect(model.params, cfg)
   assert made == [1, 1] and g1.tokens == g2.tokens == 2 * 2 * 12
   assert all(np.array_equal(g1[p], g2[p]) for p in g1)
+
+
+@pytest.mark.parametrize("damp", [0.0, 0.01])
+def test_cpu_lapack_whitening_equals_the_xla_path(damp):
+  """On the CPU the whitened decomposition runs through LAPACK (syevd + the thin SVD of the smaller
+  side's Gram); it gives XLA's factors up to the SVD's sign freedom: equal values, equal products."""
+  rng = np.random.RandomState(0)
+  x = rng.randn(300, 24).astype(np.float32) @ rng.randn(24, 24).astype(np.float32)  # correlated inputs
+  kernels = rng.randn(2, 24, 16).astype(np.float32)
+  grams = np.stack([x.T @ x, (x[:200].T @ x[:200])]).astype(np.float32)
+  from softlm_jax.svd import _whiten, _whiten_lapack
+  l1, s1, r1 = _whiten_lapack(kernels, grams, 1e-6, damp)
+  l2, s2, r2 = (np.asarray(a) for a in _whiten(jnp.asarray(kernels), jnp.asarray(grams), 1e-6, damp))
+  np.testing.assert_allclose(s1, s2, rtol=2e-4)
+  for r in (4, 16):
+    p1 = np.einsum("bik,bk,bkj->bij", l1[..., :r], s1[:, :r], r1[:, :r])
+    p2 = np.einsum("bik,bk,bkj->bij", l2[..., :r], s2[:, :r], r2[:, :r])
+    np.testing.assert_allclose(p1, p2, rtol=1e-3, atol=1e-4 * np.abs(p2).max())
+  np.testing.assert_allclose(np.einsum("bik,bk,bkj->bij", l1, s1, r1), kernels, atol=1e-4)
