@@ -110,3 +110,27 @@ def test_lm_compress_train_eval_generate(work):
   gen = json.loads((run / "gen" / "generate.json").read_text())
   want = hf.generate(model, params, jnp.asarray([[101, 2023, 2003]], jnp.int32), max_new_tokens=5, cfg=cfg)
   assert gen["sequences"] == np.asarray(want).tolist() and "softlm generate" in out
+
+
+def test_first_run_is_deterministic_in_one_process_and_across_processes(work):
+  """The README's first run (``softlm train --task sst2``: dense, static, SoftLM), on the tiny fixture:
+  the same command twice in one process and once more in another gives the same table, to every digit,
+  and the same training losses."""
+  from softlm_jax import cli
+  common = ["--model", work["clf"], "--data-dir", work["data"], *GLUE]
+  outs = [work["root"] / f"det{i}" for i in range(3)]
+  cli.run(["train", *common, "--out", str(outs[0])])
+  cli.run(["train", *common, "--out", str(outs[1])])
+  softlm("train", *common, "--out", outs[2])
+
+  def table(out):
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    return [{k: v for k, v in r.items() if not k.startswith("wall")} for r in rows]
+
+  def losses(out):
+    return {m: [h.get("loss") for h in json.loads((out / m / "results.json").read_text()).get("history", [])]
+            for m in ("dense", "static", "softlm")}
+  assert {r["method"] for r in table(outs[0])} == {"dense", "static", "softlm"}
+  assert table(outs[0]) == table(outs[1]) == table(outs[2])
+  assert losses(outs[0]) == losses(outs[1]) == losses(outs[2])
+  assert all(len(v) > 0 for v in losses(outs[0]).values())
