@@ -259,8 +259,8 @@ def add_run_args(ap, *, methods: bool = True, default_methods: Optional[str] = N
                     "static-noft, allocated, allocated-noft, and for each selection rule R: R, R-noft, R-ft); "
                     "default: the preset's (lm: allocated,static,dense; the others: softlm,static,dense)")
   else:
-    ap.add_argument("--method", type=method_arg, default=default_methods or "softlm",
-                    help=f"one method (default {default_methods or 'softlm'})")
+    ap.add_argument("--method", type=method_arg, default=default_methods,
+                    help="one method (default: the preset's first: allocated for lm, softlm for the others)")
   ap.add_argument("--out", required=out_required and default_out is None, default=default_out,
                   help="run folder (one subfolder per method)")
   add_data_args(ap)
