@@ -12,13 +12,15 @@ COMMAND, ORDER = "compress", 0
 
 
 def add_parser(sub):
-  p = sub.add_parser(COMMAND, help="model + config -> training-form checkpoint (a learned rule) or static SVD export",
+  p = sub.add_parser(COMMAND, help="model + config -> a compressed model, no weight trained (compact checkpoint), "
+                     "or a learned rule's training-form state",
                      description="Compresses a model with no weight trained by gradient. allocated (the lm "
                      "preset's default) and static write the exported model to <out>/<method>/compact.safetensors: "
                      "allocated at the ranks of a global loss-aware allocation (one gradient pass over the "
-                     "calibration set), static at the same keep-ratio in every layer, from the preset's decomposition (the lm preset: "
-                     "propagated). A learned rule (softlm, llrc) writes its training-form state at step 0 to "
-                     "<out>/<method>/ckpt (continue with `softlm train`; the default of the other presets).")
+                     "calibration set), static at the same keep-ratio in every layer, both from the preset's "
+                     "decomposition (the lm preset: propagated). A learned rule (softlm, llrc; the default of the "
+                     "other presets) writes its training-form state at step 0 to <out>/<method>/ckpt (continue "
+                     "with `softlm train`).")
   options.add_run_args(p, methods=False)
   p.set_defaults(configs_needed=True)
   return p
