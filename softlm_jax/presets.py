@@ -11,8 +11,8 @@ their defaults from here, so the same options give the same run through every en
   32 x 128 calibration tokens of WikiText-2 valid (CR 0.5: ppl 314.9 with no weight trained, against
   1,092 for whitened uniform). ``softlm compress`` stops there; ``softlm train`` adds the block refit
   (32 Adam steps per block: on SmolLM2 at CR 0.5, 128 bought no larger gain, BENCHMARKS.md) and
-  fine-tunes with distillation from the dense model (weight 1, T = 2), batch 4, lr 5e-5. Its baseline ``static`` gets the same decomposition, refit and fine-tuning at
-  the uniform keep-ratio.
+  fine-tunes with distillation from the dense model (weight 1, T = 2), batch 4, lr 5e-5. Its baseline
+  ``static`` gets the same decomposition, refit and fine-tuning at the uniform keep-ratio.
 * ``lm-softlm``: the SoftLM recipe of issue 11 (CR 0.5, ppl 139.6 after 100 steps): whitened
   decomposition from 128 x 128 calibration tokens, thresholds in ``uniform_rank`` units at lr 3e-2
   following a 60-step ramp, 40 fine-tuning steps after the freeze, the same distillation.
