@@ -14,6 +14,9 @@ Methods (``--methods``; :func:`softlm_jax.run.method_names`):
   softlm         SoftLM: thresholds + weights until the budget is met, then ``--finetune-steps``;
   static         static SVD (same keep-ratio in every layer), fine-tuned with SoftLM's step count;
   static-noft    static SVD, no training;
+  allocated      static SVD at the ranks of a global loss-aware allocation (softlm_jax.allocate), the
+                 decomposition fit at those ranks, block refit (--refit-steps), then fine-tuned;
+  allocated-noft the same without fine-tuning (the refit still runs when --refit-steps > 0);
   softlm-noft    SoftLM thresholds with frozen weights on the calibration set (distillation), no fine-tuning;
   llrc           LLRC masks with frozen weights on the calibration set (distillation), no fine-tuning;
   llrc-ft        LLRC, then ``--ft-steps`` of LM fine-tuning of the exported model.
@@ -21,10 +24,12 @@ Each run writes ``<out>/<method>_cr<CR>/{results.json, table.md, ranks.png, comp
 finished run (results.json present) is skipped, an interrupted one resumes from its orbax checkpoint;
 ``<out>/summary.md`` gathers all rows.
 
-  python experiments/lm.py --model smollm2 --methods dense,softlm,static --crs 0.5 --out runs/lm/smollm2
+  python experiments/lm.py --model smollm2 --preset lm-softlm --methods dense,softlm,static --crs 0.5 --out runs/lm/smollm2
 
-The defaults are the ``lm`` preset, the recommended settings (BENCHMARKS.md, issue 11). ``--preset paper``
-is the plain SoftLM of the paper.
+The defaults are the ``lm`` preset, the recommended settings (BENCHMARKS.md, issue 17: ``allocated``
+on the propagated decomposition, block refit, distillation; methods allocated,static,dense).
+``--preset lm-softlm`` is issue 11's SoftLM recipe (whitened, ramp; 139.6 at CR 0.5), ``--preset paper``
+the plain SoftLM of the paper.
 """
 from __future__ import annotations
 
