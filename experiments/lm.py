@@ -24,7 +24,8 @@ Each run writes ``<out>/<method>_cr<CR>/{results.json, table.md, ranks.png, comp
 finished run (results.json present) is skipped, an interrupted one resumes from its orbax checkpoint;
 ``<out>/summary.md`` gathers all rows.
 
-  python experiments/lm.py --model smollm2 --preset lm-softlm --methods dense,softlm,static --crs 0.5 --out runs/lm/smollm2
+  python experiments/lm.py --model smollm2 --preset lm-softlm --methods dense,softlm,static --crs 0.5 \
+      --out runs/lm/smollm2
 
 The defaults are the ``lm`` preset, the recommended settings (BENCHMARKS.md, issue 17: ``allocated``
 on the propagated decomposition, block refit, distillation; methods allocated,static,dense).
