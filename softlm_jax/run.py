@@ -148,6 +148,20 @@ class TrainConfig:
     return dataclasses.replace(self, **changes)
 
 
+def check_methods(ccfg: CompressionConfig, methods) -> None:
+  """Refuses a learned rule on a decomposition whose factors are fit at fixed ranks (propagated): its
+  full-rank form is not the dense model, so a rule that starts at full rank and chooses its own ranks
+  would start elsewhere (ValueError naming both and the fix)."""
+  if not svd.get(ccfg.decomposition).takes_ranks:
+    return
+  rules_ = [m for m in methods if parse_method(m).rule is not None]
+  if rules_:
+    raise ValueError(f"{', '.join(rules_)} learns its own ranks, but decomposition={ccfg.decomposition!r} fits each "
+                     "layer at fixed ranks (its full-rank form is not the dense model): use --decomposition whitened "
+                     "for the learned rules (or --preset lm-softlm, the SoftLM recipe), or the allocated / static "
+                     "methods with this decomposition")
+
+
 def check_configs(ccfg: CompressionConfig, tcfg: TrainConfig) -> None:
   """Refuses contradictory settings across the two configs, naming both (ValueError)."""
   if ccfg.compress_steps > tcfg.max_compress_steps:
@@ -342,6 +356,7 @@ class Comparison:
     key, base = self.base(method)
     if method.base in STATIC_BASES:
       return self.static_tree(key, base, cfg, allocated=method.base == "allocated"), cfg
+    check_methods(cfg, [method.name])
     return compress_params(base, cfg, factors=self.factors(key, base, cfg)), cfg
 
   def refit(self, method: Method, params, out: str) -> tuple[dict, dict]:
@@ -661,6 +676,7 @@ def run_comparison(model, task: tasks.Task, ccfg: CompressionConfig, tcfg: Train
   cr_folders = len(crs) > 1 if cr_folders is None else cr_folders
   names = list(methods)
   parsed = [parse_method(n) for n in names]
+  check_methods(ccfg, names)
   if task.dense_trains and "dense" not in names and (tcfg.distill[0] > 0 or any(m.frozen for m in parsed)):
     log("[dense] added: the compressed methods need the fine-tuned dense teacher")
     names = ["dense"] + names

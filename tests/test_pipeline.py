@@ -265,3 +265,16 @@ def test_stop_after_saves_and_the_rerun_resumes(toy_family, tmp_path):
   assert res["train_steps"] == 6 and res["budget"]["budget_met"]
   steps = [h["step"] for h in res["history"]]
   assert steps == sorted(set(steps)) and steps[-1] == 6
+
+
+def test_learned_rule_on_a_rank_dependent_decomposition_is_refused_at_parse_time(capsys):
+  """The lm preset's propagated factors are fit at fixed ranks (their full rank is not the dense
+  model): a learned rule, which starts at full rank and picks its own ranks, is refused, naming the fix."""
+  from softlm_jax import cli
+  with pytest.raises(SystemExit):
+    options.parse(cli.build_parser(), ["train", "--task", "wikitext", "--out", "x", "--methods", "allocated,softlm"])
+  err = capsys.readouterr().err
+  assert "softlm learns its own ranks" in err and "propagated" in err and "--preset lm-softlm" in err
+  a = options.parse(cli.build_parser(), ["train", "--task", "wikitext", "--out", "x", "--methods", "softlm",
+                                         "--decomposition", "whitened"]).options
+  assert a.compression.decomposition == "whitened"

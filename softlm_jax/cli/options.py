@@ -315,6 +315,7 @@ def configs(args) -> RunOptions:
   ccfg, tcfg, dcfg = presets.build(preset, compression=c, train=t, data=d)
   run.check_configs(ccfg, tcfg)
   methods = get("methods") or ([get("method")] if get("method") else list(presets.methods(preset)))
+  run.check_methods(ccfg, methods)
   model = get("model") or presets.DEFAULT_MODEL[dcfg.model_kind]
   return RunOptions(ccfg, tcfg, dcfg, tuple(crs), tuple(methods), model, get("out"), preset)
 
