@@ -2,7 +2,8 @@
 
 Both are stopped after ``--stop-after`` steps of SoftLM (``--stop-after``: the checkpoint is saved and the
 run would resume there); the script then compares their ``run.json`` configs, the logged losses and the
-saved parameters leaf by leaf. Everything else is each entry point's defaults (the ``lm-softlm`` preset, the SoftLM recipe).
+saved parameters leaf by leaf. Everything else is each entry point's defaults (the ``lm-softlm`` preset,
+the SoftLM recipe).
 
   python experiments/same_run.py --model smollm2 --cr 0.5 --stop-after 10 --out runs/same_run
 """
@@ -27,8 +28,8 @@ def main(argv=None):
   ap.add_argument("--out", default="runs/same_run")
   ap.add_argument("extra", nargs="*", help="more options given to both (after --)")
   args = ap.parse_args(argv)
-  common = ["--model", args.model, "--preset", "lm-softlm", "--methods", "softlm", "--stop-after", args.stop_after, "--no-progress",
-            "--keep-ckpt", *args.extra]
+  common = ["--model", args.model, "--preset", "lm-softlm", "--methods", "softlm", "--stop-after", args.stop_after,
+            "--no-progress", "--keep-ckpt", *args.extra]
   runs = {"softlm train": ([sys.executable, "-m", "softlm_jax.cli", "train", "--task", "wikitext", "--cr", args.cr],
                            os.path.join(args.out, "cli")),
           "experiments/lm.py": ([sys.executable, os.path.join(ROOT, "experiments", "lm.py"), "--crs", args.cr],
