@@ -29,7 +29,18 @@ def run8(args, timeout=900):
   slow = ("--xla_cpu_collective_call_terminate_timeout_seconds=900 "
           "--xla_cpu_collective_call_warn_stuck_timeout_seconds=300 --xla_cpu_collective_timeout_seconds=900")
   env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {slow}", "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+  # XLA's CPU runtime with 8 simulated devices on 2 cores can wedge: once (session 2 of issue 17, a
+  # fresh-clone CI run) every thread of mesh_equiv.py slept at 0% CPU for 7 minutes after a normal start,
+  # where the same script takes ~60 s. That is the runtime's rendezvous, not the numerics under test:
+  # a run that does not finish in `timeout` seconds is retried once, and a second hang fails the test.
+  for attempt in (1, 2):
+    try:
+      proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=timeout)
+      break
+    except subprocess.TimeoutExpired:
+      if attempt == 2:
+        raise
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc.stdout
 
@@ -121,7 +132,7 @@ def test_streaming_places_factors_on_the_mesh(eight_devices):
 def test_same_training_on_every_mesh_shape(tmp_path):
   """Tiny Llama + SoftLM CR 0.5 crossing the budget freeze, on meshes (1,1), (8,1), (2,4), (1,8)."""
   out = tmp_path / "eq.json"
-  run8(["experiments/mesh_equiv.py", "--steps", "18", "--out", str(out)], timeout=1200)
+  run8(["experiments/mesh_equiv.py", "--steps", "18", "--out", str(out)], timeout=360)
   res = json.loads(out.read_text())
   assert res["devices"] == 8
   runs = res["meshes"]
