@@ -199,16 +199,19 @@ class Task:
     idx = data.batch_indices(min(n, self.n_train()), batch_size, step, seed)
     return {"inputs": self.inputs(idx)}
 
+  def _first(self, n: int, batch_size: int) -> list:
+    """Index arrays of the first ``n`` training examples in batches of ``batch_size``."""
+    n = min(n, self.n_train())
+    return [np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
   def calib_batches(self, n: int, batch_size: int) -> list:
     """The first ``n`` training examples' inputs in batches (for Grams)."""
-    n = min(n, self.n_train())
-    return [self.inputs(np.arange(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+    return [self.inputs(idx) for idx in self._first(n, batch_size)]
 
   def score_batches(self, n: int, batch_size: int) -> list:
     """The first ``n`` training examples in batches, as :meth:`score_loss` takes them (the calibration
-    set of a loss-aware allocation)."""
-    n = min(n, self.n_train())
-    return [self.example_batch(np.arange(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+    set of a loss-aware allocation: the same examples as :meth:`calib_batches`)."""
+    return [self.example_batch(idx) for idx in self._first(n, batch_size)]
 
   def example_batch(self, idx: np.ndarray) -> dict:
     """``{"inputs", ["labels"]}`` of training examples ``idx``."""
