@@ -129,7 +129,6 @@ class TrainConfig:
     for name in ("lr", "refit_lr"):
       if not getattr(self, name) > 0:
         raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)!r}")
-
     d = tuple(self.distill)
     if len(d) != 2 or d[0] < 0 or d[1] <= 0:
       raise ValueError(f"TrainConfig.distill must be (weight >= 0, T > 0), got {self.distill!r}")
