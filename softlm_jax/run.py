@@ -58,6 +58,7 @@ from softlm_jax.optim import budget_state, make_optimizer
 from softlm_jax.svd import decompose
 
 ALPHA_OPTS = ("adam", "sgd")
+COMPRESS_FROM = ("dense", "teacher")
 #: the methods without a learned selection (``-noft``: not fine-tuned)
 STATIC_BASES = ("static", "allocated")
 
@@ -91,6 +92,10 @@ class TrainConfig:
     refit_steps: ``static`` / ``allocated``'s block refit (:mod:`softlm_jax.refit`) before any fine-tuning: Adam
       steps per block matching the dense block's outputs on the calibration set (0: off).
     refit_lr: its learning rate.
+    compress_from: the tree every compressed method starts from: ``"dense"`` (the trained methods
+      start from the model as loaded: a classifier's head is new and learns with the compression) or
+      ``"teacher"`` (every compressed method compresses the teacher: a classifier's fine-tuned
+      ``dense`` run, which then runs first; for an LM the two are the same tree).
   """
   steps: Optional[int] = None
   teacher_steps: Optional[int] = None
@@ -114,6 +119,7 @@ class TrainConfig:
   stop_after: Optional[int] = None
   refit_steps: int = 0
   refit_lr: float = 3e-4
+  compress_from: str = "dense"
 
   def __post_init__(self):
     for name in ("steps", "teacher_steps", "stop_after"):
@@ -133,6 +139,8 @@ class TrainConfig:
     if len(d) != 2 or d[0] < 0 or d[1] <= 0:
       raise ValueError(f"TrainConfig.distill must be (weight >= 0, T > 0), got {self.distill!r}")
     object.__setattr__(self, "distill", (float(d[0]), float(d[1])))
+    if self.compress_from not in COMPRESS_FROM:
+      raise ValueError(f"TrainConfig.compress_from must be one of {COMPRESS_FROM}, got {self.compress_from!r}")
     if self.alpha_opt not in ALPHA_OPTS:
       raise ValueError(f"TrainConfig.alpha_opt must be one of {ALPHA_OPTS}, got {self.alpha_opt!r}")
 
@@ -276,8 +284,9 @@ class Comparison:
   # -- shared statistics
 
   def base(self, method: Method):
-    """``(key, tree)`` a method compresses: the teacher for frozen-weight methods, else the dense one."""
-    if method.frozen:
+    """``(key, tree)`` a method compresses: the teacher for frozen-weight methods (and for every
+    compressed method under ``compress_from="teacher"``), else the dense one."""
+    if method.frozen or (method.compressed and self.tcfg.compress_from == "teacher"):
       if self.teacher is None:
         raise ValueError(f"{method.name} compresses the fine-tuned dense teacher: run 'dense' first")
       return ("teacher" if self.task.dense_trains else "dense"), self.teacher
@@ -652,11 +661,19 @@ def load_run(folder: str) -> dict:
 # comparisons and summaries
 
 
-def order_methods(names: list[str], task: tasks.Task, distill: bool) -> list[str]:
-  """Run order: a classifier's dense teacher first (when distilling or compressing the teacher), then
+def needs_teacher(task: tasks.Task, tcfg: TrainConfig, methods) -> bool:
+  """Whether a run needs a classifier's fine-tuned dense teacher: distillation, a frozen-weight method,
+  or ``compress_from="teacher"``."""
+  parsed = [parse_method(n) for n in methods]
+  return task.dense_trains and (tcfg.distill[0] > 0 or any(m.frozen for m in parsed)
+                                or (tcfg.compress_from == "teacher" and any(m.compressed for m in parsed)))
+
+
+def order_methods(names: list[str], task: tasks.Task, teacher_first: bool) -> list[str]:
+  """Run order: a classifier's dense teacher first (``teacher_first``: :func:`needs_teacher`), then
   the learned rules trained with the weights (they set the step budget), the rest, ``R-ft`` last."""
   methods = [parse_method(n) for n in dict.fromkeys(names)]
-  needs_teacher = task.dense_trains and (distill or any(m.frozen for m in methods))
+  needs_teacher = task.dense_trains and teacher_first
 
   def key(m: Method):
     return (not (needs_teacher and m.name == "dense"), not m.joint, m.variant == "ft")
@@ -674,15 +691,15 @@ def run_comparison(model, task: tasks.Task, ccfg: CompressionConfig, tcfg: Train
   crs = list(crs)
   cr_folders = len(crs) > 1 if cr_folders is None else cr_folders
   names = list(methods)
-  parsed = [parse_method(n) for n in names]
   check_methods(ccfg, names)
-  if task.dense_trains and "dense" not in names and (tcfg.distill[0] > 0 or any(m.frozen for m in parsed)):
+  teacher_first = needs_teacher(task, tcfg, names)
+  if teacher_first and "dense" not in names:
     log("[dense] added: the compressed methods need the fine-tuned dense teacher")
     names = ["dense"] + names
   comp = Comparison(model, task, ccfg, tcfg, out, cr_folders=cr_folders, run_info=run_info, log=log)
   results, misses = {}, []
   for i, cr in enumerate(crs):
-    for name in order_methods(names, task, tcfg.distill[0] > 0):
+    for name in order_methods(names, task, teacher_first):
       m = parse_method(name)
       if not m.compressed and i > 0:
         continue

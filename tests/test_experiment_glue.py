@@ -78,3 +78,36 @@ def test_glue_llrc_script_end_to_end(tmp_path):
   assert res["llrc-ft"]["ranks"] == res["llrc"]["ranks"]  # fine-tuning keeps the exported shapes
   summary = (out / "summary.md").read_text()
   assert "dense teacher" in summary and "llrc-ft" in summary
+
+
+def test_compress_from_teacher_compresses_the_fine_tuned_classifier(tmp_path):
+  """``compress_from="teacher"``: the trained compressed methods start from the dense run's fine-tuned
+  classifier (its trained head and encoder), which run_comparison adds and runs first; under the
+  default they start from the model as loaded (a new head)."""
+  import jax
+  import numpy as np
+  from softlm_jax import run, tasks
+  from softlm_jax.config import CompressionConfig
+  from softlm_jax.export import static_svd
+  model, task = run.load(tiny_checkpoint(tmp_path), tasks.DataConfig(task="sst2", max_len=16, eval_limit=40),
+                         log=lambda s: None)
+  ccfg = CompressionConfig(target_ratio=0.5)
+  tcfg = run.TrainConfig(steps=3, batch_size=8, lr=1e-2, progress=False, compress_from="teacher")
+  out = tmp_path / "run"
+  res = run.run_comparison(model, task, ccfg, tcfg, ["static"], [0.5], str(out), log=lambda s: None)
+  assert list(res) == ["dense", "static"]  # added, and first
+  comp = run.Comparison(model, task, ccfg, tcfg, str(out), log=lambda s: None)
+  comp.run_method("dense", 0.5)  # reads the finished run back: its teacher
+  teacher = comp.teacher
+  start, _ = comp.initial(run.parse_method("static"), 0.5)
+  want = static_svd(teacher, ccfg.replace(target_ratio=0.5), None)
+  for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+  head = lambda p: np.asarray(p["classifier"]["kernel"])  # noqa: E731
+  assert not np.allclose(head(teacher), head(model.params))  # the teacher's head was trained
+  np.testing.assert_array_equal(head(start), head(teacher))
+  dense_start, _ = run.Comparison(model, task, ccfg, tcfg.replace(compress_from="dense"), str(tmp_path / "d"),
+                                  log=lambda s: None).initial(run.parse_method("static"), 0.5)
+  np.testing.assert_array_equal(head(dense_start), head(model.params))
+  with pytest.raises(ValueError, match="compress_from"):
+    run.TrainConfig(compress_from="student")
