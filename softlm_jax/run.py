@@ -339,13 +339,17 @@ class Comparison:
       batches = self.task.score_batches(self.tcfg.calib_grams, self.tcfg.batch_size)
       stats = allocate.triplet_stats(cparams, score_cfg, self.task.score_loss(self.model), batches,
                                      progress=self.tcfg.progress)
-      self._scores[skey] = (cparams, allocate.drop_losses(stats))
+      # shapes only: the fill needs the layers' shapes and the dense count, not the full-rank values
+      # (0.85 GB for SmolLM2)
+      skeleton = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), cparams)
+      self._scores[skey] = (skeleton, allocate.drop_losses(stats))
+      del cparams
       self.log(f"Fisher scores of the {score_cfg.decomposition} triplets ({key}): {len(batches)} batches, "
                f"{time.time() - t:.1f}s")
     akey = skey + (cfg.target_ratio,)
     if akey not in self._allocations:
-      cparams, drops = self._scores[skey]
-      self._allocations[akey] = allocate.allocate_ranks(cparams, cfg, drops)
+      skeleton, drops = self._scores[skey]
+      self._allocations[akey] = allocate.allocate_ranks(skeleton, cfg, drops)
     return self._allocations[akey]
 
   def static_tree(self, key: str, params, cfg: CompressionConfig, allocated: bool = False) -> dict:
