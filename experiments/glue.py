@@ -1,8 +1,9 @@
-"""GLUE (or your own data) fine-tuning: dense, SoftLM and the static-SVD baseline on one task, with the
-same steps: :func:`softlm_jax.run.run_comparison` with the options of ``softlm train`` (the ``glue``
-preset of :mod:`softlm_jax.presets`).
+"""GLUE (or your own data) fine-tuning: the dense teacher, the allocated recipe and the static-SVD
+baseline on one task (``--preset glue-softlm``: dense, SoftLM and static, the recipe before issue 17):
+:func:`softlm_jax.run.run_comparison` with the options of ``softlm train`` (the ``glue`` preset of
+:mod:`softlm_jax.presets`).
 
-Default: real all-MiniLM-L6-v2 on SST-2 from ../shared/data, all three methods at CR 0.5. Each method
+Default: real all-MiniLM-L6-v2 on SST-2 from ../shared/data, the preset's methods at CR 0.5. Each method
 writes ``<out>/<method>/results.json`` (metrics, counts, ranks, history, wall time), ``table.md``, and,
 for compressed models, ``ranks.png`` and ``compact.safetensors``; ``<out>/summary.md`` and
 ``comparison.png`` compare them. Interrupted runs resume from their orbax checkpoints, which a finished
@@ -24,7 +25,7 @@ from softlm_jax.cli import options  # noqa: E402
 
 def parse(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  options.add_run_args(ap, methods=True, default_methods="softlm,static,dense", default_out="runs/glue/sst2")
+  options.add_run_args(ap, methods=True, default_methods=None, default_out="runs/glue/sst2")
   ap.set_defaults(configs_needed=True)
   return options.parse(ap, argv)
 

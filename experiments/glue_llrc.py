@@ -8,9 +8,9 @@
      llrc          LLRC masks learned by distillation to the teacher, weights frozen;
      llrc-ft       the llrc export, then ``--ft-steps`` of task fine-tuning (labels).
    All are exported and scored on the dev split (GLUE test labels are hidden).
-The pipeline is :func:`softlm_jax.run.run_comparison` (the ``glue`` preset, the teacher trained
-``--teacher-steps``); writes ``<out>/<method>_cr<CR>/results.json`` (+ ``ranks.png``) and
-``<out>/summary.md``.
+The pipeline is :func:`softlm_jax.run.run_comparison` (the ``glue-softlm`` preset, plain SVD, as measured
+in BENCHMARKS.md; the teacher trained ``--teacher-steps``); writes ``<out>/<method>_cr<CR>/results.json``
+(+ ``ranks.png``) and ``<out>/summary.md``.
 
   python experiments/glue_llrc.py --task sst2 --out runs/glue_llrc/sst2
 """
@@ -31,7 +31,7 @@ def parse(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   options.add_run_args(ap, methods=True, default_methods=METHODS, cr_flags=("--crs", "--cr"),
                        default_out="runs/glue_llrc/sst2")
-  ap.set_defaults(cr=[0.2, 0.3, 0.5], teacher_steps=215, configs_needed=True)
+  ap.set_defaults(cr=[0.2, 0.3, 0.5], teacher_steps=215, preset="glue-softlm", configs_needed=True)
   return options.parse(ap, argv)
 
 

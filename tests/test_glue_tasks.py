@@ -142,7 +142,7 @@ def test_stsb_trains_a_regression_head(tmp_path):
   from softlm_jax.models import hf
   from tests.conftest import tiny_folder
   write_task(tmp_path / "d", "stsb", n=32)
-  ccfg, tcfg, dcfg = presets.build("glue", train={"steps": 12, "lr": 1e-2, "batch_size": 8, "progress": False},
+  ccfg, tcfg, dcfg = presets.build("glue-softlm", train={"steps": 12, "lr": 1e-2, "batch_size": 8, "progress": False},
                                    data={"task": "stsb", "data_dir": str(tmp_path / "d"), "max_len": 12})
   model_dir = tiny_folder(tmp_path / "m", num_labels=1)
   model, task = run.load(model_dir, dcfg, log=lambda *_: None)

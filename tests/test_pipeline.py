@@ -73,6 +73,19 @@ def test_lm_softlm_preset_is_the_issue_11_recipe():
   assert a.train.calib_grams == 128 and a.train.refit_steps == 0 and a.methods == ("softlm", "static", "dense")
 
 
+def test_glue_preset_is_the_measured_recipe_and_glue_softlm_the_old_one():
+  """glue: the dense teacher (500 steps), every compressed method compressing it on the whitened
+  spectrum, allocated first, distillation (BENCHMARKS.md, issue 17); glue-softlm: plain SVD, SoftLM."""
+  from softlm_jax import cli
+  a = options.parse(cli.build_parser(), ["train", "--task", "sst2", "--out", "x"]).options
+  assert a.preset == "glue" and a.methods == ("allocated", "static", "dense")
+  assert a.train.compress_from == "teacher" and a.train.teacher_steps == 500 and a.train.distill == (1.0, 2.0)
+  assert a.compression.decomposition == "whitened" and a.train.calib_grams == 256
+  b = options.parse(cli.build_parser(), ["train", "--task", "sst2", "--out", "x", "--preset", "glue-softlm"]).options
+  assert b.methods == ("softlm", "static", "dense") and b.compression.decomposition == "svd"
+  assert b.train.compress_from == "dense" and b.train.distill == (0.0, 1.0)
+
+
 def test_decomposition_without_normalize_gets_its_units():
   c, _, _ = presets.build("glue", compression={"decomposition": "whitened"})
   assert c.normalize == "uniform_rank"

@@ -14,13 +14,14 @@ COMMAND, ORDER = "compress", 0
 def add_parser(sub):
   p = sub.add_parser(COMMAND, help="model + config -> a compressed model, no weight trained (compact checkpoint), "
                      "or a learned rule's training-form state",
-                     description="Compresses a model with no weight trained by gradient. allocated (the lm "
-                     "preset's default) and static write the exported model to <out>/<method>/compact.safetensors: "
-                     "allocated at the ranks of a global loss-aware allocation (one gradient pass over the "
-                     "calibration set), static at the same keep-ratio in every layer, both from the preset's "
-                     "decomposition (the lm preset: propagated). A learned rule (softlm, llrc; the default of the "
-                     "other presets) writes its training-form state at step 0 to <out>/<method>/ckpt (continue "
-                     "with `softlm train`).")
+                     description="Compresses a model with no weight trained by gradient. allocated (the default "
+                     "of the lm and glue presets) and static write the exported model to "
+                     "<out>/<method>/compact.safetensors: allocated at the ranks of a global loss-aware allocation "
+                     "(one gradient pass over the calibration set), static at the same keep-ratio in every layer, "
+                     "both from the preset's decomposition (lm: propagated; glue: whitened). On a classifier the "
+                     "glue preset compresses the fine-tuned dense teacher of an earlier `softlm train --methods "
+                     "dense` in the same --out. A learned rule (softlm, llrc) writes its training-form state at "
+                     "step 0 to <out>/<method>/ckpt (continue with `softlm train`).")
   options.add_run_args(p, methods=False)
   p.set_defaults(configs_needed=True)
   return p
@@ -40,6 +41,14 @@ def run(args) -> dict:
   model, task = pipeline.load(o.model, o.data, seed=o.train.seed)
   comp = pipeline.Comparison(model, task, o.compression, o.train, o.out, run_info={"data": o.data.to_dict(),
                                                                                  "preset": o.preset})
+  if comp.teacher is None and (method.frozen or o.train.compress_from == "teacher"):
+    teacher_results = os.path.join(comp.folder(pipeline.parse_method("dense"), cr), "results.json")
+    if not os.path.exists(teacher_results):
+      raise ValueError(f"{method.name} on a classifier compresses the fine-tuned dense teacher, and {o.out} has "
+                       f"none ({teacher_results} is missing): run `softlm train --methods dense --out {o.out}` "
+                       "with the same --task/--model first (softlm compress trains nothing), or pass "
+                       "--compress-from dense")
+    comp.run_method("dense", cr)  # reads the finished run back: its teacher.safetensors
   t = time.time()
   params, cfg = comp.initial(method, cr)
   folder = comp.folder(method, cr)

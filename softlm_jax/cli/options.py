@@ -208,7 +208,8 @@ def add_compression_args(ap, *, crs: bool = True, cr_flags: tuple = ("--cr",)) -
 def add_train_args(ap) -> None:
   g = ap.add_argument_group("training")
   g.add_argument("--preset", choices=presets.names(), default=None,
-                 help="named defaults (default: lm for --task wikitext, glue otherwise)")
+                 help="named defaults (default: lm for --task wikitext, glue otherwise; lm-softlm / glue-softlm: "
+                 "the SoftLM recipes)")
   g.add_argument("--finetune-steps", type=nonnegative_int, default=None, help="learned rules: steps after the "
                  "budget is met")
   g.add_argument("--max-compress-steps", type=positive_int, default=None)
@@ -260,10 +261,12 @@ def add_run_args(ap, *, methods: bool = True, default_methods: Optional[str] = N
     ap.add_argument("--methods", type=methods_arg, default=default_methods,
                     help="comma list of methods (softlm_jax.run.method_names(): dense, dense-ft, static, "
                     "static-noft, allocated, allocated-noft, and for each selection rule R: R, R-noft, R-ft); "
-                    "default: the preset's (lm: allocated,static,dense; the others: softlm,static,dense)")
+                    "default: the preset's (lm, glue: allocated,static,dense; lm-softlm, glue-softlm, paper: "
+                    "softlm,static,dense)")
   else:
     ap.add_argument("--method", type=method_arg, default=default_methods,
-                    help="one method (default: the preset's first: allocated for lm, softlm for the others)")
+                    help="one method (default: the preset's first: allocated for lm and glue, softlm for the "
+                    "-softlm presets and paper)")
   ap.add_argument("--out", required=out_required and default_out is None, default=default_out,
                   help="run folder (one subfolder per method)")
   add_data_args(ap)
