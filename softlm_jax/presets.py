@@ -8,9 +8,9 @@ their defaults from here, so the same options give the same run through every en
 * ``lm``: causal-LM compression, the measured best recipe of BENCHMARKS.md (issue 17, SmolLM2-135M):
   the ``allocated`` method: Fisher scores of the whitened triplets from one gradient pass, the exact
   budget fill, the propagated error-aware decomposition fit at those ranks (mix 0.5), all from the first
-  32 x 128 calibration tokens of WikiText-2 valid (CR 0.5: ppl 314.9 with no weight trained, against
-  1,092 for whitened uniform). ``softlm compress`` stops there; ``softlm train`` adds the block refit
-  (32 Adam steps per block: on SmolLM2 at CR 0.5, 128 bought no larger gain, BENCHMARKS.md) and
+  128 x 128 calibration tokens of WikiText-2 valid (CR 0.2: ppl 60.7 with no weight trained, against
+  78.2 from 32 x 128 tokens and 215 for whitened uniform; CR 0.5 from 32 x 128: 314.9 against 1,092).
+  ``softlm compress`` stops there; ``softlm train`` adds the block refit (32 Adam steps per block: on SmolLM2 at CR 0.5, 128 bought no larger gain, BENCHMARKS.md) and
   fine-tunes with distillation from the dense model (weight 1, T = 2), batch 4, lr 5e-5. Its baseline
   ``static`` gets the same decomposition, refit and fine-tuning at the uniform keep-ratio.
 * ``lm-softlm``: the SoftLM recipe of issue 11 (CR 0.5, ppl 139.6 after 100 steps): whitened
@@ -47,7 +47,7 @@ _LM_TRAIN = {"finetune_steps": 40, "max_compress_steps": 150, "batch_size": 4, "
 PRESETS: dict[str, dict] = {
     "lm": {
         "compression": {**_LM_SOFTLM, "decomposition": "propagated"},
-        "train": {**_LM_TRAIN, "calib_grams": 32, "refit_steps": 32, "refit_lr": 3e-4},
+        "train": {**_LM_TRAIN, "calib_grams": 128, "refit_steps": 32, "refit_lr": 3e-4},
         "data": dict(_LM_DATA),
         "methods": ("allocated", "static", "dense"),
     },
