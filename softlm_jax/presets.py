@@ -9,9 +9,10 @@ their defaults from here, so the same options give the same run through every en
   the ``allocated`` method: Fisher scores of the whitened triplets from one gradient pass, the exact
   budget fill, the propagated error-aware decomposition fit at those ranks (mix 0.5), all from the first
   128 x 128 calibration tokens of WikiText-2 valid (CR 0.2: ppl 60.7 with no weight trained, against
-  78.2 from 32 x 128 tokens and 215 for whitened uniform; CR 0.5 from 32 x 128: 314.9 against 1,092).
-  ``softlm compress`` stops there; ``softlm train`` adds the block refit (32 Adam steps per block: on SmolLM2 at CR 0.5, 128 bought no larger gain, BENCHMARKS.md) and
-  fine-tunes with distillation from the dense model (weight 1, T = 2), batch 4, lr 5e-5. Its baseline
+  78.2 from 32 x 128 tokens and 215 for whitened uniform; CR 0.5: 219.8, against 314.9 and 1,092).
+  ``softlm compress`` stops there; ``softlm train`` adds the block refit (32 Adam steps per block: on
+  SmolLM2 at CR 0.5, 128 bought no larger gain, BENCHMARKS.md) and fine-tunes with distillation from
+  the dense model (weight 1, T = 2), batch 4, lr 5e-5. Its baseline
   ``static`` gets the same decomposition, refit and fine-tuning at the uniform keep-ratio.
 * ``lm-softlm``: the SoftLM recipe of issue 11 (CR 0.5, ppl 139.6 after 100 steps): whitened
   decomposition from 128 x 128 calibration tokens, thresholds in ``uniform_rank`` units at lr 3e-2
