@@ -12,8 +12,8 @@ their defaults from here, so the same options give the same run through every en
   78.2 from 32 x 128 tokens and 215 for whitened uniform; CR 0.5: 219.8, against 314.9 and 1,092).
   ``softlm compress`` stops there; ``softlm train`` adds the block refit (32 Adam steps per block: on
   SmolLM2 at CR 0.5, 128 bought no larger gain, BENCHMARKS.md) and fine-tunes with distillation from
-  the dense model (weight 1, T = 2), batch 4, lr 5e-5. Its baseline
-  ``static`` gets the same decomposition, refit and fine-tuning at the uniform keep-ratio.
+  the dense model (weight 1, T = 2), batch 4, lr 5e-5. Its baseline ``static`` gets the same
+  decomposition, refit and fine-tuning at the uniform keep-ratio.
 * ``lm-softlm``: the SoftLM recipe of issue 11 (CR 0.5, ppl 139.6 after 100 steps): whitened
   decomposition from 128 x 128 calibration tokens, thresholds in ``uniform_rank`` units at lr 3e-2
   following a 60-step ramp, 40 fine-tuning steps after the freeze, the same distillation.
@@ -24,9 +24,8 @@ their defaults from here, so the same options give the same run through every en
   scored on the teacher, then fine-tunes 200 steps with distillation from it (weight 1, T = 2), batch
   16, lr 1e-4 (SST-2: 0.866 against the teacher's 0.856, whitened static 0.841, SoftLM 0.831; MRPC F1,
   under a weak 0.827 teacher: static 0.852, allocated 0.824, SoftLM 0.776; ``static`` always runs
-  beside it). A learned
-  rule asked for here runs on the same whitened factors (thresholds in ``uniform_rank`` units, lr 2e-2,
-  a 60-step ramp, 150 steps after the freeze).
+  beside it). A learned rule asked for here runs on the same whitened factors (thresholds in
+  ``uniform_rank`` units, lr 2e-2, a 60-step ramp, 150 steps after the freeze).
 * ``glue-softlm``: the classifier recipe before issue 17 (plain SVD, SoftLM from the pretrained
   encoder with a new head, thresholds at lr 5e-3, 150 steps after the freeze, no distillation).
 * ``paper``: the SoftLM paper's plain recipe for a causal LM (plain SVD, no ramp, no distillation).

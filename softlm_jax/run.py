@@ -284,9 +284,8 @@ class Comparison:
   # -- shared statistics
 
   def base(self, method: Method):
-    """``(key, tree)`` a method compresses: the teacher for frozen-weight methods (and for every
-    compressed method under ``compress_from="teacher"``), else the dense one."""
-    if method.frozen or (method.compressed and self.tcfg.compress_from == "teacher"):
+    """``(key, tree)`` a method compresses: the teacher when :func:`compresses_teacher`, else the dense one."""
+    if compresses_teacher(method, self.tcfg):
       if self.teacher is None:
         raise ValueError(f"{method.name} compresses the fine-tuned dense teacher: run 'dense' first")
       return ("teacher" if self.task.dense_trains else "dense"), self.teacher
@@ -665,22 +664,26 @@ def load_run(folder: str) -> dict:
 # comparisons and summaries
 
 
+def compresses_teacher(method: Method, tcfg: TrainConfig) -> bool:
+  """Whether ``method`` compresses the teacher (a classifier's fine-tuned ``dense`` run; an LM's dense
+  model): a frozen-weight method, or any compressed method under ``compress_from="teacher"``."""
+  return method.frozen or (method.compressed and tcfg.compress_from == "teacher")
+
+
 def needs_teacher(task: tasks.Task, tcfg: TrainConfig, methods) -> bool:
-  """Whether a run needs a classifier's fine-tuned dense teacher: distillation, a frozen-weight method,
-  or ``compress_from="teacher"``."""
-  parsed = [parse_method(n) for n in methods]
-  return task.dense_trains and (tcfg.distill[0] > 0 or any(m.frozen for m in parsed)
-                                or (tcfg.compress_from == "teacher" and any(m.compressed for m in parsed)))
+  """Whether a run needs a classifier's fine-tuned dense teacher: distillation, or a method that
+  :func:`compresses_teacher`."""
+  return task.dense_trains and (tcfg.distill[0] > 0 or any(compresses_teacher(parse_method(n), tcfg)
+                                                           for n in methods))
 
 
 def order_methods(names: list[str], task: tasks.Task, teacher_first: bool) -> list[str]:
   """Run order: a classifier's dense teacher first (``teacher_first``: :func:`needs_teacher`), then
   the learned rules trained with the weights (they set the step budget), the rest, ``R-ft`` last."""
   methods = [parse_method(n) for n in dict.fromkeys(names)]
-  needs_teacher = task.dense_trains and teacher_first
 
   def key(m: Method):
-    return (not (needs_teacher and m.name == "dense"), not m.joint, m.variant == "ft")
+    return (not (teacher_first and m.name == "dense"), not m.joint, m.variant == "ft")
   return [m.name for m in sorted(methods, key=key)]
 
 

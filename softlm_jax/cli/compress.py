@@ -41,7 +41,7 @@ def run(args) -> dict:
   model, task = pipeline.load(o.model, o.data, seed=o.train.seed)
   comp = pipeline.Comparison(model, task, o.compression, o.train, o.out, run_info={"data": o.data.to_dict(),
                                                                                  "preset": o.preset})
-  if comp.teacher is None and (method.frozen or o.train.compress_from == "teacher"):
+  if comp.teacher is None and pipeline.compresses_teacher(method, o.train):
     teacher_results = os.path.join(comp.folder(pipeline.parse_method("dense"), cr), "results.json")
     if not os.path.exists(teacher_results):
       raise ValueError(f"{method.name} on a classifier compresses the fine-tuned dense teacher, and {o.out} has "
