@@ -96,6 +96,14 @@ class TrainConfig:
       start from the model as loaded: a classifier's head is new and learns with the compression) or
       ``"teacher"`` (every compressed method compresses the teacher: a classifier's fine-tuned
       ``dense`` run, which then runs first; for an LM the two are the same tree).
+    start_file: a compact checkpoint (``softlm compress``'s ``compact.safetensors``) that ``static`` /
+      ``allocated`` start from instead of decomposing: it must hold the same method, source model and
+      CR (:func:`check_start_file`); the block refit and the fine-tuning then run on it (None: decompose).
+    start_allocation: SoftLM's thresholds start at the ranks of the global Fisher allocation at this CR
+      (:meth:`Comparison.allocation`, :func:`softlm_jax.allocate.alpha_for_ranks`), below the target CR,
+      instead of at ``alpha = 0`` (full rank); the rule then learns its way to the target from there (a
+      ramp, ``compress_steps``, still falls from the dense count, so the thresholds hold until the ramp
+      reaches the start's count). None: the full-rank start.
   """
   steps: Optional[int] = None
   teacher_steps: Optional[int] = None
@@ -120,6 +128,8 @@ class TrainConfig:
   refit_steps: int = 0
   refit_lr: float = 3e-4
   compress_from: str = "dense"
+  start_file: Optional[str] = None
+  start_allocation: Optional[float] = None
 
   def __post_init__(self):
     for name in ("steps", "teacher_steps", "stop_after"):
@@ -141,6 +151,8 @@ class TrainConfig:
     object.__setattr__(self, "distill", (float(d[0]), float(d[1])))
     if self.compress_from not in COMPRESS_FROM:
       raise ValueError(f"TrainConfig.compress_from must be one of {COMPRESS_FROM}, got {self.compress_from!r}")
+    if self.start_allocation is not None and not 0.0 < float(self.start_allocation) < 1.0:
+      raise ValueError(f"TrainConfig.start_allocation must be a CR in (0, 1), got {self.start_allocation!r}")
     if self.alpha_opt not in ALPHA_OPTS:
       raise ValueError(f"TrainConfig.alpha_opt must be one of {ALPHA_OPTS}, got {self.alpha_opt!r}")
 
@@ -366,9 +378,22 @@ class Comparison:
       return self.dense, cfg
     key, base = self.base(method)
     if method.base in STATIC_BASES:
+      if self.tcfg.start_file:
+        check_start_file(self.tcfg.start_file, method.name, cr, self.model.manifest()[0].get("source_model"))
+        self.log(f"[{method.name}] starts from {self.tcfg.start_file} (no decomposition)")
+        return jax.tree.map(jnp.asarray, checkpoint.load_compact(self.tcfg.start_file)[0]), cfg
       return self.static_tree(key, base, cfg, allocated=method.base == "allocated"), cfg
     check_methods(cfg, [method.name])
-    return compress_params(base, cfg, factors=self.factors(key, base, cfg)), cfg
+    params = compress_params(base, cfg, factors=self.factors(key, base, cfg))
+    start = self.tcfg.start_allocation
+    if start is not None:
+      from softlm_jax import allocate
+      check_start_allocation(method.name, start, cr)
+      ranks = self.allocation(key, base, cfg.replace(target_ratio=start))
+      params = allocate.alpha_for_ranks(params, ranks)
+      self.log(f"[{method.name}] thresholds start at the allocation of CR {start} "
+               f"({budget.count_params(params):,} counted params; target {budget.target_params(params, cfg):,})")
+    return params, cfg
 
   def refit(self, method: Method, params, out: str) -> tuple[dict, dict]:
     """``(params, info)``: the block refit of an exported tree (``TrainConfig.refit_steps``), resumable
@@ -664,6 +689,40 @@ def load_run(folder: str) -> dict:
 # comparisons and summaries
 
 
+def check_start_allocation(method: str, start: float, cr: float) -> None:
+  """``TrainConfig.start_allocation`` must start a SoftLM-type rule (per-layer thresholds) below its target
+  CR: at or above it the budget is met at step 0 and the thresholds never move (ValueError)."""
+  m = parse_method(method)
+  if m.rule is None or "alpha" not in rules.get(m.rule).keys:
+    raise ValueError(f"start_allocation={start} sets per-layer thresholds (alpha): {method} has none; it applies to "
+                     "softlm-type rules")
+  if not start < cr:
+    raise ValueError(f"start_allocation={start} must be below the target CR {cr} of {method}: at or above it the "
+                     "budget is met at step 0 and the thresholds never move")
+
+
+def check_start_file(path: str, method: str, cr: float, source_model: Optional[str] = None) -> dict:
+  """The manifest of ``TrainConfig.start_file`` after checking that ``method`` at ``cr`` may start from it:
+  a ``static`` / ``allocated`` method of the same base, target CR and source model (ValueError naming
+  what differs and the file; FileNotFoundError / CheckpointError for a missing or bad file)."""
+  m = parse_method(method)
+  if m.base not in STATIC_BASES:
+    raise ValueError(f"{method}: only {' / '.join(STATIC_BASES)} start from a compact file (start_file={path!r}); "
+                     "a learned rule starts from the decomposition")
+  man = checkpoint.read_manifest(path)
+  meta = man.get("metadata") or {}
+  was = {"method": str(meta.get("method") or man.get("method") or "").partition("-")[0],
+         "CR": man.get("target_ratio"), "source model": meta.get("source_model") or man.get("source_model")}
+  now = {"method": m.base, "CR": cr, "source model": source_model}
+  for k in was:
+    same = (was[k] is not None and now[k] is not None and abs(float(was[k]) - float(now[k])) < 1e-9) if k == "CR" \
+        else (was[k] == now[k] or (k == "source model" and (was[k] is None or now[k] is None)))
+    if not same:
+      raise ValueError(f"start_file {path} holds {k} {was[k]!r}, this run's {method} has {now[k]!r}: pass a file "
+                       f"made by the same method, model and CR (softlm compress --method {m.base} --cr {cr})")
+  return man
+
+
 def compresses_teacher(method: Method, tcfg: TrainConfig) -> bool:
   """Whether ``method`` compresses the teacher (a classifier's fine-tuned ``dense`` run; an LM's dense
   model): a frozen-weight method, or any compressed method under ``compress_from="teacher"``."""
@@ -699,6 +758,16 @@ def run_comparison(model, task: tasks.Task, ccfg: CompressionConfig, tcfg: Train
   cr_folders = len(crs) > 1 if cr_folders is None else cr_folders
   names = list(methods)
   check_methods(ccfg, names)
+  if tcfg.start_allocation is not None:
+    for name in names:
+      if parse_method(name).rule is not None:
+        for cr in crs:
+          check_start_allocation(name, tcfg.start_allocation, cr)
+  if tcfg.start_file:
+    for name in names:
+      if parse_method(name).compressed:
+        for cr in crs:
+          check_start_file(tcfg.start_file, name, cr, model.manifest()[0].get("source_model"))
   teacher_first = needs_teacher(task, tcfg, names)
   if teacher_first and "dense" not in names:
     log("[dense] added: the compressed methods need the fine-tuned dense teacher")

@@ -78,3 +78,66 @@ def test_block_refit_runs_as_a_stage_and_keeps_the_ranks(tmp_path):
   # the refit model is what was evaluated
   ppl = tasks.perplexity(model, after, None, task.windows["test"])
   assert ppl == pytest.approx(res["metrics"]["test"]["ppl"], rel=1e-5)
+
+
+@needs_wikitext
+def test_train_starts_from_a_compress_file_and_refuses_a_mismatched_one(tmp_path):
+  """``--start-file``: ``softlm train``'s allocated run starts from ``softlm compress``'s file, leaf for
+  leaf (no decomposition); a file of another CR or method, or a learned rule, is refused by name."""
+  from softlm_jax import cli
+  from softlm_jax.cli import options
+  import jax
+  cli.run(["compress", *SMALL, "--decomposition", "whitened", "--cr", "0.5", "--out", str(tmp_path / "c")])
+  f = str(tmp_path / "c" / "allocated" / "compact.safetensors")
+  want, _ = sl.load_compact(f)
+  argv = ["train", *SMALL, "--decomposition", "whitened", "--out", str(tmp_path / "t"), "--cr", "0.5",
+          "--start-file", f, "--refit-steps", "0", "--steps", "2", "--lr", "1e-3"]
+  o = options.parse(cli.build_parser(), [*argv, "--methods", "allocated"]).options
+  assert o.train.start_file == f
+  model, task = run.load(o.model, o.data)
+  comp = run.Comparison(model, task, o.compression, o.train, str(tmp_path / "t"), log=lambda s: None)
+  start, cfg = comp.initial(run.parse_method("allocated"), 0.5)
+  assert comp.grams_collected == 0  # nothing decomposed
+  assert jax.tree.structure(start) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  res = comp.run_method("allocated", 0.5)
+  assert res["train_steps"] == 2 and _ranks(sl.load_compact(tmp_path / "t" / "allocated" / "compact.safetensors")[0]) \
+      == _ranks(want)
+  with pytest.raises(ValueError, match="CR 0.5.*0.4"):
+    run.check_start_file(f, "allocated", 0.4)
+  with pytest.raises(ValueError, match="method 'allocated'.*'static'"):
+    run.check_start_file(f, "static", 0.5)
+  with pytest.raises(ValueError, match="only static / allocated"):
+    run.check_start_file(f, "softlm", 0.5)
+  with pytest.raises(ValueError, match="source model"):
+    run.check_start_file(f, "allocated", 0.5, "another-model")
+  with pytest.raises(ValueError, match="CR 0.5.*0.3"):  # refused before anything trains
+    run.run_comparison(model, task, o.compression, o.train, ["allocated"], [0.3], str(tmp_path / "u"),
+                       log=lambda s: None)
+
+
+@needs_wikitext
+def test_softlm_thresholds_start_at_a_lower_cr_allocation(tmp_path):
+  """``--start-allocation``: SoftLM's thresholds start where each layer keeps exactly the ranks of the
+  global allocation at that CR, then the rule learns its way down to the target (freeze after step 0)."""
+  from softlm_jax import cli
+  from softlm_jax.cli import options
+  argv = ["train", *SMALL, "--preset", "lm-softlm", "--out", str(tmp_path), "--methods", "softlm", "--cr", "0.5",
+          "--start-allocation", "0.3", "--compress-steps", "0", "--alpha-lr", "0.1", "--finetune-steps", "1",
+          "--max-compress-steps", "200"]
+  o = options.parse(cli.build_parser(), argv).options
+  model, task = run.load(o.model, o.data)
+  comp = run.Comparison(model, task, o.compression, o.train, str(tmp_path), log=lambda s: None)
+  start, cfg = comp.initial(run.parse_method("softlm"), 0.5)
+  key, base = comp.base(run.parse_method("softlm"))
+  want = comp.allocation(key, base, cfg.replace(target_ratio=0.3))
+  kept = {p: int(np.sum(np.asarray(budget.kept(lay)))) for p, lay in tree.factored_layers(start)}
+  assert kept == want and len(set(want.values())) > 1
+  assert int(sl.count_params(start, cfg)) > budget.target_params(start, cfg)  # above the CR 0.5 target
+  res = comp.run_method("softlm", 0.5)
+  assert res["budget"]["verdict"]["met"] and res["freeze_step"] > 0
+  with pytest.raises(SystemExit):  # at or above the target: the thresholds would never move
+    options.parse(cli.build_parser(), [*argv[:-2], "--start-allocation", "0.5"])
+  with pytest.raises(ValueError, match="softlm-type"):
+    run.check_start_allocation("static", 0.3, 0.5)

@@ -246,6 +246,12 @@ def add_train_args(ap) -> None:
   g.add_argument("--compress-from", choices=("dense", "teacher"), default=None,
                  help="the tree the compressed methods start from: dense (as loaded; a classifier's head learns "
                  "with the compression) or teacher (a classifier's fine-tuned dense run, which then runs first)")
+  g.add_argument("--start-file", default=None,
+                 help="static/allocated: start from this compact checkpoint (softlm compress's compact.safetensors, "
+                 "same method, model and CR) instead of decomposing; the refit and fine-tuning run on it")
+  g.add_argument("--start-allocation", type=fraction, default=None, metavar="CR",
+                 help="softlm: thresholds start at the global Fisher allocation of this CR (below --cr), not at "
+                 "full rank")
   g.add_argument("--stop-after", type=positive_int, default=None,
                  help="stop each training loop after N steps, checkpoint saved (rerun without it to resume)")
   g.add_argument("--mesh", default=None,
@@ -281,7 +287,7 @@ _COMPRESSION = ("sharpness", "gamma", "alpha_lr", "loss", "init_rank", "decompos
                 "compress_steps", "mask_lr", "tv_weight", "budget_growth", "mask_init", "include", "exclude")
 _TRAIN = ("finetune_steps", "max_compress_steps", "steps", "teacher_steps", "batch_size", "lr", "seed", "distill",
           "calib", "calib_grams", "ft_steps", "refill", "alpha_opt", "eval_every", "keep_ckpt", "allow_budget_miss",
-          "mesh", "stop_after", "refit_steps", "refit_lr", "compress_from")
+          "mesh", "stop_after", "refit_steps", "refit_lr", "compress_from", "start_file", "start_allocation")
 _DATA = ("task", "data_dir", "train_file", "eval_file", "text_cols", "label_col", "task_type", "eval_limit",
          "max_len", "seq_len", "eval_len", "eval_windows", "curve_windows")
 
@@ -322,6 +328,12 @@ def configs(args) -> RunOptions:
   run.check_configs(ccfg, tcfg)
   methods = get("methods") or ([get("method")] if get("method") else list(presets.methods(preset)))
   run.check_methods(ccfg, methods)
+  for m in methods:
+    for cr in crs:
+      if tcfg.start_allocation is not None and run.parse_method(m).rule is not None:
+        run.check_start_allocation(m, tcfg.start_allocation, cr)
+      if tcfg.start_file and run.parse_method(m).compressed:
+        run.check_start_file(tcfg.start_file, m, cr)
   model = get("model") or presets.DEFAULT_MODEL[dcfg.model_kind]
   return RunOptions(ccfg, tcfg, dcfg, tuple(crs), tuple(methods), model, get("out"), preset)
 
@@ -333,6 +345,6 @@ def parse(ap: argparse.ArgumentParser, argv=None):
   if getattr(args, "configs_needed", False):
     try:
       args.options = configs(args)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:  # contradictory options; a --start-file that is not there
       ap.error(str(e))
   return args
