@@ -4,9 +4,11 @@ Rows (``--rows``), each at every ``--crs``:
   whitened     whitened SVD (SVD-LLM's truncation), the uniform keep-ratio (``static_svd``);
   propagated   + the propagated, error-aware decomposition (``softlm_jax.propagate``, ``--mix``; several
                values = the mixing-weight sweep), uniform ranks;
-  allocated    + the global loss-aware allocation of ``softlm_jax.allocate`` (Fisher scores of the whitened
-               triplets from one gradient pass over the calibration set), then the propagated factors
-               of ``--base-mix`` fit at the allocated ranks (``--no-repropagate``: the whitened ones);
+  allocated    + the global loss-aware allocation: the pipeline's ``allocated`` method itself
+               (``softlm_jax.run.Comparison.static_tree``, what ``softlm compress`` writes: Fisher scores of
+               the whitened triplets from one gradient pass over the calibration set, the exact budget
+               fill, then the propagated factors fit at the allocated ranks; ``--no-repropagate``: the
+               whitened ones; the default mix only);
   refit        + the calibration-only block refit (``softlm_jax.refit``) of the ``--refit-base`` row's
                exported model (``--refit-steps`` Adam steps per block at ``--refit-lr``).
 Calibration: the first ``--calib`` windows of ``--seq-len`` tokens of WikiText-2 valid, in batches of
@@ -34,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import softlm_jax as sl  # noqa: E402
-from softlm_jax import models, propagate, refit, report, tasks  # noqa: E402
+from softlm_jax import propagate, refit, report, run, tasks  # noqa: E402
 from softlm_jax.compress import decompose  # noqa: E402
 
 ROWS = ("whitened", "propagated", "allocated", "refit")
@@ -42,6 +44,7 @@ ROWS = ("whitened", "propagated", "allocated", "refit")
 
 def parse(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--model", default="smollm2", help="a causal LM (softlm_jax.models; tests: tiny-llama)")
   ap.add_argument("--rows", default="whitened,propagated")
   ap.add_argument("--crs", default="0.2,0.3,0.5")
   ap.add_argument("--mix", default=str(propagate.DEFAULT_MIX), help="propagated: mixing weight(s), comma-separated")
@@ -121,17 +124,25 @@ def main(argv=None):
   crs = [float(c) for c in args.crs.split(",")]
   mixes = [float(m) for m in args.mix.split(",")]
   os.makedirs(args.out, exist_ok=True)
-  loaded = models.load("smollm2", "causal_lm")
-  model, dense, tok = loaded.module, loaded.params, loaded.tokenizer
-  windows = tasks.wikitext_windows(tok, seq_len=args.seq_len, eval_len=args.eval_len, eval_windows=args.eval_windows)
-  calib = windows["train"][:args.calib]
-  test = windows["test"]
-  batches = [jnp.asarray(calib[i:i + args.batch_size]) for i in range(0, len(calib), args.batch_size)]
+  dcfg = tasks.DataConfig(task=tasks.LM_TASK, seq_len=args.seq_len, eval_len=args.eval_len,
+                          eval_windows=args.eval_windows)
+  model, task = run.load(args.model, dcfg)
+  dense = model.params
+  calib = task.windows["train"][:args.calib]
+  test = task.windows["test"]
+  batches = task.calib_batches(args.calib, args.batch_size)  # the pipeline's calibration set: the same windows
   tokens = int(calib.size)
-  logits = lambda p, ids: model(ids, params=p).logits  # noqa: E731
+  logits = model.logits_fn()
   calibration = (logits, batches, None)
   progress = not args.no_progress
   memo: dict = {}
+
+  def pipeline():
+    """The pipeline's run state on the same calibration windows (the allocated row is its method)."""
+    if "comparison" not in memo:
+      tcfg = run.TrainConfig(calib_grams=args.calib, batch_size=args.batch_size, progress=progress)
+      memo["comparison"] = run.Comparison(model, task, sl.CompressionConfig(), tcfg, os.path.join(args.out, "_run"))
+    return memo["comparison"]
 
   def done(name):
     path = os.path.join(args.out, name, "results.json")
@@ -197,36 +208,26 @@ def main(argv=None):
           _, tree_, cfg = propagated_tree(cr, mix, stages)
           finish(name, row, cr, tree_, cfg, stages, {"mix": mix})
       elif row == "allocated":
-        from softlm_jax import allocate
         name = f"allocated-m{args.base_mix:g}_cr{cr:g}"
         if done(name):
           continue
+        if args.repropagate and args.base_mix != propagate.DEFAULT_MIX:
+          raise SystemExit(f"--rows allocated is the pipeline's allocated method, fit at mix {propagate.DEFAULT_MIX} "
+                           f"(--base-mix {args.base_mix} is for the propagated / refit rows)")
         stages = {}
-        # scores on the whitened triplets (full rank = the dense model; they serve every CR), the exact
-        # fill at this CR, then the propagated factors fit at the allocated ranks
-        f = whitened_factors(cfg, stages)
-        if "drops" not in memo:
-          with Stage(stages, "scores"):
-            cparams = allocate.full_rank(sl.compress_params(dense, cfg, factors=f), cfg)
-
-            def loss_fn(p, ids):
-              return tasks.lm_loss(model(ids, params=p).logits, ids)
-            stats = allocate.triplet_stats(cparams, cfg, loss_fn, batches, progress=progress)
-            memo["drops"] = allocate.drop_losses(stats)
-            memo["cparams"] = cparams
+        comp = pipeline()
+        # the scores serve every CR (the first CR's stage holds the Grams, the whitened decomposition and
+        # the gradient pass); the fill runs per CR
         with Stage(stages, "allocate"):
-          ranks = allocate.allocate_ranks(memo["cparams"], cfg, memo["drops"])
-          tree_ = allocate.allocated_static(dense, cfg, f, ranks)
+          ranks = comp.allocation("dense", dense, cfg)
+          tree_ = comp.static_tree("dense", dense, cfg, allocated=True)
         extra = {"mix": args.base_mix, "ranks": ranks, "repropagate": args.repropagate, "scored_on": "whitened"}
         with Stage(stages, "eval_whitened_allocated"):
           extra["ppl_whitened_allocated"] = tasks.perplexity(model, tree_, None, test)
         print(f"  whitened factors at the allocated ranks: ppl {extra['ppl_whitened_allocated']:.2f}", flush=True)
         if args.repropagate:
           with Stage(stages, "propagate"):
-            f2 = propagate.propagated_factors(dense, cfg, calibration, mix=args.base_mix, ranks=ranks,
-                                              progress=progress)
-          tree_ = allocate.allocated_static(dense, cfg, f2, ranks)
-          del f2
+            tree_ = comp.static_tree("dense", dense, cfg.replace(decomposition="propagated"), allocated=True)
         path = os.path.join(args.out, name, "tree.npz")
         os.makedirs(os.path.join(args.out, name), exist_ok=True)
         save_tree(path, tree_)

@@ -141,3 +141,26 @@ def test_softlm_thresholds_start_at_a_lower_cr_allocation(tmp_path):
     options.parse(cli.build_parser(), [*argv[:-2], "--start-allocation", "0.5"])
   with pytest.raises(ValueError, match="softlm-type"):
     run.check_start_allocation("static", 0.3, 0.5)
+
+
+@needs_wikitext
+def test_frontier_allocated_row_is_the_pipelines_allocated_method(tmp_path):
+  """``experiments/frontier.py --rows allocated`` runs the pipeline's method (one source): the same
+  ranks and perplexity as ``softlm compress`` on the same calibration windows."""
+  import importlib.util
+  import os
+  from softlm_jax import cli
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location("frontier", os.path.join(root, "experiments", "frontier.py"))
+  frontier = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(frontier)
+  frontier.main(["--model", "tiny-llama", "--rows", "allocated", "--crs", "0.5", "--calib", "8", "--seq-len", "32",
+                 "--batch-size", "4", "--eval-windows", "2", "--eval-len", "64", "--out", str(tmp_path / "f"),
+                 "--no-progress"])
+  row = json.loads((tmp_path / "f" / "allocated-m0.5_cr0.5" / "results.json").read_text())
+  cli.run(["compress", *SMALL, "--cr", "0.5", "--out", str(tmp_path / "c")])
+  path = tmp_path / "c" / "allocated" / "compact.safetensors"
+  params, _ = sl.load_compact(path)
+  assert {p: r for p, r in row["ranks"].items() if p in _ranks(params)} == _ranks(params)
+  ev = cli.run(["eval", str(path), "--task", "wikitext", "--eval-len", "64", "--eval-windows", "2"])
+  assert row["ppl"] == pytest.approx(ev["metrics"]["test"]["ppl"], rel=1e-5)
