@@ -19,8 +19,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from softlm_jax import run  # noqa: E402
-from softlm_jax.cli import options  # noqa: E402
+from softlm_jax.cli import common, options  # noqa: E402
 
 
 def parse(argv=None):
@@ -31,16 +30,7 @@ def parse(argv=None):
 
 
 def main(argv=None):
-  o = parse(argv).options
-  model, task = run.load(o.model, o.data, seed=o.train.seed)
-  try:
-    results = run.run_comparison(model, task, o.compression, o.train, list(o.methods), list(o.crs), o.out,
-                                 run_info={"data": o.data.to_dict(), "preset": o.preset})
-  except run.RunStopped as e:  # --stop-after: the checkpoint is saved, a rerun resumes
-    print(e)
-    return {}
-  print(open(os.path.join(o.out, "summary.md")).read())
-  return results
+  return common.run_options(parse(argv).options)
 
 
 if __name__ == "__main__":

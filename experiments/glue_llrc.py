@@ -21,8 +21,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from softlm_jax import run  # noqa: E402
-from softlm_jax.cli import options  # noqa: E402
+from softlm_jax.cli import common, options  # noqa: E402
 
 METHODS = "static-noft,softlm-noft,llrc,llrc-ft"
 
@@ -37,17 +36,9 @@ def parse(argv=None):
 
 def main(argv=None):
   o = parse(argv).options
-  model, task = run.load(o.model, o.data, seed=o.train.seed)
-  title = (f"{o.model} {task.name}: fine-tuning-free compression of a fine-tuned dense teacher "
-           f"({', '.join(task.evals)} split; calibration: {o.train.calib} train sentences)")
-  try:
-    results = run.run_comparison(model, task, o.compression, o.train, list(o.methods), list(o.crs), o.out,
-                                 cr_folders=True, title=title, run_info={"data": o.data.to_dict(), "preset": o.preset})
-  except run.RunStopped as e:  # --stop-after: the checkpoint is saved, a rerun resumes
-    print(e)
-    return {}
-  print(open(os.path.join(o.out, "summary.md")).read())
-  return results
+  return common.run_options(o, cr_folders=True, title=lambda model, task: (
+      f"{o.model} {task.name}: fine-tuning-free compression of a fine-tuned dense teacher "
+      f"({', '.join(task.evals)} split; calibration: {o.train.calib} train sentences)"))
 
 
 if __name__ == "__main__":

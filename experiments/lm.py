@@ -39,8 +39,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from softlm_jax import run, tasks  # noqa: E402
-from softlm_jax.cli import options  # noqa: E402
+from softlm_jax import tasks  # noqa: E402
+from softlm_jax.cli import common, options  # noqa: E402
 from softlm_jax.tasks import EVAL_CHARS, lm_loss  # noqa: E402,F401  (one loss, one protocol)
 
 
@@ -58,17 +58,12 @@ def parse(argv=None):
 
 def main(argv=None):
   o = parse(argv).options
-  model, task = run.load(o.model, o.data, seed=o.train.seed)
-  title = (f"{o.model}: WikiText-2 (train: valid; ppl: raw test, first {EVAL_CHARS} chars, "
-           f"{task.windows['test'].shape[0]}x{task.windows['test'].shape[1]} tokens)")
-  try:
-    results = run.run_comparison(model, task, o.compression, o.train, list(o.methods), list(o.crs), o.out,
-                                 cr_folders=True, title=title, run_info={"data": o.data.to_dict(), "preset": o.preset})
-  except run.RunStopped as e:  # --stop-after: the checkpoint is saved, a rerun resumes
-    print(e)
-    return {}
-  print(open(os.path.join(o.out, "summary.md")).read())
-  return results
+
+  def title(model, task):
+    t = task.windows["test"]
+    return (f"{o.model}: WikiText-2 (train: valid; ppl: raw test, first {EVAL_CHARS} chars, "
+            f"{t.shape[0]}x{t.shape[1]} tokens)")
+  return common.run_options(o, cr_folders=True, title=title)
 
 
 if __name__ == "__main__":

@@ -29,3 +29,23 @@ def load_compact_model(path: str, *, tokenizer: bool = True):
   print(f"loaded {path} ({meta.get('method')}, {info.get('source_model')}, removed {info['achieved_ratio']:.3f}) "
         f"in {load_s:.2f}s")
   return params, info, model, checkpoint.config_from_manifest(info), load_s
+
+
+def run_options(o, *, cr_folders=None, title=None) -> dict:
+  """The experiment scripts' body: load ``o.model`` / ``o.data`` (a parsed
+  :class:`softlm_jax.cli.options.RunOptions`), :func:`softlm_jax.run.run_comparison` every method at every
+  CR into ``o.out``, print the summary. ``title``: ``(model, task) -> str`` (None: the default).
+  Returns ``{folder: results}``, or ``{}`` after ``--stop-after`` (the checkpoint saved: a rerun resumes)."""
+  import os
+  from softlm_jax import run
+  model, task = run.load(o.model, o.data, seed=o.train.seed)
+  try:
+    results = run.run_comparison(model, task, o.compression, o.train, list(o.methods), list(o.crs), o.out,
+                                 cr_folders=cr_folders, title=None if title is None else title(model, task),
+                                 run_info={"data": o.data.to_dict(), "preset": o.preset})
+  except run.RunStopped as e:
+    print(e)
+    return {}
+  with open(os.path.join(o.out, "summary.md")) as f:
+    print(f.read())
+  return results
