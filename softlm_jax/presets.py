@@ -26,7 +26,9 @@ their defaults from here, so the same options give the same run through every en
   16, lr 1e-4 (SST-2: 0.866 against the teacher's 0.856, whitened static 0.841, SoftLM 0.831; MRPC F1,
   under a weak 0.827 teacher: static 0.852, allocated 0.824, SoftLM 0.776; ``static`` always runs
   beside it). A learned rule asked for here runs on the same whitened factors (thresholds in
-  ``uniform_rank`` units, lr 2e-2, a 60-step ramp, 150 steps after the freeze).
+  ``uniform_rank`` units, lr 2e-2, a 60-step ramp, 150 steps after the freeze); started at the Fisher
+  allocation of CR 0.4 (``start_allocation``) SoftLM gave MRPC F1 0.847 but SST-2 0.803, so it is not
+  the default.
 * ``glue-softlm``: the classifier recipe before issue 17 (plain SVD, SoftLM from the pretrained
   encoder with a new head, thresholds at lr 5e-3, 150 steps after the freeze, no distillation).
 * ``paper``: the SoftLM paper's plain recipe for a causal LM (plain SVD, no ramp, no distillation).
