@@ -37,7 +37,6 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import softlm_jax as sl  # noqa: E402
 from softlm_jax import propagate, refit, report, run, tasks  # noqa: E402
-from softlm_jax.compress import decompose  # noqa: E402
 
 ROWS = ("whitened", "propagated", "allocated", "refit")
 
@@ -167,12 +166,9 @@ def main(argv=None):
     return res
 
   def whitened_factors(cfg, stages):
-    if "whitened" not in memo:
-      with Stage(stages, "grams"):
-        grams = sl.collect_grams(logits, dense, batches, cfg, progress=progress)
-      with Stage(stages, "decompose"):
-        memo["whitened"] = decompose(dense, cfg, grams)
-    return memo["whitened"]
+    """The pipeline's whitened factors (its Grams and decomposition, computed once for every row and CR)."""
+    with Stage(stages, "grams+decompose"):
+      return pipeline().factors("dense", dense, cfg)
 
   def propagated_tree(cr, mix, stages):
     """The exported uniform-rank tree from propagated factors at (cr, mix), cached on disk."""

@@ -701,6 +701,19 @@ def check_start_allocation(method: str, start: float, cr: float) -> None:
                      "budget is met at step 0 and the thresholds never move")
 
 
+def check_starts(tcfg: TrainConfig, methods, crs, source_model: Optional[str] = None) -> None:
+  """Checks ``tcfg``'s start options against every method and CR of a run before anything trains:
+  :func:`check_start_allocation` for each learned rule, :func:`check_start_file` for each compressed
+  method (the parser's check and :func:`run_comparison`'s)."""
+  for name in methods:
+    m = parse_method(name)
+    for cr in crs:
+      if tcfg.start_allocation is not None and m.rule is not None:
+        check_start_allocation(name, tcfg.start_allocation, cr)
+      if tcfg.start_file and m.compressed:
+        check_start_file(tcfg.start_file, name, cr, source_model)
+
+
 def check_start_file(path: str, method: str, cr: float, source_model: Optional[str] = None) -> dict:
   """The manifest of ``TrainConfig.start_file`` after checking that ``method`` at ``cr`` may start from it:
   a ``static`` / ``allocated`` method of the same base, target CR and source model (ValueError naming
@@ -711,15 +724,19 @@ def check_start_file(path: str, method: str, cr: float, source_model: Optional[s
                      "a learned rule starts from the decomposition")
   man = checkpoint.read_manifest(path)
   meta = man.get("metadata") or {}
-  was = {"method": str(meta.get("method") or man.get("method") or "").partition("-")[0],
-         "CR": man.get("target_ratio"), "source model": meta.get("source_model") or man.get("source_model")}
-  now = {"method": m.base, "CR": cr, "source model": source_model}
-  for k in was:
-    same = (was[k] is not None and now[k] is not None and abs(float(was[k]) - float(now[k])) < 1e-9) if k == "CR" \
-        else (was[k] == now[k] or (k == "source model" and (was[k] is None or now[k] is None)))
-    if not same:
-      raise ValueError(f"start_file {path} holds {k} {was[k]!r}, this run's {method} has {now[k]!r}: pass a file "
-                       f"made by the same method, model and CR (softlm compress --method {m.base} --cr {cr})")
+  was_method = str(meta.get("method") or man.get("method") or "").partition("-")[0]
+  was_cr, was_source = man.get("target_ratio"), meta.get("source_model") or man.get("source_model")
+  differs = None
+  if was_method != m.base:
+    differs = ("method", was_method, m.base)
+  elif was_cr is None or abs(float(was_cr) - float(cr)) >= 1e-9:
+    differs = ("CR", was_cr, cr)
+  elif was_source is not None and source_model is not None and was_source != source_model:  # unknown: not checked
+    differs = ("source model", was_source, source_model)
+  if differs:
+    what, had, want = differs
+    raise ValueError(f"start_file {path} holds {what} {had!r}, this run's {method} has {want!r}: pass a file "
+                     f"made by the same method, model and CR (softlm compress --method {m.base} --cr {cr})")
   return man
 
 
@@ -758,16 +775,7 @@ def run_comparison(model, task: tasks.Task, ccfg: CompressionConfig, tcfg: Train
   cr_folders = len(crs) > 1 if cr_folders is None else cr_folders
   names = list(methods)
   check_methods(ccfg, names)
-  if tcfg.start_allocation is not None:
-    for name in names:
-      if parse_method(name).rule is not None:
-        for cr in crs:
-          check_start_allocation(name, tcfg.start_allocation, cr)
-  if tcfg.start_file:
-    for name in names:
-      if parse_method(name).compressed:
-        for cr in crs:
-          check_start_file(tcfg.start_file, name, cr, model.manifest()[0].get("source_model"))
+  check_starts(tcfg, names, crs, model.manifest()[0].get("source_model"))
   teacher_first = needs_teacher(task, tcfg, names)
   if teacher_first and "dense" not in names:
     log("[dense] added: the compressed methods need the fine-tuned dense teacher")

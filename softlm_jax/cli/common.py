@@ -1,6 +1,7 @@
 """Pieces the subcommands share: the closing banner, loading a compact checkpoint with its model."""
 from __future__ import annotations
 
+import os
 import time
 
 
@@ -36,7 +37,6 @@ def run_options(o, *, cr_folders=None, title=None) -> dict:
   :class:`softlm_jax.cli.options.RunOptions`), :func:`softlm_jax.run.run_comparison` every method at every
   CR into ``o.out``, print the summary. ``title``: ``(model, task) -> str`` (None: the default).
   Returns ``{folder: results}``, or ``{}`` after ``--stop-after`` (the checkpoint saved: a rerun resumes)."""
-  import os
   from softlm_jax import run
   model, task = run.load(o.model, o.data, seed=o.train.seed)
   try:

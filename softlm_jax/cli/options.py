@@ -328,12 +328,7 @@ def configs(args) -> RunOptions:
   run.check_configs(ccfg, tcfg)
   methods = get("methods") or ([get("method")] if get("method") else list(presets.methods(preset)))
   run.check_methods(ccfg, methods)
-  for m in methods:
-    for cr in crs:
-      if tcfg.start_allocation is not None and run.parse_method(m).rule is not None:
-        run.check_start_allocation(m, tcfg.start_allocation, cr)
-      if tcfg.start_file and run.parse_method(m).compressed:
-        run.check_start_file(tcfg.start_file, m, cr)
+  run.check_starts(tcfg, methods, crs)
   model = get("model") or presets.DEFAULT_MODEL[dcfg.model_kind]
   return RunOptions(ccfg, tcfg, dcfg, tuple(crs), tuple(methods), model, get("out"), preset)
 
