@@ -57,6 +57,7 @@ def parse(argv=None):
   ap.add_argument("--refit-steps", type=int, default=refit.RefitConfig.steps)
   ap.add_argument("--refit-lr", type=float, default=refit.RefitConfig.lr)
   ap.add_argument("--refit-inputs", default=refit.RefitConfig.inputs, choices=refit.INPUTS)
+  ap.add_argument("--refit-loss", default=refit.RefitConfig.loss, choices=refit.LOSSES)
   ap.add_argument("--calib", type=int, default=64, help="calibration windows (of --seq-len tokens)")
   ap.add_argument("--seq-len", type=int, default=128)
   ap.add_argument("--batch-size", type=int, default=4)
@@ -229,9 +230,10 @@ def main(argv=None):
         save_tree(path, tree_)
         finish(name, row, cr, tree_, cfg, stages, extra)
       elif row == "refit":
-        rcfg = refit.RefitConfig(steps=args.refit_steps, lr=args.refit_lr, inputs=args.refit_inputs)
+        rcfg = refit.RefitConfig(steps=args.refit_steps, lr=args.refit_lr, inputs=args.refit_inputs,
+                                 loss=args.refit_loss)
         tag = {"whitened": "whitened", "file": "file"}.get(args.refit_base, f"{args.refit_base}-m{args.base_mix:g}")
-        name = f"refit-{tag}-s{rcfg.steps}-lr{rcfg.lr:g}-{rcfg.inputs}_cr{cr:g}"
+        name = f"refit-{tag}-s{rcfg.steps}-lr{rcfg.lr:g}-{rcfg.inputs}-{rcfg.loss}_cr{cr:g}"
         if done(name):
           continue
         stages = {}

@@ -92,6 +92,8 @@ class TrainConfig:
     refit_steps: ``static`` / ``allocated``'s block refit (:mod:`softlm_jax.refit`) before any fine-tuning: Adam
       steps per block matching the dense block's outputs on the calibration set (0: off).
     refit_lr: its learning rate.
+    refit_loss: its error measure (:data:`softlm_jax.refit.LOSSES`): ``"total"`` (the sums' ratio) or
+      ``"token"`` (each token relative to its own norm).
     compress_from: the tree every compressed method starts from: ``"dense"`` (the trained methods
       start from the model as loaded: a classifier's head is new and learns with the compression) or
       ``"teacher"`` (every compressed method compresses the teacher: a classifier's fine-tuned
@@ -127,6 +129,7 @@ class TrainConfig:
   stop_after: Optional[int] = None
   refit_steps: int = 0
   refit_lr: float = 3e-4
+  refit_loss: str = "total"
   compress_from: str = "dense"
   start_file: Optional[str] = None
   start_allocation: Optional[float] = None
@@ -145,6 +148,9 @@ class TrainConfig:
     for name in ("lr", "refit_lr"):
       if not getattr(self, name) > 0:
         raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)!r}")
+    from softlm_jax.refit import LOSSES
+    if self.refit_loss not in LOSSES:
+      raise ValueError(f"TrainConfig.refit_loss must be one of {LOSSES}, got {self.refit_loss!r}")
     d = tuple(self.distill)
     if len(d) != 2 or d[0] < 0 or d[1] <= 0:
       raise ValueError(f"TrainConfig.distill must be (weight >= 0, T > 0), got {self.distill!r}")
@@ -404,11 +410,11 @@ class Comparison:
     from softlm_jax import refit
     t0, c0 = time.time(), time.process_time()
     blocks: list = []
-    rcfg = refit.RefitConfig(steps=t.refit_steps, lr=t.refit_lr)
+    rcfg = refit.RefitConfig(steps=t.refit_steps, lr=t.refit_lr, loss=t.refit_loss)
     params = refit.refit_blocks(self.base(method)[1], params, self.calibration, rcfg,
                                 ckpt_dir=os.path.join(out, "ckpt_refit"), progress=t.progress,
                                 on_block=lambda i, blk, info: blocks.append({"block": blk, **info}))
-    info = {"steps_per_block": t.refit_steps, "lr": t.refit_lr, "blocks": blocks,
+    info = {"steps_per_block": t.refit_steps, "lr": t.refit_lr, "loss": t.refit_loss, "blocks": blocks,
             "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0}
     self.log(f"[{method.name}] block refit: {len(blocks)} blocks x {t.refit_steps} steps, {info['wall_s']:.0f}s")
     return params, info

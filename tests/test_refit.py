@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import softlm_jax as sl
-from softlm_jax import refit
+from softlm_jax import refit, run
 from tests.conftest import VOCAB
 from tests.test_propagate import apply_fn, correlated_batches
 
@@ -29,17 +29,37 @@ def leaves(tree_):
   return {sl.tree.join(p): n for p, n in sl.tree.iter_modules(tree_)}
 
 
-@pytest.mark.parametrize("inputs", ["compressed", "dense"])
-def test_refit_lowers_every_block_error_on_held_out_tokens(setup, inputs):
+@pytest.mark.parametrize("inputs,loss", [("compressed", "token"), ("dense", "token"), ("compressed", "total")])
+def test_refit_lowers_every_block_error_on_held_out_tokens(setup, inputs, loss):
   model, fn, calib, static = setup
   held = correlated_batches(4, seed=123)
-  cfg = refit.RefitConfig(steps=30, lr=3e-3, inputs=inputs)
+  cfg = refit.RefitConfig(steps=30, lr=3e-3, inputs=inputs, loss=loss)
   out = refit.refit_blocks(model.params, static, (fn, calib, None), cfg, progress=False)
-  before = refit.block_errors(model.params, static, (fn, held, None), inputs=inputs)
-  after = refit.block_errors(model.params, out, (fn, held, None), inputs=inputs)
+  before = refit.block_errors(model.params, static, (fn, held, None), inputs=inputs, loss=loss)
+  after = refit.block_errors(model.params, out, (fn, held, None), inputs=inputs, loss=loss)
   assert set(before) == {f"model/layers/{i}" for i in range(3)}
   for blk in before:
     assert after[blk] < 0.9 * before[blk], (blk, before, after)
+
+
+def test_block_loss_against_numpy():
+  rng = np.random.default_rng(0)
+  y, t = rng.normal(size=(2, 5, 8)), rng.normal(size=(2, 5, 8))
+  w = rng.uniform(size=(2, 5))
+  t[0, 0] *= 1e3  # a massive activation (the attention sink)
+  y[0, 0] = t[0, 0] * 1.01  # whose error is small relative to its own norm
+  d = ((y - t) ** 2).sum(-1)
+  n = (t ** 2).sum(-1)
+  np.testing.assert_allclose(refit.block_loss(y, t, w, "token"), (w * d / n).sum() / w.sum(), rtol=1e-5)
+  np.testing.assert_allclose(refit.block_loss(y, t, None, "token"), (d / n).mean(), rtol=1e-5)
+  np.testing.assert_allclose(refit.block_loss(y, t, w, "total"), (w * d).sum() / (w * n).sum(), rtol=1e-5)
+  # "total" is the massive token's error (1e-4) and blind to the others; "token" sees every token
+  assert float(refit.block_loss(y, t, None, "total")) < 2e-4 < 0.5 < float(refit.block_loss(y, t, None, "token"))
+  # "token" is invariant to a token's scale (as the next block's RMSNorm is)
+  s = np.ones((2, 5, 1))
+  s[1, 3] = 50.0
+  np.testing.assert_allclose(refit.block_loss(y * s, t * s, w, "token"), refit.block_loss(y, t, w, "token"),
+                             rtol=1e-5)
 
 
 def test_ranks_and_shapes_unchanged(setup):
@@ -90,7 +110,8 @@ def test_resume_after_interruption_is_identical(setup, tmp_path):
 
 def test_errors(setup):
   model, fn, calib, static = setup
-  for bad in (dict(steps=-1), dict(steps=1.5), dict(lr=0.0), dict(inputs="both"), dict(b1=1.0)):
+  for bad in (dict(steps=-1), dict(steps=1.5), dict(lr=0.0), dict(inputs="both"), dict(b1=1.0),
+              dict(loss="mean")):
     with pytest.raises(ValueError, match="RefitConfig"):
       refit.RefitConfig(**bad)
   training_form = sl.compress_params(model.params, CFG, grams=sl.collect_grams(fn, model.params, calib, CFG,
@@ -99,3 +120,7 @@ def test_errors(setup):
     refit.refit_blocks(model.params, training_form, (fn, calib, None), refit.RefitConfig(steps=1), progress=False)
   with pytest.raises(ValueError, match="inputs must be one of"):
     refit.block_errors(model.params, static, (fn, calib, None), inputs="both")
+  with pytest.raises(ValueError, match="loss must be one of"):
+    refit.block_errors(model.params, static, (fn, calib, None), loss="mean")
+  with pytest.raises(ValueError, match="TrainConfig.refit_loss"):
+    run.TrainConfig(refit_loss="mean")
