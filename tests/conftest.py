@@ -1,6 +1,17 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ and os.environ.get("SOFTLM_TEST_JAX_CACHE", "1") != "0":
+  # One persistent XLA cache for the session (its subprocesses and xdist workers inherit it): the tests
+  # build the same tiny models and steps again and again in new closures, which jax's in-memory cache
+  # cannot reuse; the persistent cache is keyed by the computation itself. SOFTLM_TEST_JAX_CACHE=0: off.
+  import atexit
+  import shutil
+  import tempfile
+  _jax_cache = tempfile.mkdtemp(prefix="softlm-test-xla-cache-")
+  os.environ.update({"JAX_COMPILATION_CACHE_DIR": _jax_cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
+  atexit.register(shutil.rmtree, _jax_cache, True)
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
