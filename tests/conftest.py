@@ -1,17 +1,22 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ and os.environ.get("SOFTLM_TEST_JAX_CACHE", "1") != "0":
-  # One persistent XLA cache for the session (its subprocesses and xdist workers inherit it): the tests
-  # build the same tiny models and steps again and again in new closures, which jax's in-memory cache
-  # cannot reuse; the persistent cache is keyed by the computation itself. SOFTLM_TEST_JAX_CACHE=0: off.
-  import atexit
-  import shutil
-  import tempfile
-  _jax_cache = tempfile.mkdtemp(prefix="softlm-test-xla-cache-")
-  os.environ.update({"JAX_COMPILATION_CACHE_DIR": _jax_cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-                     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
-  atexit.register(shutil.rmtree, _jax_cache, True)
+if os.environ.get("SOFTLM_TEST_JAX_CACHE", "1") != "0" and (
+    "JAX_COMPILATION_CACHE_DIR" not in os.environ or "SOFTLM_TEST_JAX_CACHE_ROOT" in os.environ):
+  # One persistent XLA cache for the session, inherited by its subprocesses: the tests build the same
+  # tiny models and steps again and again in new closures, which jax's in-memory cache cannot reuse; the
+  # persistent cache is keyed by the computation itself. One folder per xdist worker (jax writes its
+  # entries unlocked). SOFTLM_TEST_JAX_CACHE=0: off.
+  if "SOFTLM_TEST_JAX_CACHE_ROOT" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+    os.environ["SOFTLM_TEST_JAX_CACHE_ROOT"] = tempfile.mkdtemp(prefix="softlm-test-xla-cache-")
+    atexit.register(shutil.rmtree, os.environ["SOFTLM_TEST_JAX_CACHE_ROOT"], True)
+  os.environ.update({
+      "JAX_COMPILATION_CACHE_DIR": os.path.join(os.environ["SOFTLM_TEST_JAX_CACHE_ROOT"],
+                                                os.environ.get("PYTEST_XDIST_WORKER", "main")),
+      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

@@ -136,6 +136,7 @@ def _fit_process(ckpt, *extra):
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
+@pytest.mark.serial  # a latency bound: run alone (scripts/test.sh), not beside another worker
 def test_ctrl_c_stops_within_seconds_and_the_rerun_resumes(tmp_path):
   ckpt = tmp_path / "ckpt"
   p = _fit_process(ckpt)
