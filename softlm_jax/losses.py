@@ -58,6 +58,31 @@ def distillation_loss(student_logits: jax.typing.ArrayLike, teacher_logits: jax.
   return jnp.sum(kl * w) / jnp.maximum(jnp.sum(w), 1.0) * temperature**2
 
 
+def hidden_distillation_loss(student_hidden, teacher_hidden) -> jax.Array:
+  """Mean over layers and tokens of each token's relative squared error against the teacher's state.
+
+  ``sum_l mean_{b,t} ||s_{l,b,t} - h_{l,b,t}||^2 / ||h_{l,b,t}||^2 / L``: the residual stream's states
+  (each ``(B, T, hidden)``, ``L`` of them, :meth:`softlm_jax.models.Model.hidden_fn`) matched token by
+  token. Relative per token because every sub-layer reads ``RMSNorm(h)`` (an error matters in
+  proportion to ``1 / ||h_t||``) and a model's attention sink (SmolLM2: one token holding 90-99% of a
+  window's energy) would otherwise be all the loss sees. The teacher's states carry no gradient.
+
+  Returns:
+    Scalar float32; 0 when the two tuples are equal.
+  """
+  if len(student_hidden) != len(teacher_hidden) or not student_hidden:
+    raise ValueError(f"need as many student as teacher hidden states (and at least one), got "
+                     f"{len(student_hidden)} and {len(teacher_hidden)}")
+  errs = []
+  for s, t in zip(student_hidden, teacher_hidden):
+    if s.shape != t.shape:
+      raise ValueError(f"student hidden state {s.shape} against teacher {t.shape}")
+    t = jax.lax.stop_gradient(jnp.asarray(t, jnp.float32))
+    d = jnp.sum(jnp.square(jnp.asarray(s, jnp.float32) - t), axis=-1)
+    errs.append(jnp.mean(d / jnp.maximum(jnp.sum(jnp.square(t), axis=-1), 1e-30)))
+  return jnp.mean(jnp.stack(errs))
+
+
 #: Cap on LLRC's rising budget price ``budget_growth**step`` (keeps float32 finite).
 MAX_BUDGET_PRICE = 1e6
 

@@ -134,6 +134,32 @@ def budget_freeze(inner: optax.GradientTransformation, target: Optional[int] = N
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+#: learning-rate schedules of the weights' Adam in fine-tuning runs of a known length
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_schedule(lr: float, steps: int, schedule: str = "constant", warmup_steps: int = 0) -> optax.Schedule:
+  """The weights' learning rate at update ``count`` (0-based) of a ``steps``-update run.
+
+  ``"constant"``: ``lr`` after a linear warmup from 0 over ``warmup_steps`` updates (none by default).
+  ``"cosine"``: the same warmup, then ``lr * (1 + cos(pi * k / (steps - warmup_steps))) / 2`` at the
+  ``k``-th update after it, falling to 0 at ``steps``.
+  """
+  if schedule not in LR_SCHEDULES:
+    raise ValueError(f"lr schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+  if not (lr > 0 and int(steps) >= 1 and 0 <= int(warmup_steps) < int(steps)):
+    raise ValueError(f"need lr > 0, steps >= 1 and 0 <= warmup_steps < steps, got lr={lr!r}, "
+                     f"steps={steps!r}, warmup_steps={warmup_steps!r}")
+  steps, warmup_steps = int(steps), int(warmup_steps)
+  if schedule == "constant":
+    body = optax.constant_schedule(lr)
+  else:
+    body = optax.cosine_decay_schedule(lr, steps - warmup_steps)
+  if warmup_steps == 0:
+    return body
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), body], [warmup_steps])
+
+
 def make_optimizer(cfg: CompressionConfig, weights_tx: Optional[optax.GradientTransformation] = None,
                    alpha_tx: Optional[optax.GradientTransformation] = None,
                    target: Optional[int] = None) -> optax.GradientTransformation:

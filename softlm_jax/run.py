@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from softlm_jax import budget, calib, checkpoint, report, rules, serial, shard, svd, tasks, train
+from softlm_jax import budget, calib, checkpoint, optim, report, rules, serial, shard, svd, tasks, train
 from softlm_jax.compress import compress_params
 from softlm_jax.config import CompressionConfig
 from softlm_jax.export import export_params, static_svd
@@ -92,6 +92,15 @@ class TrainConfig:
     refit_steps: ``static`` / ``allocated``'s block refit (:mod:`softlm_jax.refit`) before any fine-tuning: Adam
       steps per block matching the dense block's outputs on the calibration set (0: off).
     refit_lr: its learning rate.
+    lr_schedule: the weights' learning rate over a fine-tuning run of known length (``dense-ft``,
+      ``static`` / ``allocated``, ``R-ft``'s fine-tuning, a classifier's ``dense``):
+      :data:`softlm_jax.optim.LR_SCHEDULES`, ``"constant"`` or ``"cosine"`` (to 0 at the last step);
+      a joint learned rule (``softlm``), whose length depends on when its budget is met, refuses
+      ``"cosine"``.
+    warmup_steps: a linear warmup from 0 of that learning rate (0: none).
+    distill_hidden: causal LMs: with ``distill``'s weight > 0, add this weight times the hidden-state
+      distillation (:func:`softlm_jax.losses.hidden_distillation_loss`: every block's output matched
+      to the teacher's, token by token) to every distilled run's loss (0: off).
     refit_loss: its error measure (:data:`softlm_jax.refit.LOSSES`): ``"total"`` (the sums' ratio) or
       ``"token"`` (each token relative to its own norm).
     compress_from: the tree every compressed method starts from: ``"dense"`` (the trained methods
@@ -130,6 +139,9 @@ class TrainConfig:
   refit_steps: int = 0
   refit_lr: float = 3e-4
   refit_loss: str = "total"
+  lr_schedule: str = "constant"
+  warmup_steps: int = 0
+  distill_hidden: float = 0.0
   compress_from: str = "dense"
   start_file: Optional[str] = None
   start_allocation: Optional[float] = None
@@ -139,7 +151,7 @@ class TrainConfig:
       v = getattr(self, name)
       if v is not None and (isinstance(v, bool) or int(v) < 1):
         raise ValueError(f"TrainConfig.{name} must be None or >= 1, got {v!r}")
-    for name in ("finetune_steps", "eval_every", "ft_steps", "refit_steps"):
+    for name in ("finetune_steps", "eval_every", "ft_steps", "refit_steps", "warmup_steps"):
       if int(getattr(self, name)) < 0:
         raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
     for name in ("max_compress_steps", "batch_size", "calib", "calib_grams", "save_every"):
@@ -151,7 +163,15 @@ class TrainConfig:
     from softlm_jax.refit import LOSSES
     if self.refit_loss not in LOSSES:
       raise ValueError(f"TrainConfig.refit_loss must be one of {LOSSES}, got {self.refit_loss!r}")
+    from softlm_jax.optim import LR_SCHEDULES
+    if self.lr_schedule not in LR_SCHEDULES:
+      raise ValueError(f"TrainConfig.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+    if not float(self.distill_hidden) >= 0:
+      raise ValueError(f"TrainConfig.distill_hidden must be >= 0, got {self.distill_hidden!r}")
     d = tuple(self.distill)
+    if self.distill_hidden > 0 and d and d[0] <= 0:
+      raise ValueError(f"TrainConfig.distill_hidden={self.distill_hidden} needs the teacher: set distill's "
+                       f"weight > 0, got distill={self.distill!r}")
     if len(d) != 2 or d[0] < 0 or d[1] <= 0:
       raise ValueError(f"TrainConfig.distill must be (weight >= 0, T > 0), got {self.distill!r}")
     object.__setattr__(self, "distill", (float(d[0]), float(d[1])))
@@ -419,8 +439,18 @@ class Comparison:
     self.log(f"[{method.name}] block refit: {len(blocks)} blocks x {t.refit_steps} steps, {info['wall_s']:.0f}s")
     return params, info
 
+  def weights_tx(self, steps: int) -> optax.GradientTransformation:
+    """The weights' Adam for a fine-tuning run of ``steps`` updates (``TrainConfig.lr_schedule``)."""
+    t = self.tcfg
+    if t.lr_schedule == "constant" and t.warmup_steps == 0:
+      return optax.adam(t.lr)
+    return optax.adam(optim.lr_schedule(t.lr, steps, t.lr_schedule, t.warmup_steps))
+
   def optimizer(self, method: Method, cfg: CompressionConfig) -> optax.GradientTransformation:
     adam = optax.adam(self.tcfg.lr)
+    if method.joint and self.tcfg.lr_schedule != "constant":
+      raise ValueError(f"{method.name}: lr_schedule={self.tcfg.lr_schedule!r} needs a run of known length; a joint "
+                       "learned rule ends finetune_steps after its budget is met (use the constant schedule)")
     if method.rule is None:
       return adam
     alpha_tx = optax.sgd(cfg.alpha_lr) if self.tcfg.alpha_opt == "sgd" else None
@@ -471,6 +501,10 @@ class Comparison:
       return (0.0, 1.0)
     return self.tcfg.distill
 
+  def _hidden(self, distill: tuple) -> float:
+    """The hidden-state distillation weight of a run distilled with ``distill`` (0 without a teacher)."""
+    return self.tcfg.distill_hidden if distill[0] > 0 else 0.0
+
   # -- one method
 
   def run_method(self, name: str, cr: float, *, enforce: bool = True) -> dict:
@@ -506,9 +540,9 @@ class Comparison:
       trains = method.variant == "ft" or self.task.dense_trains
       steps = (t.teacher_steps or self.steps_for(cr)) if (method.name == "dense" and trains) else self.steps_for(cr)
       if trains:
-        loss = self.task.train_loss(self.model, distill)
-        state, res["history"] = self._fit(self.dense, optax.adam(t.lr), None, loss, self._task_batches(distill[0] > 0),
-                                          ckpt, steps=steps)
+        loss = self.task.train_loss(self.model, distill, self._hidden(distill))
+        state, res["history"] = self._fit(self.dense, self.weights_tx(steps), None, loss,
+                                          self._task_batches(distill[0] > 0), ckpt, steps=steps)
         final, res["train_steps"] = state.params, int(state.step)
       else:
         final, res["train_steps"] = self.dense, 0
@@ -522,7 +556,8 @@ class Comparison:
         if refit_info:  # what the refit alone gave, before the fine-tuning
           _, refit_info["metrics"], _ = self.task.evaluate(self.model, final, None)
         steps = self.steps_for(cr)
-        state, res["history"] = self._fit(final, optax.adam(t.lr), None, self.task.train_loss(self.model, distill),
+        state, res["history"] = self._fit(final, self.weights_tx(steps), None,
+                                          self.task.train_loss(self.model, distill, self._hidden(distill)),
                                           self._task_batches(distill[0] > 0), ckpt, steps=steps)
         final, res["train_steps"] = state.params, int(state.step)
     else:
@@ -536,7 +571,8 @@ class Comparison:
         params, _ = self.initial(method, cr)
         tx = self.optimizer(method, cfg)
         if method.joint:
-          loss, batches, ft = self.task.train_loss(self.model, distill), self._task_batches(distill[0] > 0), \
+          loss, batches, ft = self.task.train_loss(self.model, distill, self._hidden(distill)), \
+              self._task_batches(distill[0] > 0), \
               t.finetune_steps
         else:
           loss, batches, ft = train.distill_task(self.model.logits_fn()), self._calib_batches(self.base(method)[1]), 0
@@ -554,8 +590,9 @@ class Comparison:
         final = export_params(trained, cfg)
       if method.variant == "ft":
         steps0 = res["train_steps"]
-        ft_state, res["finetune_history"] = self._fit(final, optax.adam(t.lr), None,
-                                                      self.task.train_loss(self.model, distill),
+        ft_state, res["finetune_history"] = self._fit(final, self.weights_tx(t.ft_steps), None,
+                                                      self.task.train_loss(self.model, distill,
+                                                                           self._hidden(distill)),
                                                       self._task_batches(distill[0] > 0),
                                                       os.path.join(out, "ckpt_ft"), steps=t.ft_steps)
         final, res["train_steps"], res["selection_steps"] = ft_state.params, steps0 + t.ft_steps, steps0

@@ -222,9 +222,11 @@ class Task:
     :meth:`score_batches`: what :func:`softlm_jax.allocate.triplet_stats` differentiates."""
     raise NotImplementedError
 
-  def train_loss(self, model, distill: tuple = (0.0, 1.0)) -> Callable:
+  def train_loss(self, model, distill: tuple = (0.0, 1.0), hidden: float = 0.0) -> Callable:
     """``(params, batch, rng) -> scalar``: the task loss, plus ``weight * T^2 * KL(teacher || student)``
-    when ``distill = (weight, T)`` has ``weight > 0`` (the teacher tree in ``batch["teacher"]``)."""
+    when ``distill = (weight, T)`` has ``weight > 0`` (the teacher tree in ``batch["teacher"]``), plus
+    ``hidden`` times the hidden-state distillation (:func:`softlm_jax.losses.hidden_distillation_loss`;
+    causal LMs) when ``hidden > 0``."""
     raise NotImplementedError
 
   def evaluate(self, model, params, cfg) -> tuple[str, dict, np.ndarray]:
@@ -284,7 +286,10 @@ class ClassificationTask(Task):
       return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
     return loss
 
-  def train_loss(self, model, distill=(0.0, 1.0)):
+  def train_loss(self, model, distill=(0.0, 1.0), hidden=0.0):
+    if hidden > 0:
+      raise ValueError(f"hidden-state distillation (distill_hidden={hidden}) is implemented for causal LMs, "
+                       f"not for the classifier task {self.name}")
     weight, temperature = distill
     regression = self.regression
 
@@ -343,13 +348,17 @@ class LMTask(Task):
     fn = model.logits_fn()
     return lambda p, batch: lm_loss(fn(p, batch["inputs"]), batch["inputs"])
 
-  def train_loss(self, model, distill=(0.0, 1.0)):
+  def train_loss(self, model, distill=(0.0, 1.0), hidden=0.0):
     from softlm_jax import train
     weight, temperature = distill
     fn = model.logits_fn()
+    if hidden > 0 and weight <= 0:
+      raise ValueError(f"hidden-state distillation (distill_hidden={hidden}) needs the teacher: set a "
+                       "distillation weight > 0 (distill=(weight, T))")
     if weight > 0:
       return train.distill_task(fn, base_loss=lambda logits, b: lm_loss(logits, b["inputs"]), weight=weight,
-                                temperature=temperature)
+                                temperature=temperature, hidden_fn=model.hidden_fn() if hidden > 0 else None,
+                                hidden_weight=hidden)
     return lambda p, batch, rng: lm_loss(fn(p, batch["inputs"]), batch["inputs"])
 
   def evaluate(self, model, params, cfg):

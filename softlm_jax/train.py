@@ -234,7 +234,8 @@ def _stopped(ckpt_dir: Optional[str], state: TrainState, mgr, step: int) -> None
 
 
 def distill_task(logits_fn: Callable, *, base_loss: Optional[Callable] = None, weight: float = 1.0,
-                 temperature: float = 1.0) -> Callable:
+                 temperature: float = 1.0, hidden_fn: Optional[Callable] = None,
+                 hidden_weight: float = 0.0) -> Callable:
   """``task_loss`` with a frozen dense teacher: knowledge distillation.
 
   ``logits_fn(params, inputs) -> (..., vocab)`` logits. The returned ``task_loss(p, batch, rng)`` reads
@@ -247,14 +248,27 @@ def distill_task(logits_fn: Callable, *, base_loss: Optional[Callable] = None, w
     cross-entropy): ``base_loss + weight * T^2 * KL``, Hinton et al.'s soft targets beside the task.
 
   ``T = temperature`` softens both distributions. The teacher's logits carry no gradient.
+  With ``hidden_weight > 0``, ``hidden_fn(params, inputs) -> (logits, hidden states)``
+  (:meth:`softlm_jax.models.Model.hidden_fn`) replaces ``logits_fn`` and
+  ``hidden_weight * hidden_distillation_loss`` (every block's output matched token by token,
+  :func:`softlm_jax.losses.hidden_distillation_loss`) is added.
   """
-  if not (weight >= 0 and temperature > 0):
-    raise ValueError(f"need weight >= 0 and temperature > 0, got {weight!r}, {temperature!r}")
+  if not (weight >= 0 and temperature > 0 and hidden_weight >= 0):
+    raise ValueError(f"need weight >= 0, temperature > 0 and hidden_weight >= 0, got {weight!r}, "
+                     f"{temperature!r}, {hidden_weight!r}")
+  if hidden_weight > 0 and hidden_fn is None:
+    raise ValueError("hidden_weight > 0 needs hidden_fn (the model's (logits, hidden states))")
 
   def task(p, batch, rng):
     del rng
-    student = logits_fn(p, batch["inputs"])
-    teacher = logits_fn(batch["teacher"], batch["inputs"])  # distillation_loss stops its gradient
-    kd = weight * losses.distillation_loss(student, teacher, temperature=temperature)
+    if hidden_weight > 0:
+      student, s_hidden = hidden_fn(p, batch["inputs"])
+      teacher, t_hidden = hidden_fn(batch["teacher"], batch["inputs"])
+      extra = hidden_weight * losses.hidden_distillation_loss(s_hidden, t_hidden)
+    else:
+      student = logits_fn(p, batch["inputs"])
+      teacher = logits_fn(batch["teacher"], batch["inputs"])  # distillation_loss stops its gradient
+      extra = 0.0
+    kd = weight * losses.distillation_loss(student, teacher, temperature=temperature) + extra
     return kd if base_loss is None else base_loss(student, batch) + kd
   return task

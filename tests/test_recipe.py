@@ -164,3 +164,46 @@ def test_frontier_allocated_row_is_the_pipelines_allocated_method(tmp_path):
   assert {p: r for p, r in row["ranks"].items() if p in _ranks(params)} == _ranks(params)
   ev = cli.run(["eval", str(path), "--task", "wikitext", "--eval-len", "64", "--eval-windows", "2"])
   assert row["ppl"] == pytest.approx(ev["metrics"]["test"]["ppl"], rel=1e-5)
+
+
+@needs_wikitext
+def test_fine_tuning_takes_the_cosine_schedule_and_hidden_distillation(tmp_path):
+  """``--lr-schedule cosine --warmup-steps 1 --distill-hidden W``: ``allocated``'s fine-tuning is Adam on
+  that schedule with ``W`` x the hidden-state distillation beside the KD, the same as building both by
+  hand from the pieces; a joint learned rule refuses the schedule by name."""
+  import jax
+  import optax
+  from softlm_jax import cli, losses, optim, train
+  from softlm_jax.cli import options
+  argv = ["train", *SMALL, "--decomposition", "whitened", "--out", str(tmp_path), "--methods", "allocated",
+          "--cr", "0.5", "--refit-steps", "0", "--steps", "3", "--lr", "1e-3", "--lr-schedule", "cosine",
+          "--warmup-steps", "1", "--distill", "1.0", "--distill-hidden", "2.0"]
+  o = options.parse(cli.build_parser(), argv).options
+  assert (o.train.lr_schedule, o.train.warmup_steps, o.train.distill_hidden) == ("cosine", 1, 2.0)
+  model, task = run.load(o.model, o.data)
+  comp = run.Comparison(model, task, o.compression, o.train, str(tmp_path), log=lambda s: None)
+  start, _ = comp.initial(run.parse_method("allocated"), 0.5)
+  res = comp.run_method("allocated", 0.5)
+  got, _ = sl.load_compact(tmp_path / "allocated" / "compact.safetensors")
+  # the same three steps built by hand
+  weight, temp = o.train.distill
+  base = lambda logits, b: tasks.lm_loss(logits, b["inputs"])
+
+  def by_hand(p, batch, rng):
+    s_logits, s_hidden = model.hidden_fn()(p, batch["inputs"])
+    t_logits, t_hidden = model.hidden_fn()(batch["teacher"], batch["inputs"])
+    return (base(s_logits, batch) + weight * sl.distillation_loss(s_logits, t_logits, temperature=temp)
+            + 2.0 * losses.hidden_distillation_loss(s_hidden, t_hidden))
+  sched = optim.lr_schedule(1e-3, 3, "cosine", warmup_steps=1)
+  tx = optax.adam(sched)
+  state = train.init_state(start, tx, seed=o.train.seed)
+  step = train.make_train_step(by_hand, tx)
+  for k in range(3):
+    state, _ = step(state, {**task.train_batch(k, o.train.batch_size, o.train.seed), "teacher": comp.teacher})
+  assert res["train_steps"] == 3
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(state.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6)
+  # the first update is the warmup's lr 0: a schedule that was not applied would move the weights at once
+  assert float(sched(0)) == 0.0
+  with pytest.raises(ValueError, match="softlm: lr_schedule='cosine' needs a run of known length"):
+    comp.optimizer(run.parse_method("softlm"), comp.config(run.parse_method("softlm"), 0.5))

@@ -56,6 +56,12 @@ class Model:
     """``(params, inputs) -> logits`` in inference mode (for Grams, distillation, perplexity)."""
     return lambda p, x: self.logits(p, x)
 
+  def hidden_fn(self) -> Callable:
+    """``(params, inputs) -> (logits, hidden)`` in inference mode: ``hidden`` is the tuple of the
+    residual stream's states ``(B, T, hidden)``, the embeddings' first and one per block (the family's
+    own convention for the last: HF applies the final norm to it). For hidden-state distillation."""
+    return lambda p, x: self.family.hidden(self.module, p, x)
+
   def generate(self, params, ids, *, max_new_tokens: int, cfg=None, attention_mask=None):
     """Greedy continuation ``(B, prompt + max_new_tokens)`` int32 (causal LMs), under ``intercept(cfg)``."""
     return self.family.generate(self.module, params, ids, max_new_tokens=max_new_tokens, cfg=cfg,
@@ -97,6 +103,15 @@ class Family:
       return module(**inputs, params=params, train=train, **kw).logits
     kw = {"dropout_rng": rng} if train else {}
     return module(inputs, params=params, train=train, **kw).logits
+
+  def hidden(self, module, params, inputs):
+    """``(logits, hidden states tuple)`` of a causal LM in inference mode (:meth:`Model.hidden_fn`)."""
+    if self.kind != "causal_lm":
+      raise ValueError(f"hidden-state distillation is implemented for causal LMs; {self.name} is a {self.kind}")
+    out = module(inputs, params=params, train=False, output_hidden_states=True)
+    if out.hidden_states is None:
+      raise ValueError(f"{self.name}: the model returned no hidden states for output_hidden_states=True")
+    return out.logits, tuple(out.hidden_states)
 
   def generate(self, module, params, ids, *, max_new_tokens: int, cfg=None, attention_mask=None):
     if self.kind != "causal_lm":

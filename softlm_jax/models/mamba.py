@@ -710,6 +710,10 @@ class MambaFamily(family.Family):
   def logits(self, module, params, inputs, *, train=False, rng=None):
     return module.apply({"params": params}, inputs)
 
+  def hidden(self, module, params, inputs):
+    raise ValueError(f"{self.name}: hidden-state distillation is not implemented for the Mamba port "
+                     "(it returns no per-block states); use distill_hidden=0")
+
   def generate(self, module, params, ids, *, max_new_tokens, cfg=None, attention_mask=None):
     from softlm_jax.intercept import intercept
     if attention_mask is not None and not bool(jnp.all(jnp.asarray(attention_mask) > 0)):
