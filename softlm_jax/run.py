@@ -97,7 +97,8 @@ class TrainConfig:
       :data:`softlm_jax.optim.LR_SCHEDULES`, ``"constant"`` or ``"cosine"`` (to 0 at the last step);
       a joint learned rule (``softlm``), whose length depends on when its budget is met, refuses
       ``"cosine"``.
-    warmup_steps: a linear warmup from 0 of that learning rate (0: none).
+    warmup_steps: a linear warmup from 0 of that learning rate (0: none; at most a run's steps - 1, so a
+      short run keeps one step at the full rate).
     distill_hidden: causal LMs: with ``distill``'s weight > 0, add this weight times the hidden-state
       distillation (:func:`softlm_jax.losses.hidden_distillation_loss`: every block's output matched
       to the teacher's, token by token) to every distilled run's loss (0: off).
@@ -202,9 +203,9 @@ def check_methods(ccfg: CompressionConfig, methods) -> None:
   rules_ = [m for m in methods if parse_method(m).rule is not None]
   if rules_:
     raise ValueError(f"{', '.join(rules_)} learns its own ranks, but decomposition={ccfg.decomposition!r} fits each "
-                     "layer at fixed ranks (its full-rank form is not the dense model): use --decomposition whitened "
-                     "for the learned rules (or --preset lm-softlm, the SoftLM recipe), or the allocated / static "
-                     "methods with this decomposition")
+                     "layer at fixed ranks (its full-rank form is not the dense model): use --preset lm-softlm (the "
+                     "SoftLM recipe), or --decomposition whitened --lr-schedule constant for the learned rules, or "
+                     "the allocated / static methods with this decomposition")
 
 
 def check_configs(ccfg: CompressionConfig, tcfg: TrainConfig) -> None:
@@ -444,13 +445,12 @@ class Comparison:
     t = self.tcfg
     if t.lr_schedule == "constant" and t.warmup_steps == 0:
       return optax.adam(t.lr)
-    return optax.adam(optim.lr_schedule(t.lr, steps, t.lr_schedule, t.warmup_steps))
+    return optax.adam(optim.lr_schedule(t.lr, steps, t.lr_schedule, min(t.warmup_steps, steps - 1)))
 
   def optimizer(self, method: Method, cfg: CompressionConfig) -> optax.GradientTransformation:
     adam = optax.adam(self.tcfg.lr)
     if method.joint and self.tcfg.lr_schedule != "constant":
-      raise ValueError(f"{method.name}: lr_schedule={self.tcfg.lr_schedule!r} needs a run of known length; a joint "
-                       "learned rule ends finetune_steps after its budget is met (use the constant schedule)")
+      raise ValueError(_joint_schedule_msg(method.name, self.tcfg.lr_schedule))
     if method.rule is None:
       return adam
     alpha_tx = optax.sgd(cfg.alpha_lr) if self.tcfg.alpha_opt == "sgd" else None
@@ -747,14 +747,23 @@ def check_start_allocation(method: str, start: float, cr: float) -> None:
 def check_starts(tcfg: TrainConfig, methods, crs, source_model: Optional[str] = None) -> None:
   """Checks ``tcfg``'s start options against every method and CR of a run before anything trains:
   :func:`check_start_allocation` for each learned rule, :func:`check_start_file` for each compressed
-  method (the parser's check and :func:`run_comparison`'s)."""
+  method, and refuses a learned-length schedule for a joint learned rule (the parser's check and
+  :func:`run_comparison`'s)."""
   for name in methods:
     m = parse_method(name)
+    if m.joint and tcfg.lr_schedule != "constant":
+      raise ValueError(_joint_schedule_msg(name, tcfg.lr_schedule))
     for cr in crs:
       if tcfg.start_allocation is not None and m.rule is not None:
         check_start_allocation(name, tcfg.start_allocation, cr)
       if tcfg.start_file and m.compressed:
         check_start_file(tcfg.start_file, name, cr, source_model)
+
+
+def _joint_schedule_msg(name: str, schedule: str) -> str:
+  return (f"{name}: lr_schedule={schedule!r} needs a run of known length, but a joint learned rule ends "
+          "finetune_steps after its budget is met: use --lr-schedule constant (the lm-softlm and glue presets' "
+          "schedule) for it")
 
 
 def check_start_file(path: str, method: str, cr: float, source_model: Optional[str] = None) -> dict:

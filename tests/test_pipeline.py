@@ -288,6 +288,10 @@ def test_learned_rule_on_a_rank_dependent_decomposition_is_refused_at_parse_time
     options.parse(cli.build_parser(), ["train", "--task", "wikitext", "--out", "x", "--methods", "allocated,softlm"])
   err = capsys.readouterr().err
   assert "softlm learns its own ranks" in err and "propagated" in err and "--preset lm-softlm" in err
+  with pytest.raises(SystemExit):  # the lm preset's cosine schedule needs a run of known length
+    options.parse(cli.build_parser(), ["train", "--task", "wikitext", "--out", "x", "--methods", "softlm",
+                                       "--decomposition", "whitened"])
+  assert "--lr-schedule constant" in capsys.readouterr().err
   a = options.parse(cli.build_parser(), ["train", "--task", "wikitext", "--out", "x", "--methods", "softlm",
-                                         "--decomposition", "whitened"]).options
-  assert a.compression.decomposition == "whitened"
+                                         "--decomposition", "whitened", "--lr-schedule", "constant"]).options
+  assert a.compression.decomposition == "whitened" and a.train.lr_schedule == "constant"

@@ -207,3 +207,5 @@ def test_fine_tuning_takes_the_cosine_schedule_and_hidden_distillation(tmp_path)
   assert float(sched(0)) == 0.0
   with pytest.raises(ValueError, match="softlm: lr_schedule='cosine' needs a run of known length"):
     comp.optimizer(run.parse_method("softlm"), comp.config(run.parse_method("softlm"), 0.5))
+  with pytest.raises(ValueError, match="softlm: lr_schedule='cosine' needs a run of known length"):
+    run.check_starts(o.train, ["allocated", "softlm"], [0.5])  # before anything trains
