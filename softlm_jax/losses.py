@@ -65,11 +65,13 @@ def hidden_distillation_loss(student_hidden, teacher_hidden) -> jax.Array:
   (each ``(B, T, hidden)``, ``L`` of them, :meth:`softlm_jax.models.Model.hidden_fn`) matched token by
   token. Relative per token because every sub-layer reads ``RMSNorm(h)`` (an error matters in
   proportion to ``1 / ||h_t||``) and a model's attention sink (SmolLM2: one token holding 90-99% of a
-  window's energy) would otherwise be all the loss sees. The teacher's states carry no gradient.
+  window's energy) would otherwise be all the loss sees. Each layer's term is the block refit's
+  ``refit.block_loss(..., loss="token")``. The teacher's states carry no gradient.
 
   Returns:
     Scalar float32; 0 when the two tuples are equal.
   """
+  from softlm_jax.refit import block_loss  # the block refit's measure, loss="token" (one source)
   if len(student_hidden) != len(teacher_hidden) or not student_hidden:
     raise ValueError(f"need as many student as teacher hidden states (and at least one), got "
                      f"{len(student_hidden)} and {len(teacher_hidden)}")
@@ -77,9 +79,7 @@ def hidden_distillation_loss(student_hidden, teacher_hidden) -> jax.Array:
   for s, t in zip(student_hidden, teacher_hidden):
     if s.shape != t.shape:
       raise ValueError(f"student hidden state {s.shape} against teacher {t.shape}")
-    t = jax.lax.stop_gradient(jnp.asarray(t, jnp.float32))
-    d = jnp.sum(jnp.square(jnp.asarray(s, jnp.float32) - t), axis=-1)
-    errs.append(jnp.mean(d / jnp.maximum(jnp.sum(jnp.square(t), axis=-1), 1e-30)))
+    errs.append(block_loss(jnp.asarray(s), jax.lax.stop_gradient(jnp.asarray(t)), loss="token"))
   return jnp.mean(jnp.stack(errs))
 
 

@@ -443,14 +443,13 @@ class Comparison:
   def weights_tx(self, steps: int) -> optax.GradientTransformation:
     """The weights' Adam for a fine-tuning run of ``steps`` updates (``TrainConfig.lr_schedule``)."""
     t = self.tcfg
-    if t.lr_schedule == "constant" and t.warmup_steps == 0:
-      return optax.adam(t.lr)
+    if t.lr_schedule == "constant" and t.warmup_steps == 0:  # a float lr: the Adam state has no schedule
+      return optax.adam(t.lr)                                # count, so older checkpoints still restore
     return optax.adam(optim.lr_schedule(t.lr, steps, t.lr_schedule, min(t.warmup_steps, steps - 1)))
 
   def optimizer(self, method: Method, cfg: CompressionConfig) -> optax.GradientTransformation:
     adam = optax.adam(self.tcfg.lr)
-    if method.joint and self.tcfg.lr_schedule != "constant":
-      raise ValueError(_joint_schedule_msg(method.name, self.tcfg.lr_schedule))
+    check_schedule(method.name, self.tcfg)
     if method.rule is None:
       return adam
     alpha_tx = optax.sgd(cfg.alpha_lr) if self.tcfg.alpha_opt == "sgd" else None
@@ -571,9 +570,8 @@ class Comparison:
         params, _ = self.initial(method, cr)
         tx = self.optimizer(method, cfg)
         if method.joint:
-          loss, batches, ft = self.task.train_loss(self.model, distill, self._hidden(distill)), \
-              self._task_batches(distill[0] > 0), \
-              t.finetune_steps
+          loss = self.task.train_loss(self.model, distill, self._hidden(distill))
+          batches, ft = self._task_batches(distill[0] > 0), t.finetune_steps
         else:
           loss, batches, ft = train.distill_task(self.model.logits_fn()), self._calib_batches(self.base(method)[1]), 0
         state, hist = self._fit(params, tx, cfg, loss, batches, ckpt, finetune_steps=ft,
@@ -751,8 +749,7 @@ def check_starts(tcfg: TrainConfig, methods, crs, source_model: Optional[str] = 
   :func:`run_comparison`'s)."""
   for name in methods:
     m = parse_method(name)
-    if m.joint and tcfg.lr_schedule != "constant":
-      raise ValueError(_joint_schedule_msg(name, tcfg.lr_schedule))
+    check_schedule(name, tcfg)
     for cr in crs:
       if tcfg.start_allocation is not None and m.rule is not None:
         check_start_allocation(name, tcfg.start_allocation, cr)
@@ -760,10 +757,13 @@ def check_starts(tcfg: TrainConfig, methods, crs, source_model: Optional[str] = 
         check_start_file(tcfg.start_file, name, cr, source_model)
 
 
-def _joint_schedule_msg(name: str, schedule: str) -> str:
-  return (f"{name}: lr_schedule={schedule!r} needs a run of known length, but a joint learned rule ends "
-          "finetune_steps after its budget is met: use --lr-schedule constant (the lm-softlm and glue presets' "
-          "schedule) for it")
+def check_schedule(method: str, tcfg: TrainConfig) -> None:
+  """Refuses ``tcfg.lr_schedule`` other than constant for a joint learned rule, whose length depends on
+  when its budget is met (ValueError naming the method and the fix)."""
+  if parse_method(method).joint and tcfg.lr_schedule != "constant":
+    raise ValueError(f"{method}: lr_schedule={tcfg.lr_schedule!r} needs a run of known length, but a joint learned "
+                     "rule ends finetune_steps after its budget is met: use --lr-schedule constant (the lm-softlm "
+                     "and glue presets' schedule) for it")
 
 
 def check_start_file(path: str, method: str, cr: float, source_model: Optional[str] = None) -> dict:
