@@ -190,12 +190,13 @@ def test_mask_fn_weights_tokens():
   f_mask = propagate.propagated_factors(model.params, cfg, (fn, batches, mask), progress=False)
   for p in f_short:
     s_mask, s_short = f_mask[p][1], f_short[p][1]
-    # the leading values to float precision, the whole spectrum to a few percent (float noise through the
-    # compressed stream); counting the padded positions would move the leading values by far more
-    np.testing.assert_allclose(s_mask[:4], s_short[:4], rtol=1e-3)
-    np.testing.assert_allclose(s_mask, s_short, rtol=5e-2, atol=1e-3 * s_short[0])
+    # float noise through the compressed stream (2 threads under load: up to 1.1e-3 in the leading values,
+    # 4e-3 x s[0] in the tail) against 0.1-0.37 when the padded positions count (measured on this model)
+    np.testing.assert_allclose(s_mask[:4], s_short[:4], rtol=1e-2)
+    np.testing.assert_allclose(s_mask, s_short, rtol=0, atol=1e-2 * s_short[0])
   f_all = propagate.propagated_factors(model.params, cfg, (fn, batches, None), progress=False)
-  assert max(abs(f_all[p][1][0] / f_short[p][1][0] - 1) for p in f_short) > 1e-2  # the test can fail
+  # counting the padding moves every layer's leading values by > 5% (so the tolerances above can fail)
+  assert min(abs(f_all[p][1][0] / f_short[p][1][0] - 1) for p in f_short) > 5e-2
 
 
 # ---------------------------------------------------------------------------------------------------------
