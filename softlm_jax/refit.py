@@ -27,12 +27,20 @@ are then of the same relative size on both sides), and no shape changes: every r
 parameter count, is exactly as given. Norms, dense-kept kernels and everything outside the blocks
 are left as they are.
 
+A held-out guard (``RefitConfig.holdout = H > 0``): the last ``H`` calibration batches are never
+trained on; a block's refit is kept only if it lowers that block's error on them (same inputs and error
+measure as the training), otherwise the block keeps its starting factors. A refit that overfits its
+steps' few windows (on SmolLM2 from 512 calibration windows, 32 steps see 128 of them: the refit raised
+the perplexity, BENCHMARKS.md) then cannot make a block worse on data it has not seen.
+
 Resumable: with ``ckpt_dir`` each finished block is written atomically to ``block_<i>.npz``; a rerun
-loads the finished blocks and continues with the next, giving bit-identical parameters.
+loads the finished blocks and continues with the next, giving bit-identical parameters. The files record
+the config and a fingerprint of the calibration batches: a rerun on other calibration data refuses them.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -66,6 +74,8 @@ class RefitConfig:
       block's outputs on the dense inputs.
     loss: ``"total"`` (the default) or ``"token"``, see :func:`block_loss`.
     b1, b2: Adam's moment decays.
+    holdout: the last ``holdout`` calibration batches are held out of the steps; a block's refit is
+      kept only if it lowers the block's error on them (0: no guard, every batch is trained on).
   """
 
   steps: int = 32
@@ -74,6 +84,7 @@ class RefitConfig:
   loss: str = "total"
   b1: float = 0.9
   b2: float = 0.999
+  holdout: int = 0
 
   def __post_init__(self):
     if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
@@ -84,6 +95,8 @@ class RefitConfig:
       raise ValueError(f"RefitConfig.inputs must be one of {INPUTS}, got {self.inputs!r}")
     if self.loss not in LOSSES:
       raise ValueError(f"RefitConfig.loss must be one of {LOSSES}, got {self.loss!r}")
+    if isinstance(self.holdout, bool) or not isinstance(self.holdout, int) or self.holdout < 0:
+      raise ValueError(f"RefitConfig.holdout must be an int >= 0, got {self.holdout!r}")
     if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
       raise ValueError(f"RefitConfig.b1, b2 must be in [0, 1), got {self.b1!r}, {self.b2!r}")
 
@@ -168,8 +181,19 @@ class _Streams:
     return [self.runner.run(t, blk, h, b)[0] for h, b in zip(src, self.batches)]
 
 
-def _meta(config: RefitConfig, blk: str) -> str:
-  return json.dumps({"block": blk, "config": dataclasses.asdict(config)}, sort_keys=True)
+def fingerprint(batches) -> str:
+  """A sha1 of the calibration batches' leaves (values, shapes and dtypes), in order."""
+  h = hashlib.sha1()
+  for b in batches:
+    for leaf in jax.tree.leaves(b):
+      a = np.asarray(leaf)
+      h.update(f"{a.shape}{a.dtype}".encode())
+      h.update(np.ascontiguousarray(a).tobytes())
+  return h.hexdigest()
+
+
+def _meta(config: RefitConfig, blk: str, calib: str) -> str:
+  return json.dumps({"block": blk, "config": dataclasses.asdict(config), "calibration": calib}, sort_keys=True)
 
 
 def _save_block(path: str, flat: Mapping, meta: str) -> None:
@@ -216,7 +240,12 @@ def refit_blocks(dense_params: Mapping, params: Mapping, calibration: Any, confi
   params = tree.map_modules(jax.tree.map(jnp.asarray, params), lambda _, n: n)
   streams = _Streams(apply_fn, dense_params, batches, mask_fn)
   runner = streams.runner
-  nb = len(batches)
+  nb = len(batches) - config.holdout
+  if nb < 1 and config.steps:
+    raise ValueError(f"RefitConfig.holdout={config.holdout} holds out every one of the {len(batches)} calibration "
+                     "batches: nothing is left to train on (use fewer held-out batches or more calibration data)")
+  held = list(range(nb, len(batches)))
+  calib_id = fingerprint(batches)
   if ckpt_dir:
     os.makedirs(ckpt_dir, exist_ok=True)
   tx = optax.adam(config.lr, b1=config.b1, b2=config.b2)
@@ -243,7 +272,7 @@ def refit_blocks(dense_params: Mapping, params: Mapping, calibration: Any, confi
     block = get_subtree(params, blk)
     targets = streams.dense_outputs(blk)
     path = os.path.join(ckpt_dir, f"block_{i:03d}.npz") if ckpt_dir else None
-    meta = _meta(config, blk)
+    meta = _meta(config, blk, calib_id)
     trainable, frozen = split_block(block, blk)
     info: dict = {}
     if path and os.path.exists(path):
@@ -269,6 +298,13 @@ def refit_blocks(dense_params: Mapping, params: Mapping, calibration: Any, confi
             bar.update(1)
             bar.set_postfix(block=i, loss=f"{losses[-1]:.3g}")
         info = {"loss_first": losses[0], "loss_last": losses[-1]}
+        if held:
+          start, _ = split_block(_balanced(block), blk)
+          before = _held_error(streams, blk, checkpoint.unflatten({**frozen, **start}), held, targets, config)
+          after = _held_error(streams, blk, checkpoint.unflatten({**frozen, **trainable}), held, targets, config)
+          info.update(heldout_before=before, heldout_after=after, kept=bool(after < before))
+          if not after < before:
+            trainable = start
       elif bar is not None:
         bar.update(config.steps)
       if path:
@@ -283,6 +319,20 @@ def refit_blocks(dense_params: Mapping, params: Mapping, calibration: Any, confi
   if bar is not None:
     bar.close()
   return params
+
+
+def _held_error(streams: _Streams, blk: str, block: Mapping, held: list, targets: list,
+                config: RefitConfig) -> float:
+  """The block's error (``config.loss``) over the held-out batches ``held`` against the dense outputs
+  ``targets`` (one per calibration batch)."""
+  t = streams.runner.place(streams.dense, blk, block)
+  src = streams.h_c if config.inputs == "compressed" else streams.h_f
+  d = n = 0.0
+  for b in held:
+    y = streams.runner.run(t, blk, src[b], streams.batches[b])[0]
+    dd, nn_ = _rel_err(y, targets[b], streams.weights[b], config.loss)
+    d, n = d + float(dd), n + float(nn_)
+  return d / max(n, 1e-30)
 
 
 def block_errors(dense_params: Mapping, params: Mapping, calibration: Any, *, inputs: str = "compressed",

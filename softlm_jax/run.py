@@ -104,6 +104,8 @@ class TrainConfig:
       to the teacher's, token by token) to every distilled run's loss (0: off).
     refit_loss: its error measure (:data:`softlm_jax.refit.LOSSES`): ``"total"`` (the sums' ratio) or
       ``"token"`` (each token relative to its own norm).
+    refit_holdout: calibration batches the refit holds out: a block's refit is kept only if it lowers
+      that block's error on them (:class:`softlm_jax.refit.RefitConfig`; 0: no guard).
     compress_from: the tree every compressed method starts from: ``"dense"`` (the trained methods
       start from the model as loaded: a classifier's head is new and learns with the compression) or
       ``"teacher"`` (every compressed method compresses the teacher: a classifier's fine-tuned
@@ -140,6 +142,7 @@ class TrainConfig:
   refit_steps: int = 0
   refit_lr: float = 3e-4
   refit_loss: str = "total"
+  refit_holdout: int = 0
   lr_schedule: str = "constant"
   warmup_steps: int = 0
   distill_hidden: float = 0.0
@@ -152,7 +155,7 @@ class TrainConfig:
       v = getattr(self, name)
       if v is not None and (isinstance(v, bool) or int(v) < 1):
         raise ValueError(f"TrainConfig.{name} must be None or >= 1, got {v!r}")
-    for name in ("finetune_steps", "eval_every", "ft_steps", "refit_steps", "warmup_steps"):
+    for name in ("finetune_steps", "eval_every", "ft_steps", "refit_steps", "warmup_steps", "refit_holdout"):
       if int(getattr(self, name)) < 0:
         raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
     for name in ("max_compress_steps", "batch_size", "calib", "calib_grams", "save_every"):
@@ -431,11 +434,12 @@ class Comparison:
     from softlm_jax import refit
     t0, c0 = time.time(), time.process_time()
     blocks: list = []
-    rcfg = refit.RefitConfig(steps=t.refit_steps, lr=t.refit_lr, loss=t.refit_loss)
+    rcfg = refit.RefitConfig(steps=t.refit_steps, lr=t.refit_lr, loss=t.refit_loss, holdout=t.refit_holdout)
     params = refit.refit_blocks(self.base(method)[1], params, self.calibration, rcfg,
                                 ckpt_dir=os.path.join(out, "ckpt_refit"), progress=t.progress,
                                 on_block=lambda i, blk, info: blocks.append({"block": blk, **info}))
-    info = {"steps_per_block": t.refit_steps, "lr": t.refit_lr, "loss": t.refit_loss, "blocks": blocks,
+    info = {"steps_per_block": t.refit_steps, "lr": t.refit_lr, "loss": t.refit_loss,
+            "holdout": t.refit_holdout, "blocks": blocks,
             "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0}
     self.log(f"[{method.name}] block refit: {len(blocks)} blocks x {t.refit_steps} steps, {info['wall_s']:.0f}s")
     return params, info

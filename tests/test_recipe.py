@@ -52,13 +52,14 @@ def test_softlm_compress_writes_the_allocated_model_at_refit_ranks(tmp_path, mon
 
 @needs_wikitext
 def test_block_refit_runs_as_a_stage_and_keeps_the_ranks(tmp_path):
-  """``TrainConfig.refit_steps``: the static methods' exported model is refit block by block before
-  fine-tuning (the same as calling ``refit.refit_blocks`` on it), and no rank changes."""
+  """``TrainConfig.refit_steps`` (and ``--refit-holdout``): the static methods' exported model is refit
+  block by block before fine-tuning (the same as calling ``refit.refit_blocks`` on it), and no rank
+  changes."""
   from softlm_jax.cli import options
   from softlm_jax import cli
   o = options.parse(cli.build_parser(), ["train", *SMALL, "--decomposition", "whitened", "--out", str(tmp_path),
                                          "--methods", "allocated-noft", "--cr", "0.5", "--refit-steps", "12",
-                                         "--refit-lr", "3e-3"]).options
+                                         "--refit-lr", "3e-3", "--refit-holdout", "1"]).options
   model, task = run.load(o.model, o.data)
   comp = run.Comparison(model, task, o.compression, o.train, str(tmp_path))
   method = run.parse_method("allocated-noft")
@@ -68,9 +69,11 @@ def test_block_refit_runs_as_a_stage_and_keeps_the_ranks(tmp_path):
   assert _ranks(after) == _ranks(before)
   assert res["budget"]["counted_params"] == int(sl.count_params(before, cfg))
   blocks = res["refit"]["blocks"]
-  assert len(blocks) == 4 and res["train_steps"] == 0
+  assert len(blocks) == 4 and res["train_steps"] == 0 and res["refit"]["holdout"] == 1
+  assert all(isinstance(b["kept"], bool) and b["heldout_before"] > 0 for b in blocks)
   # the stage is refit.refit_blocks on the exported model, from the dense model, on the run's calibration set
-  ref = refit.refit_blocks(comp.dense, before, comp.calibration, refit.RefitConfig(steps=12, lr=3e-3), progress=False)
+  ref = refit.refit_blocks(comp.dense, before, comp.calibration, refit.RefitConfig(steps=12, lr=3e-3, holdout=1),
+                           progress=False)
   for p, lay in tree.factored_layers(after):
     want = get_subtree(ref, p)
     for k in ("left", "right"):

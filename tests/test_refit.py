@@ -106,18 +106,63 @@ def test_resume_after_interruption_is_identical(setup, tmp_path):
   with pytest.raises(ValueError, match="was written for"):
     refit.refit_blocks(model.params, static, (fn, calib, None), refit.RefitConfig(steps=6, lr=1e-3),
                        ckpt_dir=str(tmp_path / "b"), progress=False)
+  # other calibration data (the same shapes) refuses the files too
+  other = correlated_batches(6, seed=9)
+  with pytest.raises(ValueError, match="was written for"):
+    refit.refit_blocks(model.params, static, (fn, other, None), cfg, ckpt_dir=str(tmp_path / "b"), progress=False)
+
+
+def kernels(tree_):
+  """``{layer: left @ right}`` of an exported tree's factored layers."""
+  return {p: np.asarray(n["left"], np.float64) @ np.asarray(n["right"], np.float64)
+          for p, n in leaves(tree_).items() if sl.tree.is_factored(n)}
+
+
+def test_holdout_guard_keeps_a_block_only_if_its_held_out_error_falls(setup):
+  """A sane refit lowers every block's error on the held-out batches and is kept; one that diverges (lr
+  1.0) raises it, and every block then keeps its starting kernels (up to the balancing's float error)."""
+  model, fn, calib, static = setup
+  held = calib[-2:]
+  seen = []
+  good = refit.refit_blocks(model.params, static, (fn, calib, None), refit.RefitConfig(steps=30, lr=3e-3, holdout=2),
+                            progress=False, on_block=lambda i, blk, info: seen.append(info))
+  assert [x["kept"] for x in seen] == [True] * 3
+  for x in seen:
+    assert x["heldout_after"] < x["heldout_before"]
+  # the guard's held-out errors are block_errors' on the held-out batches, block by block
+  ref = refit.block_errors(model.params, static, (fn, held, None))
+  np.testing.assert_allclose(seen[0]["heldout_before"], ref["model/layers/0"], rtol=1e-4)
+  assert kernels(good).keys() == kernels(static).keys()
+  assert any(not np.allclose(kernels(good)[p], kernels(static)[p], atol=1e-4) for p in kernels(static))
+  # the trained steps never saw the held-out batches: the same refit on the first 4 batches alone
+  alone = refit.refit_blocks(model.params, static, (fn, calib[:4], None), refit.RefitConfig(steps=30, lr=3e-3),
+                             progress=False)
+  for x, y in zip(jax.tree.leaves(good), jax.tree.leaves(alone)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+  seen.clear()
+  bad = refit.refit_blocks(model.params, static, (fn, calib, None), refit.RefitConfig(steps=30, lr=1.0, holdout=2),
+                           progress=False, on_block=lambda i, blk, info: seen.append(info))
+  assert [x["kept"] for x in seen] == [False] * 3
+  for x in seen:
+    assert x["heldout_after"] > x["heldout_before"]
+  for p, k in kernels(static).items():
+    np.testing.assert_allclose(kernels(bad)[p], k, rtol=1e-4, atol=1e-5 * np.abs(k).max())
 
 
 def test_errors(setup):
   model, fn, calib, static = setup
   for bad in (dict(steps=-1), dict(steps=1.5), dict(lr=0.0), dict(inputs="both"), dict(b1=1.0),
-              dict(loss="mean")):
+              dict(loss="mean"), dict(holdout=-1), dict(holdout=True)):
     with pytest.raises(ValueError, match="RefitConfig"):
       refit.RefitConfig(**bad)
   training_form = sl.compress_params(model.params, CFG, grams=sl.collect_grams(fn, model.params, calib, CFG,
                                                                                progress=False))
   with pytest.raises(ValueError, match=r"layer 'model/layers/0/[a-z_/]+': a training-form layer"):
     refit.refit_blocks(model.params, training_form, (fn, calib, None), refit.RefitConfig(steps=1), progress=False)
+  with pytest.raises(ValueError, match="holds out every one of the 6 calibration batches"):
+    refit.refit_blocks(model.params, static, (fn, calib, None), refit.RefitConfig(steps=1, holdout=6), progress=False)
+  with pytest.raises(ValueError, match="TrainConfig.refit_holdout"):
+    run.TrainConfig(refit_holdout=-1)
   with pytest.raises(ValueError, match="inputs must be one of"):
     refit.block_errors(model.params, static, (fn, calib, None), inputs="both")
   with pytest.raises(ValueError, match="loss must be one of"):

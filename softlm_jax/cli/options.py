@@ -245,6 +245,9 @@ def add_train_args(ap) -> None:
   g.add_argument("--refit-lr", type=positive_float, default=None, help="the block refit's learning rate")
   g.add_argument("--refit-loss", choices=("total", "token"), default=None,
                  help="the block refit's error: the sums' ratio (total) or each token's relative to its own norm")
+  g.add_argument("--refit-holdout", type=nonnegative_int, default=None, metavar="N",
+                 help="the block refit holds out the last N calibration batches and keeps a block's refit only if "
+                 "it lowers that block's error on them (0: off)")
   g.add_argument("--lr-schedule", choices=("constant", "cosine"), default=None,
                  help="the weights' learning rate over a fine-tuning run of known length (dense-ft, static, "
                  "allocated, R-ft): constant, or cosine decay to 0 at the last step")
@@ -297,7 +300,7 @@ _COMPRESSION = ("sharpness", "gamma", "alpha_lr", "loss", "init_rank", "decompos
                 "compress_steps", "mask_lr", "tv_weight", "budget_growth", "mask_init", "include", "exclude")
 _TRAIN = ("finetune_steps", "max_compress_steps", "steps", "teacher_steps", "batch_size", "lr", "seed", "distill",
           "calib", "calib_grams", "ft_steps", "refill", "alpha_opt", "eval_every", "keep_ckpt", "allow_budget_miss",
-          "mesh", "stop_after", "refit_steps", "refit_lr", "refit_loss", "lr_schedule", "warmup_steps",
+          "mesh", "stop_after", "refit_steps", "refit_lr", "refit_loss", "refit_holdout", "lr_schedule", "warmup_steps",
           "distill_hidden", "compress_from", "start_file", "start_allocation")
 _DATA = ("task", "data_dir", "train_file", "eval_file", "text_cols", "label_col", "task_type", "eval_limit",
          "max_len", "seq_len", "eval_len", "eval_windows", "curve_windows")
