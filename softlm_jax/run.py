@@ -110,6 +110,11 @@ class TrainConfig:
       start from the model as loaded: a classifier's head is new and learns with the compression) or
       ``"teacher"`` (every compressed method compresses the teacher: a classifier's fine-tuned
       ``dense`` run, which then runs first; for an LM the two are the same tree).
+    teacher_file: the distillation teacher from this checkpoint (a ``dense-ft`` run's
+      ``teacher.safetensors``: the dense model fine-tuned on the task) instead of the dense model as
+      loaded (LM) or the run's fine-tuned ``dense`` (classifier, which then does not run first); it must
+      have the dense model's leaves and shapes (:func:`load_teacher`). What the compressed methods
+      compress follows ``compress_from`` as before.
     start_file: a compact checkpoint (``softlm compress``'s ``compact.safetensors``) that ``static`` /
       ``allocated`` start from instead of decomposing: it must hold the same method, source model and
       CR (:func:`check_start_file`); the block refit and the fine-tuning then run on it (None: decompose).
@@ -148,6 +153,7 @@ class TrainConfig:
   distill_hidden: float = 0.0
   compress_from: str = "dense"
   start_file: Optional[str] = None
+  teacher_file: Optional[str] = None
   start_allocation: Optional[float] = None
 
   def __post_init__(self):
@@ -304,6 +310,11 @@ class Comparison:
     dense = jax.tree.map(jnp.asarray, model.params)
     self.dense = shard.shard_tree(dense, self.mesh) if self.mesh is not None else dense
     self.teacher = None if task.dense_trains else self.dense
+    if tcfg.teacher_file:
+      self.teacher = load_teacher(tcfg.teacher_file, self.dense)
+      if self.mesh is not None:
+        self.teacher = shard.shard_tree(self.teacher, self.mesh)
+      self.log(f"distillation teacher: {tcfg.teacher_file}")
     # one calibration set for every method, CR and base tree (its Grams are cached per selection and weights)
     self.calibration = calib.Calibration(model.logits_fn(), lambda: task.calib_batches(tcfg.calib_grams,
                                                                                         tcfg.batch_size),
@@ -612,7 +623,7 @@ class Comparison:
       res["compact_checkpoint"] = {"path": path, **checkpoint.file_report(path)}
       self.log(f"[{method.name}] compact checkpoint: {path} "
                f"({res['compact_checkpoint']['file_bytes'] / 2**20:.1f} MiB)")
-    elif self.task.dense_trains:  # the teacher of the compressed methods (distillation, frozen weights)
+    elif self.task.dense_trains or method.name == "dense-ft":  # a teacher (distillation, frozen weights)
       path = os.path.join(out, "teacher.safetensors")
       checkpoint.save_compact(path, final, metadata={"method": "dense", "source_model": self.model.name,
                                                      "task": self.task.name})
@@ -633,7 +644,7 @@ class Comparison:
     """Bookkeeping after a method: the learned step budget, the teacher, frozen runs for ``R-ft``."""
     if method.joint:
       self.learned_steps[cr] = res["train_steps"]
-    if method.name == "dense" and self.task.dense_trains:
+    if method.name == "dense" and self.task.dense_trains and not self.tcfg.teacher_file:
       path = os.path.join(self.folder(method, cr), "teacher.safetensors")
       if final is not None:
         self.teacher = final
@@ -750,7 +761,9 @@ def check_starts(tcfg: TrainConfig, methods, crs, source_model: Optional[str] = 
   """Checks ``tcfg``'s start options against every method and CR of a run before anything trains:
   :func:`check_start_allocation` for each learned rule, :func:`check_start_file` for each compressed
   method, and refuses a learned-length schedule for a joint learned rule (the parser's check and
-  :func:`run_comparison`'s)."""
+  :func:`run_comparison`'s); a ``teacher_file`` must exist and hold a readable manifest."""
+  if tcfg.teacher_file:
+    checkpoint.read_manifest(tcfg.teacher_file)  # FileNotFoundError / CheckpointError naming the file
   for name in methods:
     m = parse_method(name)
     check_schedule(name, tcfg)
@@ -802,10 +815,24 @@ def compresses_teacher(method: Method, tcfg: TrainConfig) -> bool:
   return method.frozen or (method.compressed and tcfg.compress_from == "teacher")
 
 
+def load_teacher(path: str, dense: Any) -> dict:
+  """The params of a teacher checkpoint (``TrainConfig.teacher_file``), checked against the dense tree:
+  ValueError naming the first leaf missing, extra or of another shape."""
+  got = checkpoint.load_compact(path)[0]
+  want, have = checkpoint.flatten(dense), checkpoint.flatten(got)
+  for k in sorted(set(want) | set(have)):
+    if k not in have or k not in want or np.shape(have[k]) != np.shape(want[k]):
+      what = ("is missing" if k not in have else "is not in the dense model" if k not in want else
+              f"has shape {np.shape(have[k])}, the dense model's {np.shape(want[k])}")
+      raise ValueError(f"teacher_file {path}: leaf '{k}' {what}; pass a checkpoint of the same model (a dense-ft "
+                       "run's teacher.safetensors)")
+  return jax.tree.map(jnp.asarray, got)
+
+
 def needs_teacher(task: tasks.Task, tcfg: TrainConfig, methods) -> bool:
   """Whether a run needs a classifier's fine-tuned dense teacher: distillation, or a method that
-  :func:`compresses_teacher`."""
-  return task.dense_trains and (tcfg.distill[0] > 0 or any(compresses_teacher(parse_method(n), tcfg)
+  :func:`compresses_teacher`; never with ``teacher_file``."""
+  return task.dense_trains and not tcfg.teacher_file and (tcfg.distill[0] > 0 or any(compresses_teacher(parse_method(n), tcfg)
                                                            for n in methods))
 
 

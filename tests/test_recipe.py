@@ -212,3 +212,52 @@ def test_fine_tuning_takes_the_cosine_schedule_and_hidden_distillation(tmp_path)
     comp.optimizer(run.parse_method("softlm"), comp.config(run.parse_method("softlm"), 0.5))
   with pytest.raises(ValueError, match="softlm: lr_schedule='cosine' needs a run of known length"):
     run.check_starts(o.train, ["allocated", "softlm"], [0.5])  # before anything trains
+
+
+@needs_wikitext
+def test_distillation_from_a_fine_tuned_teacher_file(tmp_path):
+  """``dense-ft`` writes its fine-tuned model as ``teacher.safetensors``; ``--teacher-file`` makes it the
+  distillation teacher: ``allocated``'s steps equal the same KD steps built by hand against that file's
+  params (not the dense model's); a file of another tree, or none, is refused by name."""
+  import jax
+  import optax
+  from softlm_jax import cli, train
+  from softlm_jax.cli import options
+  cli.run(["train", *SMALL, "--out", str(tmp_path / "d"), "--methods", "dense-ft", "--steps", "2", "--lr", "1e-2"])
+  f = tmp_path / "d" / "dense-ft" / "teacher.safetensors"
+  teacher, _ = sl.load_compact(f)
+  argv = ["train", *SMALL, "--decomposition", "whitened", "--out", str(tmp_path / "a"), "--methods", "allocated",
+          "--cr", "0.5", "--refit-steps", "0", "--steps", "2", "--lr", "1e-3", "--lr-schedule", "constant",
+          "--warmup-steps", "0", "--distill", "1.0,2.0", "--teacher-file", str(f)]
+  o = options.parse(cli.build_parser(), argv).options
+  model, task = run.load(o.model, o.data)
+  comp = run.Comparison(model, task, o.compression, o.train, str(tmp_path / "a"), log=lambda s: None)
+  dense_moved = False
+  for (k, a), b in zip(sl.checkpoint.flatten(comp.teacher).items(), sl.checkpoint.flatten(teacher).values()):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=k)
+  for a, b in zip(jax.tree.leaves(comp.dense), jax.tree.leaves(teacher)):
+    dense_moved |= not np.allclose(np.asarray(a), np.asarray(b))
+  assert dense_moved  # the teacher is the fine-tuned model, not the dense one
+  start, _ = comp.initial(run.parse_method("allocated"), 0.5)
+  comp.run_method("allocated", 0.5)
+  got, _ = sl.load_compact(tmp_path / "a" / "allocated" / "compact.safetensors")
+  logits_fn = model.logits_fn()
+
+  def by_hand(p, batch, rng):
+    s_logits = logits_fn(p, batch["inputs"])
+    return (tasks.lm_loss(s_logits, batch["inputs"])
+            + sl.distillation_loss(s_logits, logits_fn(batch["teacher"], batch["inputs"]), temperature=2.0))
+  tx = optax.adam(1e-3)
+  state = train.init_state(start, tx, seed=o.train.seed)
+  step = train.make_train_step(by_hand, tx)
+  teacher_j = jax.tree.map(jax.numpy.asarray, teacher)
+  for k in range(2):
+    state, _ = step(state, {**task.train_batch(k, o.train.batch_size, o.train.seed), "teacher": teacher_j})
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(state.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6)
+  # another tree (the compressed file) or no file: refused, naming the leaf / the file
+  bad = str(tmp_path / "a" / "allocated" / "compact.safetensors")
+  with pytest.raises(ValueError, match=r"teacher_file .*: leaf '.*' (is missing|is not in the dense model)"):
+    run.load_teacher(bad, comp.dense)
+  with pytest.raises(SystemExit):
+    options.parse(cli.build_parser(), [*argv[:-1], str(tmp_path / "nope.safetensors")])

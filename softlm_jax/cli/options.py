@@ -262,6 +262,9 @@ def add_train_args(ap) -> None:
   g.add_argument("--start-file", default=None,
                  help="static/allocated: start from this compact checkpoint (softlm compress's compact.safetensors, "
                  "same method, model and CR) instead of decomposing; the refit and fine-tuning run on it")
+  g.add_argument("--teacher-file", default=None,
+                 help="distil from this checkpoint (a dense-ft run's teacher.safetensors: the dense model fine-tuned "
+                 "on the task) instead of the dense model as loaded")
   g.add_argument("--start-allocation", type=fraction, default=None, metavar="CR",
                  help="softlm: thresholds start at the global Fisher allocation of this CR (below --cr), not at "
                  "full rank")
@@ -301,7 +304,7 @@ _COMPRESSION = ("sharpness", "gamma", "alpha_lr", "loss", "init_rank", "decompos
 _TRAIN = ("finetune_steps", "max_compress_steps", "steps", "teacher_steps", "batch_size", "lr", "seed", "distill",
           "calib", "calib_grams", "ft_steps", "refill", "alpha_opt", "eval_every", "keep_ckpt", "allow_budget_miss",
           "mesh", "stop_after", "refit_steps", "refit_lr", "refit_loss", "refit_holdout", "lr_schedule", "warmup_steps",
-          "distill_hidden", "compress_from", "start_file", "start_allocation")
+          "distill_hidden", "compress_from", "start_file", "teacher_file", "start_allocation")
 _DATA = ("task", "data_dir", "train_file", "eval_file", "text_cols", "label_col", "task_type", "eval_limit",
          "max_len", "seq_len", "eval_len", "eval_windows", "curve_windows")
 
