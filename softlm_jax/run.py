@@ -815,7 +815,7 @@ def compresses_teacher(method: Method, tcfg: TrainConfig) -> bool:
   return method.frozen or (method.compressed and tcfg.compress_from == "teacher")
 
 
-def load_teacher(path: str, dense: Any) -> dict:
+def load_teacher(path: str, dense) -> dict:
   """The params of a teacher checkpoint (``TrainConfig.teacher_file``), checked against the dense tree:
   ValueError naming the first leaf missing, extra or of another shape."""
   got = checkpoint.load_compact(path)[0]
@@ -832,7 +832,9 @@ def load_teacher(path: str, dense: Any) -> dict:
 def needs_teacher(task: tasks.Task, tcfg: TrainConfig, methods) -> bool:
   """Whether a run needs a classifier's fine-tuned dense teacher: distillation, or a method that
   :func:`compresses_teacher`; never with ``teacher_file``."""
-  return task.dense_trains and not tcfg.teacher_file and (tcfg.distill[0] > 0 or any(compresses_teacher(parse_method(n), tcfg)
+  if tcfg.teacher_file:
+    return False
+  return task.dense_trains and (tcfg.distill[0] > 0 or any(compresses_teacher(parse_method(n), tcfg)
                                                            for n in methods))
 
 
