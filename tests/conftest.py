@@ -18,6 +18,15 @@ if os.environ.get("SOFTLM_TEST_JAX_CACHE", "1") != "0" and (
                                                 os.environ.get("PYTEST_XDIST_WORKER", "main")),
       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
 
+if "SOFTLM_CACHE_DIR" not in os.environ:
+  # softlm_jax's own disk cache (the GGUF tokenizer) for this session only, shared by its workers and
+  # subprocesses: a test never reads a cache that another session (or the user) wrote
+  import atexit as _atexit
+  import shutil as _shutil
+  import tempfile as _tempfile
+  os.environ["SOFTLM_CACHE_DIR"] = _tempfile.mkdtemp(prefix="softlm-test-cache-")
+  _atexit.register(_shutil.rmtree, os.environ["SOFTLM_CACHE_DIR"], True)
+
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

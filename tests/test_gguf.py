@@ -300,6 +300,44 @@ def test_byte_level_tokenizer(tmp_path, orig):
     gl.load_gguf_llama(path, progress=False)
 
 
+def test_tokenizer_cache_gives_the_built_tokenizer_without_reading_the_file(tmp_path, orig, monkeypatch):
+  """The second ``gguf_tokenizer`` call loads the cached tokenizer (the GGUF header is not parsed again)
+  and encodes and decodes exactly as the one built from the file; a rewritten file gets a new entry;
+  ``SOFTLM_CACHE_DIR=0`` turns the cache off."""
+  path = write_gguf(tmp_path / "tok.gguf", orig.params, orig.config)
+  monkeypatch.setenv("SOFTLM_CACHE_DIR", str(tmp_path / "cache"))
+  built = gl.gguf_tokenizer(path)
+  entries = os.listdir(tmp_path / "cache" / "gguf_tokenizers")
+  assert len(entries) == 1 and not entries[0].startswith(".tmp")
+  real_meta = gl.gguf_metadata
+
+  def no_read(*a, **k):
+    raise AssertionError("the GGUF header was parsed again")
+  monkeypatch.setattr(gl, "gguf_metadata", no_read)
+  cached = gl.gguf_tokenizer(path)
+  texts = ["the the<|im_end|>", "Héllo wörld, in 2024 😀 <|im_start|>", " leading space\n\nand lines"]
+  for t in texts:
+    assert cached(t).input_ids == built(t).input_ids, t
+    ids = built(t).input_ids
+    assert cached.decode(ids, skip_special_tokens=False) == built.decode(ids, skip_special_tokens=False)
+  for k in ("bos_token", "eos_token", "unk_token", "pad_token", "model_max_length", "chat_template"):
+    assert getattr(cached, k, None) == getattr(built, k, None), k
+  # add_bos_token=None is another entry (and reads the file once)
+  monkeypatch.setattr(gl, "gguf_metadata", real_meta)
+  plain = gl.gguf_tokenizer(path, add_bos_token=None)
+  assert plain("the the").input_ids == built("the the").input_ids[1:]
+  assert len(os.listdir(tmp_path / "cache" / "gguf_tokenizers")) == 2
+  st = os.stat(path)  # a rewritten file (new mtime): a new entry, built from the file
+  os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+  gl.gguf_tokenizer(path)
+  assert len(os.listdir(tmp_path / "cache" / "gguf_tokenizers")) == 3
+  # off: builds from the file every time, writes nothing
+  monkeypatch.setenv("SOFTLM_CACHE_DIR", "0")
+  monkeypatch.setattr(gl, "gguf_metadata", no_read)
+  with pytest.raises(AssertionError, match="parsed again"):
+    gl.gguf_tokenizer(path)
+
+
 # --- the real file ---------------------------------------------------------------------------------------
 
 

@@ -384,7 +384,66 @@ def gguf_tokenizer(path: Union[str, os.PathLike], add_bos_token: Optional[bool] 
   file's ``tokenizer.ggml.add_bos_token`` as llama.cpp does (False for SmolLM2). Other tokenizer
   models (SentencePiece ``"llama"``) go through transformers, which needs torch.
   ``reader``: an open ``gguf.GGUFReader`` of ``path`` (saves reading the header again).
+
+  The built tokenizer is cached (``$SOFTLM_CACHE_DIR``, default ``~/.cache/softlm_jax``; ``0``: off)
+  by the file's path, size and mtime, so a later call loads it without parsing the GGUF header.
   """
+  cached = _tokenizer_cache(path, add_bos_token)
+  if cached is not None and os.path.isdir(cached):
+    from transformers import PreTrainedTokenizerFast
+    try:
+      return PreTrainedTokenizerFast.from_pretrained(cached)
+    except Exception:  # noqa: BLE001 - an unreadable cache entry: build it again below
+      pass
+  tok = _build_gguf_tokenizer(path, add_bos_token, reader)
+  if cached is not None and isinstance(tok, _fast_class()):
+    _save_tokenizer(tok, cached)
+  return tok
+
+
+TOKENIZER_CACHE_VERSION = 1
+
+
+def _fast_class():
+  from transformers import PreTrainedTokenizerFast
+  return PreTrainedTokenizerFast
+
+
+def _tokenizer_cache(path, add_bos_token) -> Optional[str]:
+  """The cache folder of a GGUF file's built tokenizer, or None when caching is off
+  (``SOFTLM_CACHE_DIR=0``). Reading the vocabulary out of the GGUF header takes seconds (about 150,000
+  fields through numpy memmaps); the built tokenizer loads from its ``tokenizer.json`` in a fraction of
+  that. The key is the file's absolute path, size and mtime, ``add_bos_token`` and this builder's version."""
+  root = os.environ.get("SOFTLM_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "softlm_jax"))
+  if root in ("0", ""):
+    return None
+  import hashlib
+  p = os.path.abspath(os.fspath(path))
+  try:
+    st = os.stat(p)
+  except OSError:
+    return None
+  key = f"{p}|{st.st_size}|{st.st_mtime_ns}|{add_bos_token}|{TOKENIZER_CACHE_VERSION}"
+  return os.path.join(root, "gguf_tokenizers", hashlib.sha1(key.encode()).hexdigest()[:20])
+
+
+def _save_tokenizer(tok, folder: str) -> None:
+  """Writes the tokenizer to ``folder`` atomically (a temporary folder renamed); never raises."""
+  import shutil
+  import tempfile
+  try:
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(folder))
+    tok.save_pretrained(tmp)
+    try:
+      os.replace(tmp, folder)
+    except OSError:  # another process wrote it first
+      shutil.rmtree(tmp, ignore_errors=True)
+  except OSError:
+    pass
+
+
+def _build_gguf_tokenizer(path, add_bos_token, reader):
   from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
   from tokenizers.models import BPE
   from transformers import PreTrainedTokenizerFast
