@@ -695,10 +695,11 @@ def load(model_spec: str, dcfg: tasks.DataConfig, *, seed: int = 0, log: Callabl
   from softlm_jax import models
   t = time.time()
   if dcfg.model_kind == "causal_lm":
-    model = models.load(model_spec, "causal_lm", max_len=max(dcfg.seq_len, dcfg.eval_len), seed=seed)
+    model = models.load(model_spec, "causal_lm", max_len=dcfg.max_positions, seed=seed)
     task = tasks.load_task(dcfg, model.tokenizer)
     log(f"loaded {model_spec} ({model.family.name}) in {time.time() - t:.0f}s; train (wikitext-2 valid) "
-        f"{task.windows['train'].shape}; test {tasks.eval_split_name(task.windows['test'])}")
+        f"{task.windows['train'].shape}" + (f", calibration {task.windows['calib'].shape}" if "calib" in task.windows
+                                             else "") + f"; test {tasks.eval_split_name(task.windows['test'])}")
     return model, task
   name, tr, evals, max_len = tasks.load_table_data(dcfg)
   model = models.load(model_spec, "classifier", seed=seed, num_labels=tr.num_labels)

@@ -44,7 +44,10 @@ class DataConfig:
       (:func:`softlm_jax.data.load_table`); without ``eval_file`` the last 10% of ``train_file`` is held out.
     eval_limit: evaluate on the first N examples only.
     max_len: classifier tokens per example (default per GLUE task, else 128).
-    seq_len: causal LM training / calibration window (tokens).
+    seq_len: causal LM training window (tokens); also the calibration window unless ``calib_len`` is set.
+    calib_len: causal LM calibration window (tokens) of the Grams, the allocation's scores, the
+      propagated fit and the block refit; None: ``seq_len``. The ``lm`` preset fine-tunes on windows of
+      the perplexity's length (512) and calibrates on 128-token ones (BENCHMARKS.md, session 9).
     eval_len, eval_windows: perplexity windows (tokens, count).
     curve_windows: causal LM: test windows of the during-training perplexity curve.
   """
@@ -58,6 +61,7 @@ class DataConfig:
   eval_limit: Optional[int] = None
   max_len: Optional[int] = None
   seq_len: int = 128
+  calib_len: Optional[int] = None
   eval_len: int = 512
   eval_windows: int = 16
   curve_windows: int = 4
@@ -70,6 +74,20 @@ class DataConfig:
     for name in ("seq_len", "eval_len", "eval_windows", "curve_windows"):
       if int(getattr(self, name)) < 1:
         raise ValueError(f"DataConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+    if self.calib_len is not None and (isinstance(self.calib_len, bool) or int(self.calib_len) != self.calib_len
+                                       or int(self.calib_len) < 1):
+      raise ValueError(f"DataConfig.calib_len must be an int >= 1 or None (the training window), got "
+                       f"{self.calib_len!r}")
+
+  @property
+  def lm_calib_len(self) -> int:
+    """The causal LM calibration window: ``calib_len``, else ``seq_len``."""
+    return int(self.seq_len if self.calib_len is None else self.calib_len)
+
+  @property
+  def max_positions(self) -> int:
+    """The longest causal LM window the model runs (training, calibration or perplexity)."""
+    return max(int(self.seq_len), self.lm_calib_len, int(self.eval_len))
 
   @property
   def model_kind(self) -> str:
@@ -121,12 +139,17 @@ def perplexity(model, params, cfg, windows: np.ndarray, batch: int = 4, progress
 
 
 def wikitext_windows(tok, *, seq_len: int, eval_len: int, eval_windows: int, data_dir: Optional[str] = None,
-                     train: bool = True) -> dict:
+                     train: bool = True, calib_len: Optional[int] = None) -> dict:
   """``{"train": (N, seq_len), "test": (eval_windows, eval_len)}`` int32 token windows (train: WikiText-2
-  valid; test: the raw test split's first :data:`EVAL_CHARS` characters). ``train=False`` skips train."""
+  valid; test: the raw test split's first :data:`EVAL_CHARS` characters). ``train=False`` skips train.
+  With ``calib_len`` (and train) also ``"calib": (M, calib_len)``: the same valid tokens in windows of
+  that length (the calibration set's)."""
   out = {}
   if train:
-    out["train"] = data.lm_windows(tok(data.load_wikitext("valid", data_dir))["input_ids"], seq_len)
+    ids = tok(data.load_wikitext("valid", data_dir))["input_ids"]
+    out["train"] = data.lm_windows(ids, seq_len)
+    if calib_len is not None:
+      out["calib"] = data.lm_windows(ids, calib_len)
   test_ids = tok(data.load_wikitext("test_raw", data_dir)[:EVAL_CHARS])["input_ids"]
   n = min(eval_windows, len(test_ids) // eval_len)
   out["test"] = data.lm_windows(test_ids, eval_len, n)
@@ -194,24 +217,38 @@ class Task:
     reproduces the batches)."""
     raise NotImplementedError
 
+  def n_calib(self) -> int:
+    """Calibration examples available (the training examples, unless the task cuts its own)."""
+    return self.n_train()
+
+  def calib_inputs(self, idx: np.ndarray) -> Any:
+    """The model inputs of calibration examples ``idx`` (the training examples', unless the task cuts
+    its own: an LM's ``calib_len`` windows)."""
+    return self.inputs(idx)
+
   def calib_batch(self, step: int, n: int, batch_size: int, seed: int) -> dict:
-    """``{"inputs"}`` from the first ``n`` training examples (frozen-weight methods' calibration set)."""
-    idx = data.batch_indices(min(n, self.n_train()), batch_size, step, seed)
-    return {"inputs": self.inputs(idx)}
+    """``{"inputs"}`` from the first ``n`` calibration examples (frozen-weight methods' calibration set)."""
+    idx = data.batch_indices(min(n, self.n_calib()), batch_size, step, seed)
+    return {"inputs": self.calib_inputs(idx)}
 
   def _first(self, n: int, batch_size: int) -> list:
-    """Index arrays of the first ``n`` training examples in batches of ``batch_size``."""
-    n = min(n, self.n_train())
+    """Index arrays of the first ``n`` calibration examples in batches of ``batch_size``."""
+    n = min(n, self.n_calib())
     return [np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
 
   def calib_batches(self, n: int, batch_size: int) -> list:
-    """The first ``n`` training examples' inputs in batches (for Grams)."""
-    return [self.inputs(idx) for idx in self._first(n, batch_size)]
+    """The first ``n`` calibration examples' inputs in batches (for Grams)."""
+    return [self.calib_inputs(idx) for idx in self._first(n, batch_size)]
 
   def score_batches(self, n: int, batch_size: int) -> list:
-    """The first ``n`` training examples in batches, as :meth:`score_loss` takes them (the calibration
+    """The first ``n`` calibration examples in batches, as :meth:`score_loss` takes them (the calibration
     set of a loss-aware allocation: the same examples as :meth:`calib_batches`)."""
-    return [self.example_batch(idx) for idx in self._first(n, batch_size)]
+    return [self.calib_example(idx) for idx in self._first(n, batch_size)]
+
+  def calib_example(self, idx: np.ndarray) -> dict:
+    """``{"inputs", ["labels"]}`` of calibration examples ``idx`` (:meth:`example_batch` of the training
+    examples, unless the task cuts its own calibration set)."""
+    return self.example_batch(idx)
 
   def example_batch(self, idx: np.ndarray) -> dict:
     """``{"inputs", ["labels"]}`` of training examples ``idx``."""
@@ -341,6 +378,15 @@ class LMTask(Task):
   def inputs(self, idx):
     return jnp.asarray(self.windows["train"][idx])
 
+  def n_calib(self):
+    return len(self.windows.get("calib", self.windows["train"]))
+
+  def calib_inputs(self, idx):
+    return jnp.asarray(self.windows.get("calib", self.windows["train"])[idx])
+
+  def calib_example(self, idx):
+    return {"inputs": self.calib_inputs(idx)}
+
   def train_batch(self, step, batch_size, seed):
     return {"inputs": self.inputs(data.batch_indices(self.n_train(), batch_size, step, seed))}
 
@@ -372,7 +418,11 @@ class LMTask(Task):
     return lambda p: {"curve_ppl": perplexity(model, p, cfg, self.curve)}
 
   def describe(self):
-    return {"task": LM_TASK, "train_split": self.train_split, "eval_split": eval_split_name(self.windows["test"])}
+    out = {"task": LM_TASK, "train_split": self.train_split, "eval_split": eval_split_name(self.windows["test"])}
+    for split in ("train", "calib"):
+      if split in self.windows:
+        out[f"{split}_windows"] = list(np.shape(self.windows[split]))
+    return out
 
 
 def load_table_data(dcfg: DataConfig) -> tuple[str, data.TextData, dict, int]:
@@ -401,8 +451,9 @@ def load_table_data(dcfg: DataConfig) -> tuple[str, data.TextData, dict, int]:
 def load_task(dcfg: DataConfig, tokenizer) -> Task:
   """The :class:`Task` of ``dcfg``, tokenised with ``tokenizer``."""
   if dcfg.model_kind == "causal_lm":
+    calib_len = None if dcfg.lm_calib_len == dcfg.seq_len else dcfg.lm_calib_len
     return LMTask(wikitext_windows(tokenizer, seq_len=dcfg.seq_len, eval_len=dcfg.eval_len,
-                                   eval_windows=dcfg.eval_windows, data_dir=dcfg.data_dir),
+                                   eval_windows=dcfg.eval_windows, data_dir=dcfg.data_dir, calib_len=calib_len),
                   curve_windows=dcfg.curve_windows)
   name, tr, evals, max_len = load_table_data(dcfg)
   return ClassificationTask(name, tr, evals, max_len, tokenizer)

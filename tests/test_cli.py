@@ -94,7 +94,7 @@ def test_bench_dense_vs_compact(work):
 
 def test_lm_compress_train_eval_generate(work):
   run = work["root"] / "lm"
-  lm_args = ["--task", "wikitext", "--model", work["lm"], "--out", run, "--seq-len", "32", "--eval-len", "32",
+  lm_args = ["--task", "wikitext", "--model", work["lm"], "--out", run, "--seq-len", "32", "--calib-len", "32", "--eval-len", "32",
              "--eval-windows", "2", "--batch-size", "4", "--no-progress"]
   softlm("train", "--methods", "static", "--steps", "2", "--refit-steps", "2", *lm_args)  # the lm preset: propagated
   res = json.loads((run / "static" / "results.json").read_text())

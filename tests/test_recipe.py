@@ -12,8 +12,8 @@ from softlm_jax.blocks import get_subtree
 
 needs_wikitext = pytest.mark.skipif(data.find_data_dir() is None, reason="needs ../shared/data (WikiText-2)")
 
-SMALL = ["--task", "wikitext", "--model", "tiny-llama", "--seq-len", "32", "--eval-len", "64", "--eval-windows", "2",
-         "--calib-grams", "8", "--batch-size", "4", "--no-progress"]
+SMALL = ["--task", "wikitext", "--model", "tiny-llama", "--seq-len", "32", "--calib-len", "32", "--eval-len", "64",
+         "--eval-windows", "2", "--calib-grams", "8", "--batch-size", "4", "--no-progress"]
 
 
 def _ranks(tree_: dict) -> dict:

@@ -39,7 +39,7 @@ def run(args) -> dict:
   info = conf["task"]
   kind = models.get(conf["family"]).kind
   model = models.load(conf["model"], kind, num_labels=info.get("num_labels"),
-                      max_len=max(conf["data"].seq_len, conf["data"].eval_len) if conf["data"] else 512)
+                      max_len=conf["data"].max_positions if conf["data"] else 512)
   met = bool(sl.budget_report(compact, cfg)["budget_met"])
   meta = pipeline.compact_metadata(model, info, conf["method"], step, met)
   out = args.output or os.path.join(args.run, "compact.safetensors")

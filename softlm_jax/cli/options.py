@@ -170,7 +170,11 @@ def add_data_args(ap, *, default_task: Optional[str] = None) -> None:
   g.add_argument("--eval-limit", type=positive_int, default=None, help="evaluate on the first N examples only")
   g.add_argument("--max-len", type=positive_int, default=None, help="tokens per example (default per task)")
   g = ap.add_argument_group("language model (--task wikitext)")
-  g.add_argument("--seq-len", type=positive_int, default=None, help="training window (tokens; preset 128)")
+  g.add_argument("--seq-len", type=positive_int, default=None,
+                 help="fine-tuning window (tokens; lm preset 512, the perplexity's; lm-softlm and paper 128)")
+  g.add_argument("--calib-len", type=positive_int, default=None,
+                 help="calibration window (tokens) of the Grams, scores, propagated fit and block refit "
+                 "(lm preset 128; default: --seq-len); --calib-grams counts these windows")
   g.add_argument("--eval-len", type=positive_int, default=None, help="perplexity window (tokens; preset 512)")
   g.add_argument("--eval-windows", type=positive_int, default=None, help="perplexity windows (preset 16)")
   g.add_argument("--curve-windows", type=positive_int, default=None,
@@ -306,7 +310,7 @@ _TRAIN = ("finetune_steps", "max_compress_steps", "steps", "teacher_steps", "bat
           "mesh", "stop_after", "refit_steps", "refit_lr", "refit_loss", "refit_holdout", "lr_schedule", "warmup_steps",
           "distill_hidden", "compress_from", "start_file", "teacher_file", "start_allocation")
 _DATA = ("task", "data_dir", "train_file", "eval_file", "text_cols", "label_col", "task_type", "eval_limit",
-         "max_len", "seq_len", "eval_len", "eval_windows", "curve_windows")
+         "max_len", "seq_len", "calib_len", "eval_len", "eval_windows", "curve_windows")
 
 
 @dataclasses.dataclass(frozen=True)
