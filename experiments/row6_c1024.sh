@@ -8,14 +8,9 @@
 cd "$(dirname "$0")/.." && . .venv/bin/activate
 START=runs/compress_cr0.5_c1024/allocated/compact.safetensors
 while [ ! -f $START ]; do sleep 30; done
-COMMON="--task wikitext --model smollm2 --cr 0.5 --steps 100 --no-progress"
-go() {  # name, args
-  local out=runs/r7/$1; shift
-  if [ -f $out/done ]; then echo "$out done"; return; fi
-  mkdir -p $out; echo "== $out $* $(date +%T)"
-  /usr/bin/time -v softlm train $COMMON --out $out "$@" > $out.log 2>&1 && touch $out/done
-  echo "== $out rc=$? $(date +%T)"; grep -ho '"ppl": [0-9.]*' $out/*/results.json | tail -2
-}
+ROOT=runs/r7
+COMMON="--task wikitext --model smollm2 --cr 0.5 --steps 100 --seq-len 128 --no-progress"  # the preset's window then
+. experiments/lib.sh
 ALLOC="--methods allocated --start-file $START --calib-grams 1024 --refit-holdout 8"
 go c1024 $ALLOC --keep-ckpt
 go dense --methods dense-ft

@@ -5,7 +5,7 @@
 # checkpoints (--keep-ckpt) and the later runs copy them, so they resume to the same refit model.
 cd "$(dirname "$0")/.." && . .venv/bin/activate
 START=runs/compress_cr0.5_c512/allocated/compact.safetensors
-COMMON="--task wikitext --model smollm2 --methods allocated --cr 0.5 --steps 100 --start-file $START --calib-grams 512 --no-progress"
+COMMON="--task wikitext --model smollm2 --methods allocated --cr 0.5 --steps 100 --start-file $START --calib-grams 512 --seq-len 128 --no-progress"  # the preset's window then
 one() {  # name, extra args
   local out=runs/r6/$1; shift
   if [ -f $out/allocated/results.json ]; then echo "$out done"; return; fi
