@@ -24,7 +24,9 @@ their defaults from here, so the same options give the same run through every en
   tokens (``seq_len``, the perplexity's window; 4x the tokens and about 4x the time of a 128-token
   step), while calibration keeps 128-token windows (``calib_len``: ``softlm compress`` is unchanged):
   from the 512-window file, with its refit on 128 x 512 tokens (``calib_len=512, calib_grams=128``),
-  78.8 after 100 steps against 93.2 on 128-token windows (BENCHMARKS.md, rows 5''' / 6''').
+  78.8 after 100 steps against 93.2 on 128-token windows (BENCHMARKS.md, rows 5''' / 6'''); this
+  preset's own default (128-window start, its refit 204.8, 100 steps on 512-token windows): 89.1, against
+  109.5 on 128-token windows at a constant rate.
 * ``lm-softlm``: the SoftLM recipe of issue 11 (CR 0.5, ppl 139.6 after 100 steps): whitened
   decomposition from 128 x 128 calibration tokens, thresholds in ``uniform_rank`` units at lr 3e-2
   following a 60-step ramp, 40 fine-tuning steps after the freeze, the same distillation.
