@@ -370,6 +370,7 @@ class LMTask(Task):
 
   def __init__(self, windows: dict, curve_windows: int = 4):
     self.windows = windows
+    self.calib = windows.get("calib", windows["train"])  # its own windows, or the training ones
     self.curve = windows["test"][:curve_windows]
 
   def n_train(self):
@@ -379,10 +380,10 @@ class LMTask(Task):
     return jnp.asarray(self.windows["train"][idx])
 
   def n_calib(self):
-    return len(self.windows.get("calib", self.windows["train"]))
+    return len(self.calib)
 
   def calib_inputs(self, idx):
-    return jnp.asarray(self.windows.get("calib", self.windows["train"])[idx])
+    return jnp.asarray(self.calib[idx])
 
   def calib_example(self, idx):
     return {"inputs": self.calib_inputs(idx)}
