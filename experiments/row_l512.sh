@@ -1,0 +1,32 @@
+#!/bin/bash
+# Session 10 (BENCHMARKS.md, "Calibration on windows of the perplexity's length"): row 3'' calibrates (Grams,
+# Fisher scores, propagated fit) on 512 windows of 128 tokens, so positions 128-511 of the evaluation's
+# 512-token windows are never in the statistics. Here the calibration tokens come as 512-token windows:
+#  compress_l512:    the same 65,536 tokens of WikiText-2 valid as 128 x 512 (against row 3'', 512 x 128)
+#  compress_l512_32: the preset's 16,384 tokens as 32 x 512 (against row 3', 128 x 128)
+#  refit / refit_lr1e-3: the block refit of compress_l512 on its own windows (32 steps / block, 8 held-out
+#                    batches; lr 3e-4 as row 5''' / 1e-3), no fine-tuning (allocated-noft)
+# then the MRPC run of experiments/mrpc_teacher.sh (one heavy job at a time).
+cd "$(dirname "$0")/.." && . .venv/bin/activate
+ROOT=runs/s10
+ev() {  # ev NAME: softlm eval of NAME's compact file, once
+  [ -s $ROOT/$1.eval ] || softlm eval $ROOT/$1/allocated/compact.safetensors --task wikitext 2>&1 | tr '\r' '\n' \
+    | grep 'test: ppl' > $ROOT/$1.eval
+  echo "== $1 $(cat $ROOT/$1.eval) $(date +%T)"
+}
+cmp() {  # cmp NAME ARGS: softlm compress --out $ROOT/NAME ARGS, once
+  local out=$ROOT/$1; shift
+  [ -f $out/allocated/compact.safetensors ] || /usr/bin/time -v softlm compress --task wikitext --model smollm2 \
+    --cr 0.5 --no-progress --out $out "$@" > $out.log 2>&1
+}
+cmp compress_l512 --calib-len 512 --calib-grams 128
+ev compress_l512
+while pgrep -f "out runs/s10/compress_l512_32" > /dev/null; do sleep 20; done   # started by an earlier version
+cmp compress_l512_32 --calib-len 512 --calib-grams 32
+ev compress_l512_32
+COMMON="--task wikitext --model smollm2 --cr 0.5 --no-progress --methods allocated-noft --calib-len 512 --calib-grams 128 --refit-holdout 8 --keep-ckpt"
+. experiments/lib.sh
+START=$ROOT/compress_l512/allocated/compact.safetensors
+go refit --start-file $START
+go refit_lr1e-3 --start-file $START --refit-lr 1e-3
+bash experiments/mrpc_teacher.sh
