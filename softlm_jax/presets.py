@@ -26,7 +26,10 @@ their defaults from here, so the same options give the same run through every en
   from the 512-window file, with its refit on 128 x 512 tokens (``calib_len=512, calib_grams=128``),
   78.8 after 100 steps against 93.2 on 128-token windows (BENCHMARKS.md, rows 5''' / 6'''); this
   preset's own default (128-window start, its refit 204.8, 100 steps on 512-token windows): 89.1, against
-  109.5 on 128-token windows at a constant rate.
+  109.5 on 128-token windows at a constant rate. Calibration on 512-token windows is better at equal
+  tokens (session 10, CR 0.5 training-free: 200.5 from 32 x 512 against 219.8 from 128 x 128, for 1.4x the
+  time and 11 GB; 150.0 from 256 x 512, and 145.7 after a refit at ``refit_lr`` 1e-3), but it is not the
+  default until CR 0.2 and the ``softlm train`` default are measured with it.
 * ``lm-softlm``: the SoftLM recipe of issue 11 (CR 0.5, ppl 139.6 after 100 steps): whitened
   decomposition from 128 x 128 calibration tokens, thresholds in ``uniform_rank`` units at lr 3e-2
   following a 60-step ramp, 40 fine-tuning steps after the freeze, the same distillation.
