@@ -5,9 +5,7 @@
 # --max-len 96 (the task's default is 128) keeps 99.86% of the MRPC training pairs whole (the longest has 103
 # MiniLM tokens) at ~3/4 of the step's cost.
 cd "$(dirname "$0")/.." && . .venv/bin/activate
-OUT=runs/s10/mrpc
-[ -f $OUT/done ] && exit 0
-mkdir -p $OUT && echo "== $OUT $(date +%T) load $(cut -d' ' -f1-3 /proc/loadavg)"
-/usr/bin/time -v softlm train --task mrpc --cr 0.5 --methods dense,allocated,static --teacher-steps 1000 \
-  --max-len 96 --no-progress --out $OUT > $OUT.log 2>&1 && touch $OUT/done
-echo "== $OUT rc=$? $(date +%T) load $(cut -d' ' -f1-3 /proc/loadavg)"
+ROOT=runs/s10
+COMMON="--task mrpc --cr 0.5 --teacher-steps 1000 --max-len 96 --no-progress"
+. experiments/lib.sh
+go mrpc --methods dense,allocated,static

@@ -20,20 +20,15 @@ cmp() {  # cmp NAME ARGS: softlm compress --out $ROOT/NAME ARGS, once
   [ -f $out/allocated/compact.safetensors ] || /usr/bin/time -v softlm compress --task wikitext --model smollm2 \
     --cr 0.5 --no-progress --out $out "$@" > $out.log 2>&1
 }
-wait_for() { while pgrep -f "$1" > /dev/null; do sleep 20; done; }  # a run started by an earlier version
 cmp compress_l512 --calib-len 512 --calib-grams 128
 ev compress_l512
-wait_for "out runs/s10/compress_l512_32"
 cmp compress_l512_32 --calib-len 512 --calib-grams 32
 ev compress_l512_32
 COMMON="--task wikitext --model smollm2 --cr 0.5 --no-progress --methods allocated-noft --calib-len 512 --calib-grams 128 --refit-holdout 8 --keep-ckpt"
 . experiments/lib.sh
 START=$ROOT/compress_l512/allocated/compact.safetensors
 go refit --start-file $START
-wait_for "out runs/s10/refit_lr1e-3"
-[ -f $ROOT/refit_lr1e-3/allocated-noft/results.json ] && touch $ROOT/refit_lr1e-3/done
 go refit_lr1e-3 --start-file $START --refit-lr 1e-3
-wait_for "out runs/s10/compress_l512_256"
 cmp compress_l512_256 --calib-len 512 --calib-grams 256
 ev compress_l512_256
 go refit_256 --start-file $ROOT/compress_l512_256/allocated/compact.safetensors --refit-lr 1e-3
