@@ -1,0 +1,16 @@
+#!/bin/bash
+# Session 11, after the CR 0.5 row 6 of experiments/s11_rows.sh (pass the pid to wait on): at CR 0.3 the
+# 32 x 512 windows lost training-free (95.07 against 92.57 for the preset's 128 x 128), so the refit decides:
+#  refit_cr0.3_c128_1e-3: the refit at lr 1e-3 of the preset's CR 0.3 file (runs/s10/compress_cr0.3) on its
+#                         own 128 x 128 windows (at 3e-4, row 5': 89.05)
+#  refit_cr0.3_l512_1e-3: the refit at lr 1e-3 of the 32 x 512 file on its own windows
+cd "$(dirname "$0")/.." && . .venv/bin/activate
+[ -n "$1" ] && while kill -0 $1 2>/dev/null; do sleep 20; done
+ROOT=runs/s11
+C128=runs/s10/compress_cr0.3/allocated/compact.safetensors
+L512=$ROOT/compress_cr0.3_l512_32/allocated/compact.safetensors
+ppl() { grep -ho '"ppl": [0-9.]*' $ROOT/$1/*/results.json | tail -1 | cut -d' ' -f2; }
+. experiments/lib.sh
+COMMON="--task wikitext --model smollm2 --cr 0.3 --no-progress --methods allocated-noft"
+go refit_cr0.3_c128_1e-3 --start-file $C128 --refit-lr 1e-3
+go refit_cr0.3_l512_1e-3 --start-file $L512 --refit-lr 1e-3 --calib-len 512 --calib-grams 32
