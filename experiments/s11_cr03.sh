@@ -4,12 +4,12 @@
 #  refit_cr0.3_c128_1e-3: the refit at lr 1e-3 of the preset's CR 0.3 file (runs/s10/compress_cr0.3) on its
 #                         own 128 x 128 windows (at 3e-4, row 5': 89.05)
 #  refit_cr0.3_l512_1e-3: the refit at lr 1e-3 of the 32 x 512 file on its own windows
+# (a row 6 at CR 0.3 was planned here; the 100 steps take ~50 min and did not fit the session)
 cd "$(dirname "$0")/.." && . .venv/bin/activate
 [ -n "$1" ] && while kill -0 $1 2>/dev/null; do sleep 20; done
 ROOT=runs/s11
 C128=runs/s10/compress_cr0.3/allocated/compact.safetensors
 L512=$ROOT/compress_cr0.3_l512_32/allocated/compact.safetensors
-ppl() { grep -ho '"ppl": [0-9.]*' $ROOT/$1/*/results.json | tail -1 | cut -d' ' -f2; }
 . experiments/lib.sh
 COMMON="--task wikitext --model smollm2 --cr 0.3 --no-progress --methods allocated-noft"
 go refit_cr0.3_c128_1e-3 --start-file $C128 --refit-lr 1e-3
