@@ -4,7 +4,7 @@
 #  compress_cr0.3_l512_32: training-free at CR 0.3 (against row 3', 92.57)
 #  row6_cr0.5: softlm train's default at CR 0.5, 100 steps (against the preset's 89.10), from the CR 0.5
 #              32 x 512 file (runs/s10/compress_l512_32: the same model the command would compress itself)
-#  row6_cr0.3: the same at CR 0.3 from compress_cr0.3_l512_32 (the CR 0.3 column's row 6)
+# (a CR 0.3 row 6 was dropped: the windows lost at CR 0.3, experiments/s11_cr03.sh)
 cd "$(dirname "$0")/.." && . .venv/bin/activate
 [ -n "$1" ] && while kill -0 $1 2>/dev/null; do sleep 20; done
 ROOT=runs/s11
@@ -20,4 +20,3 @@ echo "== compress_cr0.3_l512_32 $(cat $ROOT/compress_cr0.3_l512_32.eval) $(date 
 COMMON="--task wikitext --model smollm2 --no-progress --methods allocated --steps 100 --calib-len 512 --calib-grams 32 --refit-lr $LR"
 . experiments/lib.sh
 go row6_cr0.5 --cr 0.5 --start-file runs/s10/compress_l512_32/allocated/compact.safetensors
-go row6_cr0.3 --cr 0.3 --start-file $ROOT/compress_cr0.3_l512_32/allocated/compact.safetensors
