@@ -59,6 +59,7 @@ def test_softlm_train_and_experiments_lm_build_equal_configs(argv):
   if argv == ["--cr", "0.5"]:  # the BENCHMARKS recipe of issue 17 (allocated + propagated), from the one preset
     assert a.compression.decomposition == "propagated" and a.compression.normalize == "uniform_rank"
     assert a.train.calib_grams == 128 and a.train.refit_steps == 32 and a.train.steps is None
+    assert a.train.refit_lr == 1e-3  # session 11: beat 3e-4 at CR 0.2, 0.3 and 0.5
     assert a.train.distill == (1.0, 2.0) and a.train.batch_size == 4 and a.train.lr == 2e-4
     assert (a.data.seq_len, a.data.lm_calib_len, a.data.eval_len) == (512, 128, 512)  # session 9
     assert a.model == "smollm2" and a.preset == "lm" and a.methods == b.methods == ("allocated", "static", "dense")
