@@ -10,26 +10,16 @@
 # then the MRPC run of experiments/mrpc_teacher.sh (one heavy job at a time).
 cd "$(dirname "$0")/.." && . .venv/bin/activate
 ROOT=runs/s10
-ev() {  # ev NAME: softlm eval of NAME's compact file, once
-  [ -s $ROOT/$1.eval ] || softlm eval $ROOT/$1/allocated/compact.safetensors --task wikitext 2>&1 | tr '\r' '\n' \
-    | grep 'test: ppl' > $ROOT/$1.eval
-  echo "== $1 $(cat $ROOT/$1.eval) $(date +%T)"
-}
-cmp() {  # cmp NAME ARGS: softlm compress --out $ROOT/NAME ARGS, once
-  local out=$ROOT/$1; shift
-  [ -f $out/allocated/compact.safetensors ] || /usr/bin/time -v softlm compress --task wikitext --model smollm2 \
-    --cr 0.5 --no-progress --out $out "$@" > $out.log 2>&1
-}
-cmp compress_l512 --calib-len 512 --calib-grams 128
+. experiments/lib.sh
+cmp compress_l512 --cr 0.5 --calib-len 512 --calib-grams 128
 ev compress_l512
-cmp compress_l512_32 --calib-len 512 --calib-grams 32
+cmp compress_l512_32 --cr 0.5 --calib-len 512 --calib-grams 32
 ev compress_l512_32
 COMMON="--task wikitext --model smollm2 --cr 0.5 --no-progress --methods allocated-noft --calib-len 512 --calib-grams 128 --refit-holdout 8 --keep-ckpt"
-. experiments/lib.sh
 START=$ROOT/compress_l512/allocated/compact.safetensors
 go refit --start-file $START
 go refit_lr1e-3 --start-file $START --refit-lr 1e-3
-cmp compress_l512_256 --calib-len 512 --calib-grams 256
+cmp compress_l512_256 --cr 0.5 --calib-len 512 --calib-grams 256
 ev compress_l512_256
 go refit_256 --start-file $ROOT/compress_l512_256/allocated/compact.safetensors --refit-lr 1e-3
 bash experiments/mrpc_teacher.sh

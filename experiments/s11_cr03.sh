@@ -6,11 +6,11 @@
 #  refit_cr0.3_l512_1e-3: the refit at lr 1e-3 of the 32 x 512 file on its own windows
 # (a row 6 at CR 0.3 was planned here; the 100 steps take ~50 min and did not fit the session)
 cd "$(dirname "$0")/.." && . .venv/bin/activate
-[ -n "$1" ] && while kill -0 $1 2>/dev/null; do sleep 20; done
 ROOT=runs/s11
 C128=runs/s10/compress_cr0.3/allocated/compact.safetensors
 L512=$ROOT/compress_cr0.3_l512_32/allocated/compact.safetensors
 . experiments/lib.sh
+wait_pid $1
 COMMON="--task wikitext --model smollm2 --cr 0.3 --no-progress --methods allocated-noft"
 go refit_cr0.3_c128_1e-3 --start-file $C128 --refit-lr 1e-3
 go refit_cr0.3_l512_1e-3 --start-file $L512 --refit-lr 1e-3 --calib-len 512 --calib-grams 32

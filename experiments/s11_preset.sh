@@ -7,20 +7,10 @@
 #  frontier_cr0.3:         row 2 at CR 0.3 (propagated, uniform ranks, 32 x 128 tokens, as at CR 0.2 / 0.5)
 cd "$(dirname "$0")/.." && . .venv/bin/activate
 ROOT=runs/s11
-ev() {  # ev NAME: softlm eval of NAME's compact file, once
-  [ -s $ROOT/$1.eval ] || softlm eval $ROOT/$1/allocated/compact.safetensors --task wikitext 2>&1 | tr '\r' '\n' \
-    | grep 'test: ppl' > $ROOT/$1.eval
-  echo "== $1 $(cat $ROOT/$1.eval) $(date +%T)"
-}
-cmp() {  # cmp NAME CR ARGS: softlm compress --out $ROOT/NAME ARGS, once
-  local out=$ROOT/$1 cr=$2; shift 2
-  [ -f $out/allocated/compact.safetensors ] || /usr/bin/time -v softlm compress --task wikitext --model smollm2 \
-    --cr $cr --no-progress --out $out "$@" > $out.log 2>&1
-}
-cmp compress_cr0.2_l512_32 0.2 --calib-len 512 --calib-grams 32
+. experiments/lib.sh
+cmp compress_cr0.2_l512_32 --cr 0.2 --calib-len 512 --calib-grams 32
 ev compress_cr0.2_l512_32
 COMMON="--task wikitext --model smollm2 --cr 0.5 --no-progress --methods allocated-noft --calib-len 512 --calib-grams 32"
-. experiments/lib.sh
 START=runs/s10/compress_l512_32/allocated/compact.safetensors
 go refit_1e-3 --start-file $START --refit-lr 1e-3
 go refit_3e-4 --start-file $START --refit-lr 3e-4
