@@ -33,8 +33,8 @@ their defaults from here, so the same options give the same run through every en
   at CR 0.3 (88.8 against 87.3 after a refit at 1e-3). Since session 11 the refit runs at ``refit_lr``
   1e-3, which beat 3e-4 in every pair measured: on this preset's files 58.8 against 59.4 (CR 0.2), 87.3
   against 89.1 (CR 0.3) and 200.1 against 204.8 (CR 0.5); on 512-token windows 181.7 against 195.7
-  (32 x 512, CR 0.5). The ``softlm train`` default after 100 steps is not re-measured at 1e-3 (89.1 at
-  3e-4; 87.0 from the 32 x 512 file with the refit at 1e-3).
+  (32 x 512, CR 0.5). After the 100 steps the difference is gone (session 12, the ``softlm train``
+  default at CR 0.5: 89.2 at 1e-3, 89.1 at 3e-4; 87.0 from the 32 x 512 file with the refit at 1e-3).
 * ``lm-softlm``: the SoftLM recipe of issue 11 (CR 0.5, ppl 139.6 after 100 steps): whitened
   decomposition from 128 x 128 calibration tokens, thresholds in ``uniform_rank`` units at lr 3e-2
   following a 60-step ramp, 40 fine-tuning steps after the freeze, the same distillation.
