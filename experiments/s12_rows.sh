@@ -1,6 +1,7 @@
 #!/bin/bash
 # Session 12: the ablation table's row 6 (100 KD steps, the lm preset's softlm train) at every CR on the
-# preset as it stands since session 11 (128 x 128 calibration, refit at lr 1e-3), and row 4 at CR 0.3.
+# preset as it stands since session 11 (128 x 128 calibration, refit at lr 1e-3), and row 4 at CR 0.3 beside the
+# whitened Fisher allocation it starts from.
 # Each row 6 starts from the preset's refit file of session 11 (experiments/s11_refit_lr.sh: compress +
 # 32-step refit at 1e-3, the same model `softlm train --methods allocated` builds before its first step),
 # so the refit is not repeated (--refit-steps 0). Then the glue preset on SST-2 with a 1,000-step teacher
@@ -17,5 +18,7 @@ COMMON="--task wikitext --model smollm2 --no-progress --preset lm-softlm --metho
 go row4_cr0.3 --cr 0.3 --start-allocation 0.2
 COMMON="--task sst2 --no-progress --methods dense,allocated,static"
 go sst2_t1000 --cr 0.5 --teacher-steps 1000
-COMMON="--task wikitext --model smollm2 --no-progress --methods allocated --steps 100 --refit-steps 0"
-go row6_cr0.3 --cr 0.3 --start-file runs/s11/refit_cr0.3_c128_1e-3/allocated-noft/compact.safetensors
+# row 4's reference at CR 0.3: the exact Fisher fill on the same whitened factors, no refit (row 6 at CR 0.3,
+# 48 more minutes, did not fit session 12)
+COMMON="--task wikitext --model smollm2 --no-progress --methods allocated-noft --refit-steps 0"
+go alloc_whitened_cr0.3 --cr 0.3 --decomposition whitened
