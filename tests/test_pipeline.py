@@ -81,7 +81,7 @@ def test_glue_preset_is_the_measured_recipe_and_glue_softlm_the_old_one():
   from softlm_jax import cli
   a = options.parse(cli.build_parser(), ["train", "--task", "sst2", "--out", "x"]).options
   assert a.preset == "glue" and a.methods == ("allocated", "static", "dense")
-  assert a.train.compress_from == "teacher" and a.train.teacher_steps == 500 and a.train.distill == (1.0, 2.0)
+  assert a.train.compress_from == "teacher" and a.train.teacher_steps == 1000 and a.train.distill == (1.0, 2.0)
   assert a.compression.decomposition == "whitened" and a.train.calib_grams == 256
   b = options.parse(cli.build_parser(), ["train", "--task", "sst2", "--out", "x", "--preset", "glue-softlm"]).options
   assert b.methods == ("softlm", "static", "dense") and b.compression.decomposition == "svd"
