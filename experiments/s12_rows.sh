@@ -1,5 +1,5 @@
 #!/bin/bash
-# Session 12: the ablation table's row 6 (100 KD steps, the lm preset's softlm train) at every CR on the
+# Session 12: the ablation table's row 6 (100 KD steps, the lm preset's softlm train) at CR 0.5 and 0.2 on the
 # preset as it stands since session 11 (128 x 128 calibration, refit at lr 1e-3), and row 4 at CR 0.3 beside the
 # whitened Fisher allocation it starts from.
 # Each row 6 starts from the preset's refit file of session 11 (experiments/s11_refit_lr.sh: compress +
@@ -18,6 +18,9 @@ COMMON="--task wikitext --model smollm2 --no-progress --preset lm-softlm --metho
 go row4_cr0.3 --cr 0.3 --start-allocation 0.2
 COMMON="--task sst2 --no-progress --methods dense,allocated,static"
 go sst2_t1000 --cr 0.5 --teacher-steps 1000
+# SoftLM on the same teacher, read back from sst2_t1000/dense, was run by hand after this driver (its out folder
+# is sst2_t1000's, whose done file would skip it here):
+#   softlm train --task sst2 --cr 0.5 --methods dense,softlm --teacher-steps 1000 --out runs/s12/sst2_t1000
 # row 4's reference at CR 0.3: the exact Fisher fill on the same whitened factors, no refit (row 6 at CR 0.3,
 # 48 more minutes, did not fit session 12)
 COMMON="--task wikitext --model smollm2 --no-progress --methods allocated-noft --refit-steps 0"
