@@ -1,8 +1,11 @@
 """Compact checkpoint of a causal LM (default SmolLM2-135M, static SVD at CR 0.5): file size against the
-dense float32 safetensors file and against the counted parameters x 4 bytes, save and load time, and
-logits after reload (BENCHMARKS.md, issue 13).
+dense float32 safetensors file and against the counted parameters x 4 bytes, save time, load time with
+and without the sha256 check (``load_compact(verify=...)``) and of the digests alone, and logits after
+reload. Regenerates BENCHMARKS.md#checkpoint-size.
 
   python experiments/compact_ckpt.py --model smollm2 --cr 0.5 --out runs/compact/smollm2
+
+Prefill / decode tokens per second of the written file: ``softlm bench <out>/static.safetensors``.
 """
 from __future__ import annotations
 
@@ -44,12 +47,16 @@ def main(argv=None):
   dense_path = os.path.join(args.out, "dense_float32.safetensors")
   from safetensors.flax import save_file
   save_file({k: jnp.asarray(v, jnp.float32) for k, v in checkpoint.flatten(dense).items()}, dense_path)
-  loads = []
+  loads, loads_noverify = [], []
   for _ in range(args.reps):
-    t = time.perf_counter()
-    loaded, info = sl.load_compact(path)
-    jax.block_until_ready(loaded)
-    loads.append(time.perf_counter() - t)
+    for verify, times in ((True, loads), (False, loads_noverify)):
+      t = time.perf_counter()
+      loaded, info = sl.load_compact(path, verify=verify)
+      jax.block_until_ready(loaded)
+      times.append(time.perf_counter() - t)
+  t = time.perf_counter()
+  checkpoint.file_digests(path)
+  digests_s = time.perf_counter() - t
   ids = jnp.asarray(tok(open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()[:4000])["input_ids"]
                     [:256], jnp.int32)[None]
   fwd = jax.jit(lambda p, x: model(x, params=p).logits)
@@ -59,7 +66,9 @@ def main(argv=None):
   rep = checkpoint.file_report(path)
   dense_bytes = os.path.getsize(dense_path)
   res = {"model": args.model, "cr": args.cr, "achieved_ratio": info["achieved_ratio"], "svd_s": svd_s,
-         "save_s": save_s, "load_s_median": float(np.median(loads)), "load_s": loads, **rep,
+         "save_s": save_s, "load_s_median": float(np.median(loads)), "load_s": loads,
+         "load_s_noverify_median": float(np.median(loads_noverify)), "load_s_noverify": loads_noverify,
+         "digests_s": digests_s, **rep,
          "dense_float32_file_bytes": dense_bytes, "dense_params": int(sum(x.size for x in jax.tree.leaves(dense))),
          "file_vs_dense": rep["file_bytes"] / dense_bytes,
          "file_vs_params_x4": rep["file_bytes"] / rep["params_x4_bytes"] - 1.0,
