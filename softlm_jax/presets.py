@@ -5,55 +5,33 @@ A preset gives the fields of the three run configs (:class:`softlm_jax.Compressi
 :func:`build` applies a user's overrides on top. The ``softlm`` command and the experiment scripts take
 their defaults from here, so the same options give the same run through every entry point.
 
-* ``lm``: causal-LM compression, the measured best recipe of BENCHMARKS.md (issue 17, SmolLM2-135M):
-  the ``allocated`` method: Fisher scores of the whitened triplets from one gradient pass, the exact
-  budget fill, the propagated error-aware decomposition fit at those ranks (mix 0.5), all from the first
-  128 x 128 calibration tokens of WikiText-2 valid (CR 0.2: ppl 60.7 with no weight trained, against
-  78.2 from 32 x 128 tokens and 215 for whitened uniform; CR 0.5: 219.8, against 314.9 and 1,092).
-  ``softlm compress`` stops there; ``softlm train`` adds the block refit (32 Adam steps per block: on
-  SmolLM2 at CR 0.5, 128 bought no larger gain, BENCHMARKS.md) and fine-tunes with distillation from
-  the dense model (weight 1, T = 2), batch 4, lr 2e-4 (CR 0.5: 204.8 after the refit, 109.5 after 100
-  steps at a constant rate, against 115.2 at lr 5e-5 and 129.3 at 5e-4), since session 6 on a cosine
-  schedule to 0 after 5 warmup steps (from the 512-window file: 93.2 against 97.3 constant; the
-  hidden-state KD, ``distill_hidden``, measured no gain at weight 1 and a loss at 10, so it is off). A
-  joint learned rule asked for here needs ``lr_schedule="constant"`` (its length is not known).
-  Its baseline ``static`` gets the same decomposition, refit and fine-tuning at the uniform keep-ratio.
-  ``calib_grams=512`` (65,536 tokens) is better still at 2.5x the compression time: CR 0.5 168.1
-  training-free, 97.3 after 100 steps at the constant rate (its refit raises the start to 172.5 but
-  helps the fine-tuning: 104.9 without it). Since session 9 the fine-tuning runs on windows of 512
-  tokens (``seq_len``, the perplexity's window; 4x the tokens and about 4x the time of a 128-token
-  step), while calibration keeps 128-token windows (``calib_len``: ``softlm compress`` is unchanged):
-  from the 512-window file, with its refit on 128 x 512 tokens (``calib_len=512, calib_grams=128``),
-  78.8 after 100 steps against 93.2 on 128-token windows (BENCHMARKS.md, rows 5''' / 6'''); this
-  preset's own default (128-window start, its refit 204.8, 100 steps on 512-token windows): 89.1, against
-  109.5 on 128-token windows at a constant rate. Calibration on 512-token windows is better at equal
-  tokens (session 10, CR 0.5 training-free: 200.5 from 32 x 512 against 219.8 from 128 x 128, for 1.4x the
-  time and 11 GB; 150.0 from 256 x 512, and 145.7 after a refit at ``refit_lr`` 1e-3). Session 11 measured
-  it at the other CRs and kept 128 x 128: 32 x 512 gives 61.1 against 60.7 at CR 0.2 and 95.1 against 92.6
-  at CR 0.3 (88.8 against 87.3 after a refit at 1e-3). Since session 11 the refit runs at ``refit_lr``
-  1e-3, which beat 3e-4 in every pair measured: on this preset's files 58.8 against 59.4 (CR 0.2), 87.3
-  against 89.1 (CR 0.3) and 200.1 against 204.8 (CR 0.5); on 512-token windows 181.7 against 195.7
-  (32 x 512, CR 0.5). After the 100 steps the difference is gone (session 12, the ``softlm train``
-  default at CR 0.5: 89.2 at 1e-3, 89.1 at 3e-4; 87.0 from the 32 x 512 file with the refit at 1e-3).
-* ``lm-softlm``: the SoftLM recipe of issue 11 (CR 0.5, ppl 139.6 after 100 steps): whitened
-  decomposition from 128 x 128 calibration tokens, thresholds in ``uniform_rank`` units at lr 3e-2
-  following a 60-step ramp, 40 fine-tuning steps after the freeze, the same distillation.
-* ``glue``: classifier fine-tuning on GLUE / the user's data, the measured best recipe of BENCHMARKS.md
-  (issue 17, MiniLM at CR 0.5): the dense model is fine-tuned first (1,000 steps: the teacher); every
-  compressed method compresses that teacher (``compress_from="teacher"``) on its whitened spectrum
-  (Grams of 256 training examples); ``allocated`` takes the ranks of the global Fisher allocation
-  scored on the teacher, then fine-tunes 200 steps with distillation from it (weight 1, T = 2), batch
-  16, lr 1e-4 (SST-2: 0.875 against the teacher's 0.877 and whitened static's 0.857; MRPC F1: 0.859
-  against the teacher's 0.847 and static's 0.847; ``static`` always runs beside it). The teacher trains
-  1,000 steps since session 12: at 500 it had barely learned MRPC (F1 0.827, the majority answer 0.812;
-  then static 0.852, allocated 0.824, SoftLM 0.776) and SST-2 less well (0.856; allocated 0.866, static
-  0.841, SoftLM 0.831). A learned rule asked for here runs on the same whitened factors (thresholds in
-  ``uniform_rank`` units, lr 2e-2, a 60-step ramp, 150 steps after the freeze); started at the Fisher
-  allocation of CR 0.4 (``start_allocation``) SoftLM gave MRPC F1 0.847 but SST-2 0.803, so it is not
-  the default.
-* ``glue-softlm``: the classifier recipe before issue 17 (plain SVD, SoftLM from the pretrained
-  encoder with a new head, thresholds at lr 5e-3, 150 steps after the freeze, no distillation).
-* ``paper``: the SoftLM paper's plain recipe for a causal LM (plain SVD, no ramp, no distillation).
+* ``lm``: causal-LM compression, the ``allocated`` method. Fisher scores of the whitened triplets from one
+  gradient pass over 128 windows of 128 tokens of WikiText-2 valid, the exact budget fill
+  (:mod:`softlm_jax.allocate`), the propagated error-aware decomposition (mix 0.5,
+  :mod:`softlm_jax.propagate`) fit at those ranks; ``softlm compress`` stops there. ``softlm train`` adds
+  the block refit (32 Adam steps per block at ``refit_lr`` 1e-3, :mod:`softlm_jax.refit`) and fine-tunes
+  on 512-token windows (the perplexity's) with distillation from the dense model (weight 1, T = 2),
+  batch 4, lr 2e-4, cosine schedule after 5 warmup steps. ``static`` gets the same decomposition, refit
+  and fine-tuning at the uniform keep-ratio. A learned rule asked for here needs
+  ``lr_schedule="constant"`` (its length is not known in advance). Chosen in
+  BENCHMARKS.md#training-free-language-model and BENCHMARKS.md#language-model-after-fine-tuning; the
+  calibration windows, refit rate, schedule and hidden-state distillation (off) in
+  BENCHMARKS.md#ablations.
+* ``lm-softlm``: the SoftLM recipe on a causal LM: whitened decomposition from 128 x 128 calibration
+  tokens, thresholds in ``uniform_rank`` units at lr 3e-2 following a 60-step ramp, 40 fine-tuning steps
+  after the freeze, the same distillation (BENCHMARKS.md#language-model-after-fine-tuning).
+* ``glue``: classifier fine-tuning on GLUE / the user's data. The dense model is fine-tuned first (1,000
+  steps: the teacher); every compressed method compresses that teacher (``compress_from="teacher"``) on
+  its whitened spectrum (Grams of 256 training examples); ``allocated`` takes the ranks of the global
+  Fisher allocation scored on the teacher, then fine-tunes 200 steps with distillation from it (weight
+  1, T = 2), batch 16, lr 1e-4; ``static`` runs beside it. A learned rule asked for here runs on the same
+  whitened factors (thresholds in ``uniform_rank`` units, lr 2e-2, a 60-step ramp, 150 steps after the
+  freeze). Chosen in BENCHMARKS.md#glue; why a learned rule is not the default:
+  BENCHMARKS.md#negative-results.
+* ``glue-softlm``: SoftLM on a classifier: plain SVD, thresholds learned from the pretrained encoder with
+  a new head at lr 5e-3, 150 steps after the freeze, no distillation (BENCHMARKS.md#glue).
+* ``paper``: the SoftLM paper's plain recipe for a causal LM: plain SVD, no ramp, no distillation
+  (BENCHMARKS.md#the-softlm-papers-setting).
 """
 from __future__ import annotations
 
@@ -74,7 +52,7 @@ PRESETS: dict[str, dict] = {
         "compression": {**_LM_SOFTLM, "decomposition": "propagated"},
         "train": {**_LM_TRAIN, "calib_grams": 128, "refit_steps": 32, "refit_lr": 1e-3, "lr": 2e-4,
                   "lr_schedule": "cosine", "warmup_steps": 5},
-        # fine-tuning on windows of the perplexity's length, calibration on 128-token ones (session 9)
+        # fine-tuning on windows of the perplexity's length, calibration on 128-token ones (BENCHMARKS.md#ablations)
         "data": {**_LM_DATA, "seq_len": 512, "calib_len": 128},
         "methods": ("allocated", "static", "dense"),
     },
