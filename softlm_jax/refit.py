@@ -9,15 +9,15 @@ and the dense block's output on the calibration tokens (``RefitConfig.loss="tota
 or each token's error relative to its own norm, averaged (``loss="token"``, :func:`block_loss`). On
 SmolLM2 the attention sink (position 0) holds 90-99.5% of the hidden states' energy in blocks 12-27, so
 ``"total"`` is mostly that one token's error; yet both give the same perplexity after the refit at CR 0.5
-(204.79 and 204.95, BENCHMARKS.md), so the default stays the sums' ratio.
+(BENCHMARKS.md#ablations), so the default stays the sums' ratio.
 
 ``h^f`` is the dense model's hidden state at the block's input (the targets are the dense block's
 outputs on it); ``h^in`` is, with ``RefitConfig.inputs="compressed"`` (the default), the hidden state
 of the compressed model with every earlier block already refit, so a block also learns to undo the
 error it receives; with ``"dense"`` it is ``h^f`` (a purely local fit). Both lower every block's held-out
-error on the tiny test model (``tests/test_refit.py``); the defaults ``"compressed"``, ``steps=32`` and
-``lr=3e-4`` were set before any comparison on SmolLM2. There, ``lr=1e-3`` beat 3e-4 at CR 0.2, 0.3 and 0.5 (BENCHMARKS.md,
-session 11), so the ``lm`` preset refits at 1e-3 (``TrainConfig.refit_lr``). No labels are used. Blocks run
+error on the tiny test model (``tests/test_refit.py``). The defaults are ``"compressed"``, ``steps=32``
+and ``lr=3e-4``; the ``lm`` preset refits at ``lr=1e-3`` (``TrainConfig.refit_lr``), which gives the
+lower perplexity on SmolLM2 at CR 0.2, 0.3 and 0.5 (BENCHMARKS.md#ablations). No labels are used. Blocks run
 alone on cached hidden states (:class:`softlm_jax.blocks.BlockRunner`), so a step costs one block's
 forward and backward pass, about 1/30 of the model's for SmolLM2.
 
@@ -32,7 +32,7 @@ A held-out guard (``RefitConfig.holdout = H > 0``): the last ``H`` calibration b
 trained on; a block's refit is kept only if it lowers that block's error on them (same inputs and error
 measure as the training), otherwise the block keeps its starting factors. A refit that overfits its
 steps' few windows (on SmolLM2 from 512 calibration windows, 32 steps see 128 of them: the refit raised
-the perplexity, BENCHMARKS.md) then cannot make a block worse on data it has not seen.
+the perplexity, BENCHMARKS.md#ablations) then cannot make a block worse on data it has not seen.
 
 Resumable: with ``ckpt_dir`` each finished block is written atomically to ``block_<i>.npz``; a rerun
 loads the finished blocks and continues with the next, giving bit-identical parameters. The files record
