@@ -1,4 +1,4 @@
-"""A global, loss-aware rank allocation without training (issue 17, item 2).
+"""A global, loss-aware rank allocation without training.
 
 A whitened triplet's energy ``s_i^2`` is its output error at its own layer, not its effect on the
 model's loss. This module measures the effect on the loss with one pass of gradients over calibration
@@ -19,7 +19,7 @@ batches, then spends the parameter budget where the loss needs it, exactly:
      dropped tail (the tail is dropped as one block);
    - ``"first_order"``: ``sum_{i>=r} |E_b d_i|``; ``"first_order_block"``: ``|sum_{i>=r} E_b d_i|``.
 
-   Which one, by measurement (``/work/notes/allocate_bench.md``): on whitened SmolLM2-135M at CR 0.5
+   Which one, by measurement (BENCHMARKS.md#ablations): on whitened SmolLM2-135M at CR 0.5
    (WikiText-2 raw test, training-free, the same budget) the ``"fisher"`` allocation gives ppl 500 where
    uniform gives 1,176 and ``"first_order"`` 1,289 (worse than uniform). On a tiny Llama's single-layer
    tail drops, Fisher and |first order| rank the larger true loss increases equally well (Spearman 0.92)

@@ -13,7 +13,7 @@ inputs ``G_c = X_c^T X_c`` and the cross-Gram with the dense model's inputs ``C 
 
   L(W') = (1 - mix) ||X_c (W' - W)||^2 + mix ||X_c W' - X_f W||^2
 
-(``a = mix / (1 - mix)`` in the issue's ``||X_c (W' - W)||^2 + a ||X_c W' - X_f W||^2``, up to the
+(``a = mix / (1 - mix)`` in SAES-SVD's ``||X_c (W' - W)||^2 + a ||X_c W' - X_f W||^2``, up to the
 factor ``1 + a``). Expanding, with ``G_c = S S^T``::
 
   L(W') = tr(W'^T G_c W') - 2 tr(W'^T ((1 - mix) G_c W + mix C W)) + const
@@ -60,7 +60,7 @@ from softlm_jax.config import CompressionConfig
 from softlm_jax.export import static_ranks
 
 #: Default mixing weight between the compressed-input (0) and dense-output (1) objectives, from the
-#: SmolLM2-135M sweep at CR 0.5 (BENCHMARKS.md, "The mixing weight"): ppl 2,528 / 461.6 / 468.5 / 554.1 /
+#: SmolLM2-135M sweep at CR 0.5 (BENCHMARKS.md#ablations): ppl 2,528 / 461.6 / 468.5 / 554.1 /
 #: 753.3 at 0 / 0.25 / 0.5 / 0.75 / 1 (whitened: 1,092). 0.5 sits in the flat optimum (0.25-0.5); 0 alone
 #: is worse than whitened (each layer reproduces the error it receives), 1 alone leans on a noisy
 #: ``G_c^{-1} C`` from few tokens.

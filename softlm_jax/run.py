@@ -896,7 +896,7 @@ def summary_row(res: dict) -> dict:
   """One table row: method, CR, budget columns, every split's metrics, steps, wall time."""
   cells = {}
   by_split = res["metrics"]
-  if by_split and not isinstance(next(iter(by_split.values())), dict):  # results.json of before issue 13
+  if by_split and not isinstance(next(iter(by_split.values())), dict):  # flat metrics: an older results.json
     by_split = {"dev": by_split}
   for split, ms in by_split.items():
     prefix = "" if len(by_split) == 1 else f"{split} "

@@ -47,7 +47,7 @@ class DataConfig:
     seq_len: causal LM training window (tokens); also the calibration window unless ``calib_len`` is set.
     calib_len: causal LM calibration window (tokens) of the Grams, the allocation's scores, the
       propagated fit and the block refit; None: ``seq_len``. The ``lm`` preset fine-tunes on windows of
-      the perplexity's length (512) and calibrates on 128-token ones (BENCHMARKS.md, session 9).
+      the perplexity's length (512) and calibrates on 128-token ones (BENCHMARKS.md#ablations).
     eval_len, eval_windows: perplexity windows (tokens, count).
     curve_windows: causal LM: test windows of the during-training perplexity curve.
   """

@@ -190,7 +190,7 @@ def fit(state: TrainState, train_step: Callable, batch_fn: Callable[[int], Any],
 
   if eval_fn is not None and eval_every > 0 and step == 0:
     log({"step": 0, **evaluate(state.params), "time": 0.0})
-  ctrl_c = StopRequest().install()  # issue 18: Ctrl-C stops at a step boundary, saves, says where it resumes
+  ctrl_c = StopRequest().install()  # Ctrl-C stops at a step boundary, saves, says where it resumes
   while step < end:
     if (stop_after is not None and step >= stop_after) or ctrl_c.requested:
       break
