@@ -1,7 +1,7 @@
 """The causal LM's calibration window apart from its fine-tuning window (``DataConfig.calib_len``,
 ``--calib-len``): the ``lm`` preset fine-tunes on 512-token windows (the perplexity's) and calibrates on
 128-token ones, so ``softlm compress`` keeps its calibration while ``softlm train`` trains on whole
-evaluation-length windows (BENCHMARKS.md, session 9)."""
+evaluation-length windows (BENCHMARKS.md#ablations)."""
 import numpy as np
 import pytest
 

@@ -188,7 +188,7 @@ def test_generate_from_loaded_compact_model(tmp_path, name):
   assert out.shape == (2, 11) and np.array_equal(np.asarray(out), np.asarray(seq))
 
 
-# --- checksums (issue 18) --------------------------------------------------------------------------
+# --- checksums -------------------------------------------------------------------------------------
 
 def _tiny_keys():
   _, ex = trained_export(build("bert"))
@@ -247,7 +247,7 @@ def test_bfloat16_digests_verify(tmp_path):
 def test_file_without_digests_loads_with_a_warning(tmp_path, ids):
   path, ex = saved(tmp_path)
 
-  def strip(h):  # a file from before issue 18
+  def strip(h):  # a file written before the manifest carried array digests
     m = json.loads(h["__metadata__"]["softlm"])
     for v in m["arrays"].values():
       del v["sha256"]

@@ -29,8 +29,8 @@ def tiny_checkpoint(tmp_path):
 
 
 def test_glue_script_end_to_end(tmp_path):
-  """With issue 11's options: whitened decomposition from Grams of unpadded training tokens, distillation
-  from the dense run (which then runs first), the compression ramp."""
+  """With the whitened decomposition from Grams of unpadded training tokens, distillation from the dense
+  run (which then runs first) and the compression ramp."""
   sys.path.insert(0, os.path.join(ROOT, "experiments"))
   import glue
   out = tmp_path / "run"

@@ -1,4 +1,4 @@
-"""Fine-tuning options (issue 17, row 6): hidden-state distillation and the learning-rate schedule."""
+"""Fine-tuning options: hidden-state distillation and the learning-rate schedule."""
 import jax
 import jax.numpy as jnp
 import numpy as np

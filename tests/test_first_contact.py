@@ -1,4 +1,4 @@
-"""Issue 18, what a first-time user meets: `softlm generate` refuses a classifier at once, a nearly
+"""What a first-time user meets: `softlm generate` refuses a classifier at once, a nearly
 numeric label column is an error in auto mode, Ctrl-C stops training within seconds and resumes."""
 import json
 import os

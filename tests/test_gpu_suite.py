@@ -1,4 +1,4 @@
-"""Issue 18: the prepared GPU suite's CPU dry run writes every results file it promises."""
+"""The prepared GPU suite's CPU dry run writes every results file it promises."""
 import json
 import os
 import subprocess

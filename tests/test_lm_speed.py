@@ -1,4 +1,4 @@
-"""Issue 18: prefill / decode tokens per second (bench.lm_speed) agree with a direct timing of the same
+"""Prefill / decode tokens per second (bench.lm_speed) agree with a direct timing of the same
 jitted calls, through `softlm bench` on a tiny causal-LM compact file; the bounds follow from the trees."""
 import json
 import os
@@ -67,7 +67,7 @@ def test_decode_loop_is_greedy_generation(tmp_path):
 
 @pytest.mark.skipif(os.getloadavg()[0] > 2 * (os.cpu_count() or 1),
                     reason="a timing comparison: at load 18 on 2 cores the same call's fastest of 5 moved 8x between "
-                    "the bench and a direct timing, both ways (issue 18 notes)")
+                    "the bench and a direct timing, both ways")
 @pytest.mark.serial  # a timing comparison: run alone (scripts/test.sh), not beside another worker
 def test_softlm_bench_reports_tokens_per_second_that_match_a_direct_timing(tmp_path):
   model = medium_llama()

@@ -56,17 +56,18 @@ def test_softlm_train_and_experiments_lm_build_equal_configs(argv):
   a = options.parse(cli.build_parser(), ["train", "--task", "wikitext", "--out", "x", *argv]).options
   b = _lm_script().parse(["--out", "x", *argv]).options
   assert (a.compression, a.train, a.data) == (b.compression, b.train, b.data)
-  if argv == ["--cr", "0.5"]:  # the BENCHMARKS recipe of issue 17 (allocated + propagated), from the one preset
+  if argv == ["--cr", "0.5"]:  # the lm preset's recipe (allocated + propagated), from the one preset
     assert a.compression.decomposition == "propagated" and a.compression.normalize == "uniform_rank"
     assert a.train.calib_grams == 128 and a.train.refit_steps == 32 and a.train.steps is None
-    assert a.train.refit_lr == 1e-3  # session 11: beat 3e-4 at CR 0.2, 0.3 and 0.5
+    assert a.train.refit_lr == 1e-3  # the preset's refit rate, not the library default 3e-4
     assert a.train.distill == (1.0, 2.0) and a.train.batch_size == 4 and a.train.lr == 2e-4
-    assert (a.data.seq_len, a.data.lm_calib_len, a.data.eval_len) == (512, 128, 512)  # session 9
+    assert (a.data.seq_len, a.data.lm_calib_len, a.data.eval_len) == (512, 128, 512)  # train/eval 512, calib 128
     assert a.model == "smollm2" and a.preset == "lm" and a.methods == b.methods == ("allocated", "static", "dense")
 
 
-def test_lm_softlm_preset_is_the_issue_11_recipe():
-  """The SoftLM recipe that gave 139.6 at CR 0.5 (issue 11) stays one flag away."""
+def test_lm_softlm_preset_is_softlm_on_whitened_factors_with_the_ramp():
+  """``--preset lm-softlm``: SoftLM's learned thresholds on the whitened spectrum, a 60-step ramp,
+  distillation; no block refit."""
   from softlm_jax import cli
   a = options.parse(cli.build_parser(), ["train", "--task", "wikitext", "--out", "x", "--preset", "lm-softlm"]).options
   assert a.compression.decomposition == "whitened" and a.compression.normalize == "uniform_rank"
@@ -75,9 +76,9 @@ def test_lm_softlm_preset_is_the_issue_11_recipe():
   assert a.train.calib_grams == 128 and a.train.refit_steps == 0 and a.methods == ("softlm", "static", "dense")
 
 
-def test_glue_preset_is_the_measured_recipe_and_glue_softlm_the_old_one():
-  """glue: the dense teacher (500 steps), every compressed method compressing it on the whitened
-  spectrum, allocated first, distillation (BENCHMARKS.md, issue 17); glue-softlm: plain SVD, SoftLM."""
+def test_glue_preset_compresses_the_teacher_and_glue_softlm_is_plain_softlm():
+  """glue: the dense teacher (1,000 steps), every compressed method compressing it on the whitened
+  spectrum, allocated first, distillation (BENCHMARKS.md#glue); glue-softlm: plain SVD, SoftLM."""
   from softlm_jax import cli
   a = options.parse(cli.build_parser(), ["train", "--task", "sst2", "--out", "x"]).options
   assert a.preset == "glue" and a.methods == ("allocated", "static", "dense")

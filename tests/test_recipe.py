@@ -1,4 +1,4 @@
-"""The training-free recipe through the pipeline (issue 17, item 4): ``allocated`` methods (a global
+"""The training-free recipe through the pipeline: ``allocated`` methods (a global
 loss-aware allocation, factors fit again at the allocated ranks by a rank-dependent decomposition) and
 the block refit as a pipeline stage, on a tiny random Llama with WikiText-2 windows."""
 import json

@@ -29,8 +29,8 @@ def run8(args, timeout=900):
   slow = ("--xla_cpu_collective_call_terminate_timeout_seconds=900 "
           "--xla_cpu_collective_call_warn_stuck_timeout_seconds=300 --xla_cpu_collective_timeout_seconds=900")
   env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {slow}", "JAX_PLATFORMS": "cpu"}
-  # XLA's CPU runtime with 8 simulated devices on 2 cores can wedge: once (session 2 of issue 17, a
-  # fresh-clone CI run) every thread of mesh_equiv.py slept at 0% CPU for 7 minutes after a normal start,
+  # XLA's CPU runtime with 8 simulated devices on 2 cores can wedge: in a fresh-clone CI run every
+  # thread of mesh_equiv.py once slept at 0% CPU for 7 minutes after a normal start,
   # where the same script takes ~60 s. That is the runtime's rendezvous, not the numerics under test:
   # a run that does not finish in `timeout` seconds is retried once, and a second hang fails the test.
   for attempt in (1, 2):
