@@ -1,4 +1,5 @@
-"""Inference latency, memory, power and training cost: thin CLI over :mod:`softlm_jax.bench`.
+"""Inference latency, memory, power and training cost: thin CLI over :mod:`softlm_jax.bench`. Regenerates
+BENCHMARKS.md#inference-speed-and-memory (its ``speedup.png`` is ``docs/speedup_bert_base_cpu.png``).
 
   python experiments/bench.py --model bert-base --batch 8 --seq 128 --out runs/bench/bert-base
   python experiments/bench.py --help       # the same options as python -m softlm_jax.bench

@@ -1,5 +1,6 @@
 """Costs of the whitened decomposition on SmolLM2-135M: Gram collection vs one forward pass over the same
 calibration data, and the whitened decomposition vs plain SVD. Ratios measured in one process.
+Regenerates the whitened decomposition's rows of BENCHMARKS.md#compression-cost.
 
   python experiments/calib_cost.py --windows 32 --out runs/calib_cost.json
 

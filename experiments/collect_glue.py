@@ -1,4 +1,5 @@
-"""Collects runs/glue/<task>/<method>/results.json into one Markdown table (for BENCHMARKS.md).
+"""Collects runs/glue/<task>/<method>/results.json (experiments/glue.py) into one Markdown table: the
+table of BENCHMARKS.md#glue.
 
 Rows are glue.py's own summary rows, plus the main metric's difference to the dense run of the task.
 

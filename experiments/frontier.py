@@ -1,4 +1,5 @@
-"""Issue 17's training-free frontier on SmolLM2-135M: an ablation table, one ingredient a row.
+"""The training-free frontier on SmolLM2-135M: an ablation table, one ingredient a row. Regenerates the
+tables of BENCHMARKS.md#training-free-language-model and the decomposition rows of BENCHMARKS.md#ablations.
 
 Rows (``--rows``), each at every ``--crs``:
   whitened     whitened SVD (SVD-LLM's truncation), the uniform keep-ratio (``static_svd``);

@@ -1,7 +1,8 @@
 """GLUE (or your own data) fine-tuning: the dense teacher, the allocated recipe and the static-SVD
-baseline on one task (``--preset glue-softlm``: dense, SoftLM and static, the recipe before issue 17):
+baseline on one task (``--preset glue-softlm``: dense, SoftLM on plain SVD and static):
 :func:`softlm_jax.run.run_comparison` with the options of ``softlm train`` (the ``glue`` preset of
-:mod:`softlm_jax.presets`).
+:mod:`softlm_jax.presets`). Regenerates BENCHMARKS.md#glue (one run per task, then
+``experiments/collect_glue.py``).
 
 Default: real all-MiniLM-L6-v2 on SST-2 from ../shared/data, the preset's methods at CR 0.5. Each method
 writes ``<out>/<method>/results.json`` (metrics, counts, ranks, history, wall time), ``table.md``, and,

@@ -1,4 +1,5 @@
 """LLRC on real all-MiniLM-L6-v2 (GLUE): fine-tuning-free compression of a fine-tuned classifier.
+Regenerates the MiniLM table of BENCHMARKS.md#llrc.
 
 1. Teacher: the dense model fine-tuned on the task's train split (``--teacher-steps``; its run folder
    ``<out>/dense`` is reused by later runs).

@@ -1,5 +1,6 @@
-"""The prepared GPU run (issue 18): one command, one results folder, everything a short GPU loan should
-measure. Run through ``experiments/gpu_suite.sh`` (installs the carried wheels first).
+"""The prepared GPU run: one command, one results folder, everything a short GPU loan should measure (the
+GPU rows of BENCHMARKS.md#inference-speed-and-memory). Run through ``experiments/gpu_suite.sh`` (installs
+the carried wheels first).
 
   python experiments/gpu_suite.py --out runs/gpu_suite            # on the GPU (about 5-8 minutes, H100/H200)
   python experiments/gpu_suite.py --dry-run --out /tmp/gpu_dry    # tiny shapes on CPU (the test runs this)

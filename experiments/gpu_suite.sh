@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU run (issue 18): installs the wheels carried in .whl/ (experiments/gpu_prepare.sh made
+# The prepared GPU run: installs the wheels carried in .whl/ (experiments/gpu_prepare.sh made
 # them here; the GPU machine has no internet and jax with CUDA already), then runs experiments/gpu_suite.py.
 #   bash experiments/gpu_suite.sh --out "$OUT/gpu_suite"      # on the GPU machine
 #   bash experiments/gpu_suite.sh --dry-run --out /tmp/dry    # tiny shapes, CPU

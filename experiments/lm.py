@@ -27,10 +27,11 @@ finished run (results.json present) is skipped, an interrupted one resumes from 
   python experiments/lm.py --model smollm2 --preset lm-softlm --methods dense,softlm,static --crs 0.5 \
       --out runs/lm/smollm2
 
-The defaults are the ``lm`` preset, the recommended settings (BENCHMARKS.md, issue 17: ``allocated``
-on the propagated decomposition, block refit, distillation; methods allocated,static,dense).
-``--preset lm-softlm`` is issue 11's SoftLM recipe (whitened, ramp; 139.6 at CR 0.5), ``--preset paper``
-the plain SoftLM of the paper.
+The defaults are the ``lm`` preset, the recommended settings (``allocated`` on the propagated
+decomposition, block refit, distillation; methods allocated,static,dense). ``--preset lm-softlm`` is the
+SoftLM recipe (learned thresholds on whitened factors, ramp), ``--preset paper`` the plain SoftLM of the
+paper. Regenerates BENCHMARKS.md#language-model-after-fine-tuning and, with ``--preset paper``,
+BENCHMARKS.md#the-softlm-papers-setting.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
 """Same training on several mesh shapes: the params, the freeze step and the ranks must not depend on the mesh.
+Regenerates BENCHMARKS.md#sharding-equivalence.
 
 Tiny random Llama + SoftLM at CR 0.5, ``--steps`` steps of ``softlm_jax.train.fit`` crossing the budget
 freeze, once per mesh shape (``--meshes``, ``DxF`` = ``data=D, fsdp=F``). On a CPU the devices are

@@ -1,7 +1,8 @@
-"""Perplexity against training step, one line per run, from experiments/lm.py's ``--eval-every`` curves.
+"""Perplexity against training step, one line per run, from experiments/lm.py's ``--eval-every`` curves:
+the figure ``docs/smollm2_cr05_curves.png`` (BENCHMARKS.md#language-model-after-fine-tuning).
 
   python experiments/plot_curves.py runs/lm/w_kd_ramp/softlm_cr0.5 runs/lm/w_kd_ramp/static_cr0.5 \
-      --labels "SoftLM whitened + KD + ramp" "static whitened + KD" --out docs/smollm2_curves.png
+      --labels "SoftLM whitened + KD + ramp" "static whitened + KD" --out docs/smollm2_cr05_curves.png
 
 Each run's ``results.json`` holds ``history`` rows; those with ``curve_ppl`` (the perplexity on the first
 ``--curve-windows`` raw-test windows, logged every ``--eval-every`` steps) are plotted. A vertical

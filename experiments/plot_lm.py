@@ -1,4 +1,5 @@
-"""Perplexity against fraction removed, one line per method, from experiments/lm.py's results.
+"""Perplexity against fraction removed, one line per method, from experiments/lm.py's results: the figure
+``docs/smollm2_wikitext2_ppl.png``.
 
   python experiments/plot_lm.py runs/lm/smollm2 runs/lm/smollm2_llrc2 --out docs/smollm2_wikitext2_ppl.png
 

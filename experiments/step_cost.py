@@ -1,9 +1,10 @@
-"""Costs of SoftLM training on real all-MiniLM-L6-v2, measured in one process (ratios to dense).
+"""Costs of SoftLM training on real all-MiniLM-L6-v2, measured in one process (ratios to dense). Regenerates
+the training-step and ``compress_params`` rows of BENCHMARKS.md#compression-cost.
 
 - train step time and peak memory (XLA's memory analysis of the compiled step): dense fine-tuning vs
   SoftLM at init_rank "full" and "break_even", each with the default apply mode ("auto": a
-  factored layer near full rank runs as one merged kernel) and with "factored" forced (the path
-  before that choice existed); steps interleaved, median of --reps after compile;
+  factored layer near full rank runs as one merged kernel) and with "factored" forced (every factored
+  layer as its two matmuls); steps interleaved, median of --reps after compile;
 - how far the compressed model starts from the dense one, per sharpness (max |logit diff| / max |logit|);
 - compress_params time vs numpy's SVD of the same kernels (interleaved).
 

@@ -1,4 +1,5 @@
-"""Peak memory of the decomposition on a TinyLlama-1.1B-shaped Llama: streaming vs one-shot.
+"""Peak memory of the decomposition on a TinyLlama-1.1B-shaped Llama: streaming vs one-shot. Regenerates
+the streaming rows of BENCHMARKS.md#compression-cost.
 
 The model has TinyLlama-1.1B's shapes (22 layers, hidden 2048, FFN 5632, 32 heads, 4 KV heads, vocab
 32000, untied head; ``--layers`` to shorten it) and random weights, built without ever holding two
