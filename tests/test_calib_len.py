@@ -36,7 +36,7 @@ def test_lm_preset_fine_tunes_on_evaluation_windows_and_calibrates_on_short_ones
   from softlm_jax.cli import options
   _, _, d = presets.build("lm", data={"task": "wikitext"})
   assert (d.seq_len, d.lm_calib_len, d.eval_len) == (512, 128, 512)
-  _, _, d = presets.build("lm-softlm", data={"task": "wikitext"})  # its measured recipe is unchanged
+  _, _, d = presets.build("lm-softlm", data={"task": "wikitext"})  # one 128-token window for both
   assert (d.seq_len, d.calib_len) == (128, None)
   o = options.parse(cli.build_parser(), ["train", "--task", "wikitext", "--model", "tiny-llama", "--out", "x",
                                          "--calib-len", "64", "--seq-len", "256"]).options

@@ -94,7 +94,7 @@ def run_benchmark(model: str = "bert-base", *, batches: Sequence[int] = (8,), se
   ``mode`` is ``"forward"`` (whole sequence: encoder, or decoder prefill) and, for decoders with
   ``decode`` (default: on for decoders), ``"decode"`` (one token per sequence with a KV cache of
   ``seq`` positions, the cache donated when ``donate``). Returns the JSON-able result (see
-  BENCHMARKS.md "Performance" for the fields). ``extra_variants``: more cases, ``{name: {"params", "kind",
+  BENCHMARKS.md#inference-speed-and-memory for the fields). ``extra_variants``: more cases, ``{name: {"params", "kind",
   "cr", "rank_multiple"}}`` (e.g. a loaded compact checkpoint, as ``softlm bench`` does); ``cfg``: the
   compression config that selects the linears (default ``CompressionConfig()``).
   """

@@ -50,7 +50,8 @@ def loadavg() -> Optional[list[float]]:
 
 
 #: XLA's CPU backend without its YNNPACK fusions: dots on the Eigen path. BERT-base batch 8 x 128 on this
-#: machine's x86-64 CPU (BENCHMARKS.md): dense 965 vs 1112 ms, CR 0.5 speed-up 1.72x vs 1.55x.
+#: machine's x86-64 CPU: dense 965 vs 1112 ms, CR 0.5 speed-up 1.72x vs 1.55x
+#: (BENCHMARKS.md#inference-speed-and-memory).
 EIGEN_DOTS_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
 #: set to 0 to keep XLA's own CPU defaults in the library's processes
 DEFAULT_FLAGS_ENV = "SOFTLM_DEFAULT_XLA_FLAGS"
