@@ -17,16 +17,24 @@ manifest::
   source_model      ``metadata["source_model"]`` (e.g. "minilm", a HF name or path) or null
   compression       the CompressionConfig fields; model_config: the HF config dict (or null)
   metadata          the caller's ``metadata`` (JSON-able)
+  manifest_sha256   hex sha256 of the canonical JSON (sorted keys, no spaces) of every other field
 
 Any safetensors reader opens the file (``safetensors.safe_open(path, "flax").metadata()["softlm"]``
 is the manifest). The bytes on disk are the compact parameters plus the header: no optimizer state,
 no singular values, no thresholds. A training-form tree (thresholds or masks still in it) is refused:
 export it first (:func:`softlm_jax.export_params`).
 
-:func:`load_compact` recomputes every array's sha256 from the bytes in the file and raises
-:class:`CheckpointError` naming the file and the key on a mismatch (a flipped bit anywhere in the
-arrays); ``verify=False`` skips that pass. Files written before the digests existed load with a
-warning.
+:func:`load_compact` checks what the file claims against what it holds:
+
+* always: every array's shape and dtype against the manifest, and every claim that the arrays
+  determine, recomputed from them with :func:`softlm_jax.budget.budget_report` (each layer's rank,
+  shape, form, break-even rank and counted parameters; ``counted_params``, ``dense_params``,
+  ``target_params``, ``achieved_ratio``, ``dtype``); a disagreement raises :class:`CheckpointError`
+  naming the field and both values;
+* with ``verify=True`` (the default) also the digests: the manifest's own (``manifest_sha256``) and
+  every array's sha256 recomputed from the bytes in the file (a flipped bit anywhere in the arrays or
+  an edited manifest field). ``verify=False`` skips only the digests. Files written before the
+  digests existed load with a warning.
 
 The write is atomic: the file is written to a temporary name in the destination folder, flushed to
 disk, then renamed over ``path`` (``os.replace``). An interrupted save leaves the previous file (or
@@ -134,7 +142,7 @@ def manifest(params: Mapping, cfg: Optional[CompressionConfig] = None, *, model_
   factored = {p for p, _ in tree.factored_layers(params)}
   layers = {p: {**v, "form": "factored" if p in factored else "dense"} for p, v in rep["layers"].items()}
   metadata = dict(metadata or {})
-  return {
+  man = {
       "format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__,
       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "method": metadata.get("method", cfg.method), "target_ratio": cfg.target_ratio,
@@ -146,6 +154,15 @@ def manifest(params: Mapping, cfg: Optional[CompressionConfig] = None, *, model_
                  for k, v in flat.items()},
       "compression": _config_dict(cfg), "model_config": _model_config_dict(model_config), "metadata": metadata,
   }
+  man["manifest_sha256"] = manifest_digest(man)
+  return man
+
+
+def manifest_digest(man: Mapping) -> str:
+  """Hex sha256 of a manifest's canonical JSON (sorted keys, ``(",", ":")`` separators), every field
+  but ``manifest_sha256`` itself."""
+  body = {k: v for k, v in man.items() if k != "manifest_sha256"}
+  return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def array_digest(x) -> str:
@@ -185,10 +202,19 @@ def file_digests(path: Union[str, os.PathLike]) -> dict[str, str]:
 
 
 def verify_digests(path: Union[str, os.PathLike], man: Mapping) -> None:
-  """Checks every array's bytes in ``path`` against the manifest's ``sha256``; raises CheckpointError
-  naming the file and the first key that differs. A manifest without digests (a file written before
-  they existed) warns and returns."""
+  """Checks the manifest against its own ``manifest_sha256`` and every array's bytes in ``path`` against
+  the manifest's ``sha256``; raises CheckpointError naming the file and what differs. A manifest
+  without digests (a file written before they existed) warns."""
   path = os.fspath(path)
+  if "manifest_sha256" in man:
+    got_man = manifest_digest(man)
+    if got_man != man["manifest_sha256"]:
+      raise CheckpointError(f"{path}: the manifest fails its checksum (sha256 {got_man[:12]}..., the file says "
+                            f"{str(man['manifest_sha256'])[:12]}...): a field of the manifest was edited or is "
+                            "corrupt; re-export the model")
+  else:
+    warnings.warn(f"{path}: the manifest has no manifest_sha256 (written by softlm_jax "
+                  f"{man.get('library_version')}); its fields are checked against the arrays only", stacklevel=3)
   want = {k: v.get("sha256") for k, v in man["arrays"].items()}
   if not any(want.values()):
     warnings.warn(f"{path}: the manifest has no array digests (written by softlm_jax "
@@ -302,15 +328,13 @@ def _check(path: str, man: Mapping, flat: Mapping[str, Any]) -> None:
 def load_compact(path: Union[str, os.PathLike], *, verify: bool = True) -> tuple[dict, dict]:
   """Loads a compact checkpoint: ``(params, info)``.
 
-  ``verify`` (default True): recompute every array's sha256 from the file and compare it with the
-  manifest (:func:`verify_digests`); False skips that pass (faster; shapes, dtypes and ranks are still
-  checked).
+  ``verify`` (default True): check the manifest's digest and recompute every array's sha256 from the
+  file (:func:`verify_digests`); False skips only those digests (faster): shapes, dtypes, ranks and
+  every count the manifest claims are still recomputed from the arrays (:func:`check_claims`).
 
   ``params``: the exported tree (nested dicts of ``jax.Array``, the saved dtypes), to run under
-  :func:`softlm_jax.intercept`; ``info``: the manifest. Checks the format version, every array's
-  shape and dtype against the manifest, each layer's factors against its rank, and the ranks against
-  :func:`softlm_jax.layer_ranks`; raises FileNotFoundError or :class:`CheckpointError` naming the
-  file and the key.
+  :func:`softlm_jax.intercept`; ``info``: the manifest. Raises FileNotFoundError or
+  :class:`CheckpointError` naming the file and the key or field.
   """
   path = os.fspath(path)
   man = read_manifest(path)
@@ -325,11 +349,47 @@ def load_compact(path: Union[str, os.PathLike], *, verify: bool = True) -> tuple
   if verify:
     verify_digests(path, man)
   params = unflatten(flat)
-  ranks = {p: int(r) for p, r in budget.layer_ranks(params).items()}
-  for layer, spec in man["layers"].items():
-    if spec["form"] == "factored" and ranks.get(layer) != spec["rank"]:
-      raise CheckpointError(f"{path}: layer '{layer}' has rank {ranks.get(layer)}, the manifest says {spec['rank']}")
+  check_claims(path, man, params)
   return params, man
+
+
+#: the manifest's totals that the arrays determine (:func:`softlm_jax.budget.budget_report`)
+RECOMPUTED = ("counted_params", "dense_params", "target_params", "achieved_ratio")
+
+
+def check_claims(path: Union[str, os.PathLike], man: Mapping, params: Mapping) -> None:
+  """Recomputes every claim of ``man`` that the arrays of ``params`` determine and raises
+  :class:`CheckpointError` naming the file, the field and both values at the first disagreement: each
+  layer's ``rank``, ``shape``, ``form``, ``break_even`` and ``params``; the totals :data:`RECOMPUTED`
+  (with the manifest's own CompressionConfig, whose ``target_ratio`` must equal the manifest's);
+  the parameters' ``dtype``."""
+  path = os.fspath(path)
+  cfg = config_from_manifest(man)
+
+  def refuse(field, claimed, actual):
+    raise CheckpointError(f"{path}: the manifest says {field} = {claimed!r}, the arrays give {actual!r}: the "
+                          "manifest does not describe this file (edited or corrupt); re-export the model")
+
+  if man.get("target_ratio") != cfg.target_ratio:
+    refuse("target_ratio", man.get("target_ratio"), cfg.target_ratio)
+  rep = budget.budget_report(params, cfg)
+  factored = {p for p, _ in tree.factored_layers(params)}
+  got = {p: {**v, "form": "factored" if p in factored else "dense"} for p, v in rep["layers"].items()}
+  claimed = man.get("layers") or {}
+  for layer in sorted(set(claimed) | set(got)):
+    if layer not in got:
+      refuse(f"layers['{layer}']", claimed[layer], None)
+    if layer not in claimed:
+      refuse(f"layers['{layer}']", None, got[layer])
+    for field in ("form", "shape", "rank", "break_even", "params"):
+      if claimed[layer].get(field) != got[layer][field]:
+        refuse(f"layers['{layer}'].{field}", claimed[layer].get(field), got[layer][field])
+  for field in RECOMPUTED:
+    if man.get(field) != rep[field]:
+      refuse(field, man.get(field), rep[field])
+  dtype = _dtype_name(flatten(params))
+  if man.get("dtype") != dtype:
+    refuse("dtype", man.get("dtype"), dtype)
 
 
 GENERATIVE_CLASS_MARKS = ("CausalLM", "LMHeadModel", "ForConditionalGeneration")

@@ -251,9 +251,58 @@ def test_file_without_digests_loads_with_a_warning(tmp_path, ids):
     m = json.loads(h["__metadata__"]["softlm"])
     for v in m["arrays"].values():
       del v["sha256"]
+    del m["manifest_sha256"]
     h["__metadata__"]["softlm"] = json.dumps(m)
   rewrite_header(path, strip)
   with pytest.warns(UserWarning, match=r"m\.safetensors: the manifest has no array digests"):
     loaded, _ = sl.load_compact(path)
   model = build("bert")
   assert np.array_equal(logits(model, loaded, ids), logits(model, ex, ids))
+
+
+def _edit_manifest(path, field, value, *, redigest):
+  """Sets one manifest field in place (arrays untouched); ``redigest``: also rewrite manifest_sha256 so
+  that only the claims check can catch the edit."""
+  def edit(h):
+    m = json.loads(h["__metadata__"]["softlm"])
+    node = m
+    *parents, leaf = field
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+    if redigest:
+      m["manifest_sha256"] = checkpoint.manifest_digest(m)
+    h["__metadata__"]["softlm"] = json.dumps(m)
+  rewrite_header(path, edit)
+
+
+def test_an_edited_manifest_field_fails_its_digest(tmp_path):
+  path, _ = saved(tmp_path)
+  _edit_manifest(path, ["achieved_ratio"], 0.9, redigest=False)
+  with pytest.raises(sl.CheckpointError, match="the manifest fails its checksum"):
+    sl.load_compact(path)
+
+
+@pytest.mark.parametrize("verify", [True, False])
+@pytest.mark.parametrize("field,value,named", [
+    (["achieved_ratio"], 0.9, r"achieved_ratio = 0\.9, the arrays give 0\.[0-9]+"),
+    (["counted_params"], 1, r"counted_params = 1, the arrays give [0-9]+"),
+    (["dense_params"], 7, r"dense_params = 7, the arrays give [0-9]+"),
+    (["dtype"], "bfloat16", r"dtype = 'bfloat16', the arrays give 'float32'"),
+])
+def test_a_manifest_claim_is_recomputed_from_the_arrays(tmp_path, field, value, named, verify):
+  """A manifest whose digest was rewritten with the edit still cannot claim what the arrays do not
+  say; verify=False (digests skipped) checks the claims all the same."""
+  path, _ = saved(tmp_path)
+  _edit_manifest(path, field, value, redigest=True)
+  with pytest.raises(sl.CheckpointError, match=named):
+    sl.load_compact(path, verify=verify)
+
+
+def test_a_layer_claim_is_recomputed_from_the_arrays(tmp_path):
+  path, _ = saved(tmp_path)
+  man = checkpoint.read_manifest(path)
+  layer = sorted(p for p, v in man["layers"].items() if v["form"] == "factored")[0]
+  _edit_manifest(path, ["layers", layer, "params"], 5, redigest=True)
+  with pytest.raises(sl.CheckpointError, match=rf"layers\['{layer}'\]\.params = 5, the arrays give [0-9]+"):
+    sl.load_compact(path, verify=False)
