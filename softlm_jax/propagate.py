@@ -55,9 +55,9 @@ import numpy as np
 
 from softlm_jax import budget, svd, tree
 from softlm_jax.blocks import BlockRunner, get_subtree, with_subtree
-from softlm_jax.svd import check_finite
 from softlm_jax.config import CompressionConfig
 from softlm_jax.export import static_ranks
+from softlm_jax.linalg import check_finite, thin_svd, whitening
 
 #: Default mixing weight between the compressed-input (0) and dense-output (1) objectives, from the
 #: SmolLM2-135M sweep at CR 0.5 (BENCHMARKS.md#ablations): ppl 2,528 / 461.6 / 468.5 / 554.1 /
@@ -74,49 +74,12 @@ def check_mix(mix: float) -> float:
   return float(mix)
 
 
-def whitening(gram: np.ndarray, *, floor: float = 1e-6, damp: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-  """``(root (n,), q (n, n))`` with ``S = q diag(root)``, ``S S^T`` = the symmetrised, damped Gram with its
-  eigenvalues clipped at ``floor`` x the largest (all ones for a zero Gram), as
-  :func:`softlm_jax.whitened_factors`. One LAPACK ``syevd`` in float32 (on the 2-core CPU of BENCHMARKS.md
-  3x faster than ``jnp.linalg.eigh`` at n = 1536); the layers of a group share it."""
-  import scipy.linalg
-  g = np.asarray(gram, np.float32)
-  n = g.shape[-1]
-  g = 0.5 * (g + g.T)
-  if damp:
-    g = g + np.float32(damp * np.trace(g) / n) * np.eye(n, dtype=np.float32)
-  lam, q = scipy.linalg.eigh(g, driver="evd")  # ascending
-  top = lam[-1]
-  lam = np.maximum(lam, floor * top) if top > 0 else np.ones_like(lam)
-  return np.sqrt(lam).astype(np.float32), q.astype(np.float32)
-
-
-def thin_svd(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Thin SVD ``a = u diag(s) vt`` of ``a (m, n)``, ``k = min(m, n)``, ``s`` descending, from the float64
-  Gram of the smaller side (one k x k ``syevd``: 4-5x faster than a float32 ``gesdd`` on this CPU; ``s_i``
-  exact to float64 rounding times ``(s_0 / s_i)^2``). Singular vectors of values below ``1e-7 s_0`` are
-  set to 0 (their triplets carry nothing; the product stays ``a`` to that tolerance). float32 outputs."""
-  import scipy.linalg
-  a64 = np.asarray(a, np.float64)
-  m, n = a64.shape
-  tall = m >= n
-  lam, vecs = scipy.linalg.eigh(a64.T @ a64 if tall else a64 @ a64.T, driver="evd")
-  lam, vecs = lam[::-1], vecs[:, ::-1]
-  s = np.sqrt(np.maximum(lam, 0.0))
-  ok = s > 1e-7 * max(s[0], 1e-300)
-  inv = np.where(ok, 1.0 / np.where(ok, s, 1.0), 0.0)
-  if tall:  # a = u s v^T with v = vecs: u = a v / s
-    u, vt = (a64 @ vecs) * inv, vecs.T * ok[:, None]
-  else:  # u = vecs: v^T = u^T a / s
-    u, vt = vecs * ok, (vecs.T @ a64) * inv[:, None]
-  return u.astype(np.float32), s.astype(np.float32), vt.astype(np.float32)
-
-
 def closed_form(w: np.ndarray, root: np.ndarray, q: np.ndarray, cross: np.ndarray, mix: float
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """``left (in, k), s (k,), right (k, out)`` of ``T = (1 - mix) W + mix G_c^{-1} C W`` in the ``G_c``
   metric: ``S^T T = (1 - mix) S^T W + mix S^{-1} C W = U diag(s) V^T``, ``left = S^{-T} U``, ``right = V^T``.
-  ``w (in, out)`` in x out, ``(root, q)`` from :func:`whitening` of ``G_c``, ``cross (in, in)`` = ``C``."""
+  ``w (in, out)`` in x out, ``(root, q)`` from :func:`softlm_jax.linalg.whitening` of ``G_c``,
+  ``cross (in, in)`` = ``C``."""
   w = np.asarray(w, np.float32)
   a = root[:, None] * (q.T @ w)  # S^T W
   if mix:

@@ -34,6 +34,7 @@ import numpy as np
 
 from softlm_jax import budget, tree
 from softlm_jax.config import CompressionConfig
+from softlm_jax.linalg import check_finite, thin_svd, whitening
 from softlm_jax.registry import Registry
 
 #: What a decomposition can need (see the module docstring).
@@ -140,10 +141,9 @@ def _whiten(kernels: jax.Array, grams: jax.Array, floor: float, damp: float):
 
 def _whiten_lapack(kernels: np.ndarray, grams: np.ndarray, floor: float, damp: float):
   """:func:`_whiten` on the CPU through LAPACK, one layer at a time: ``syevd`` of the Gram and the thin
-  SVD from the float64 Gram of the smaller side (``softlm_jax.propagate.whitening`` / ``thin_svd``).
+  SVD from the float64 Gram of the smaller side (:func:`softlm_jax.linalg.whitening` / ``thin_svd``).
   On the 2-core CPU of BENCHMARKS.md XLA's ``eigh`` of a 1536 x 1536 Gram takes 13 CPU-s against 4.3
   for ``syevd``. The same factors up to the SVD's sign freedom."""
-  from softlm_jax.propagate import thin_svd, whitening
   lefts, ss, vts = [], [], []
   for k, g in zip(kernels, grams):
     root, q = whitening(g, floor=floor, damp=damp)
@@ -206,14 +206,6 @@ def balance(left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray
   ok = (ln > 0) & (rn > 0)
   a = np.where(ok, np.sqrt(np.where(ok, rn, 1.0) / np.where(ok, ln, 1.0)), 1.0)
   return (left * a).astype(left.dtype), (right / a[:, None]).astype(right.dtype)
-
-
-def check_finite(path: str, kernel: Any, what: str = "kernel") -> None:
-  k = np.asarray(kernel)
-  bad = int(np.size(k) - np.count_nonzero(np.isfinite(k)))
-  if bad:
-    raise ValueError(f"layer '{path}': {what} of shape {k.shape} has {bad} NaN/Inf entries; "
-                     "cannot take its SVD")
 
 
 def gram_layouts(kernels: list[tuple[str, Any]], grams: Mapping) -> dict[str, str]:
