@@ -46,7 +46,7 @@ def main(argv=None):
   save_s = time.perf_counter() - t
   dense_path = os.path.join(args.out, "dense_float32.safetensors")
   from safetensors.flax import save_file
-  save_file({k: jnp.asarray(v, jnp.float32) for k, v in checkpoint.flatten(dense).items()}, dense_path)
+  save_file({k: jnp.asarray(v, jnp.float32) for k, v in sl.tree.flatten(dense).items()}, dense_path)
   loads, loads_noverify = [], []
   for _ in range(args.reps):
     for verify, times in ((True, loads), (False, loads_noverify)):

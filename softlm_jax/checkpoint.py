@@ -70,32 +70,6 @@ class CheckpointError(ValueError):
   disagree with the manifest. The message names the file and the key."""
 
 
-def flatten(params: Mapping, prefix: str = "") -> dict[str, Any]:
-  """``{"a": {"b": x}}`` -> ``{"a/b": x}`` (nested mappings only; leaves are arrays)."""
-  out = {}
-  for k, v in params.items():
-    key = f"{prefix}{k}"
-    if "/" in str(k):
-      raise ValueError(f"parameter name {key!r} contains '/', which the flat checkpoint keys use as separator")
-    if isinstance(v, Mapping):
-      out.update(flatten(v, key + "/"))
-    else:
-      out[key] = v
-  return out
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict:
-  """Inverse of :func:`flatten`."""
-  out: dict = {}
-  for key, v in flat.items():
-    node = out
-    *parents, leaf = key.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return out
-
-
 def _dtype_name(flat: Mapping[str, Any]) -> str:
   names = {str(jnp.asarray(v).dtype) for v in flat.values() if jnp.issubdtype(jnp.asarray(v).dtype, jnp.floating)}
   return names.pop() if len(names) == 1 else ("mixed" if names else "none")
@@ -137,7 +111,7 @@ def manifest(params: Mapping, cfg: Optional[CompressionConfig] = None, *, model_
       raise ValueError(f"layer '{path}' is in training form (it has {held}):"
                        " a compact checkpoint holds the exported tree; call softlm_jax.export_params(params, cfg) "
                        "first (or save the training state with softlm_jax.train.save_checkpoint)")
-  flat = flatten(params)
+  flat = tree.flatten(params)
   rep = budget.budget_report(params, cfg)
   factored = {p for p, _ in tree.factored_layers(params)}
   layers = {p: {**v, "form": "factored" if p in factored else "dense"} for p, v in rep["layers"].items()}
@@ -252,7 +226,7 @@ def save_compact(path: Union[str, os.PathLike], params: Mapping, *, cfg: Optiona
   """
   path = os.fspath(path)
   man = manifest(params, cfg, model_config=model_config, metadata=metadata)
-  tensors = {k: jnp.asarray(v) for k, v in flatten(params).items()}
+  tensors = {k: jnp.asarray(v) for k, v in tree.flatten(params).items()}
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
@@ -348,7 +322,7 @@ def load_compact(path: Union[str, os.PathLike], *, verify: bool = True) -> tuple
   _check(path, man, flat)
   if verify:
     verify_digests(path, man)
-  params = unflatten(flat)
+  params = tree.unflatten(flat)
   check_claims(path, man, params)
   return params, man
 
@@ -387,7 +361,7 @@ def check_claims(path: Union[str, os.PathLike], man: Mapping, params: Mapping) -
   for field in RECOMPUTED:
     if man.get(field) != rep[field]:
       refuse(field, man.get(field), rep[field])
-  dtype = _dtype_name(flatten(params))
+  dtype = _dtype_name(tree.flatten(params))
   if man.get("dtype") != dtype:
     refuse("dtype", man.get("dtype"), dtype)
 

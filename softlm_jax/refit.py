@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from softlm_jax import checkpoint, tree
+from softlm_jax import tree
 from softlm_jax.blocks import BlockRunner, get_subtree, with_subtree
 from softlm_jax.compress import balance
 from softlm_jax.propagate import unpack_calibration
@@ -257,7 +257,7 @@ def refit_blocks(dense_params: Mapping, params: Mapping, calibration: Any, confi
 
   def make_step(blk):
     def loss_fn(trainable, frozen, h, target, batch, w):
-      block = checkpoint.unflatten({**frozen, **trainable})
+      block = tree.unflatten({**frozen, **trainable})
       y, _ = runner.run(runner.place(dense_params, blk, block), blk, h, batch)
       return block_loss(y, target, w, config.loss)
 
@@ -301,8 +301,8 @@ def refit_blocks(dense_params: Mapping, params: Mapping, calibration: Any, confi
         info = {"loss_first": losses[0], "loss_last": losses[-1]}
         if held:
           start, _ = split_block(_balanced(block), blk)
-          before = _held_error(streams, blk, checkpoint.unflatten({**frozen, **start}), held, targets, config)
-          after = _held_error(streams, blk, checkpoint.unflatten({**frozen, **trainable}), held, targets, config)
+          before = _held_error(streams, blk, tree.unflatten({**frozen, **start}), held, targets, config)
+          after = _held_error(streams, blk, tree.unflatten({**frozen, **trainable}), held, targets, config)
           info.update(heldout_before=before, heldout_after=after, kept=bool(after < before))
           if not after < before:
             trainable = start
@@ -310,7 +310,7 @@ def refit_blocks(dense_params: Mapping, params: Mapping, calibration: Any, confi
         bar.update(config.steps)
       if path:
         _save_block(path, trainable, meta)
-    new_block = checkpoint.unflatten({**frozen, **trainable})
+    new_block = tree.unflatten({**frozen, **trainable})
     params = with_subtree(params, blk, new_block)
     if config.inputs == "compressed":
       streams.h_c = streams.compressed_outputs(blk, new_block, "compressed")

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from softlm_jax import budget, calib, checkpoint, optim, report, rules, serial, shard, svd, tasks, train
+from softlm_jax import budget, calib, checkpoint, optim, report, rules, serial, shard, svd, tasks, train, tree
 from softlm_jax.compress import compress_params
 from softlm_jax.config import CompressionConfig
 from softlm_jax.export import export_params, static_svd
@@ -820,7 +820,7 @@ def load_teacher(path: str, dense) -> dict:
   """The params of a teacher checkpoint (``TrainConfig.teacher_file``), checked against the dense tree:
   ValueError naming the first leaf missing, extra or of another shape."""
   got = checkpoint.load_compact(path)[0]
-  want, have = checkpoint.flatten(dense), checkpoint.flatten(got)
+  want, have = tree.flatten(dense), tree.flatten(got)
   for k in sorted(set(want) | set(have)):
     if k not in have or k not in want or np.shape(have[k]) != np.shape(want[k]):
       what = ("is missing" if k not in have else "is not in the dense model" if k not in want else

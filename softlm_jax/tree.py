@@ -73,6 +73,32 @@ def selected_kernels(params: Mapping, cfg: CompressionConfig, *, strict: bool = 
   return out
 
 
+def flatten(params: Mapping, prefix: str = "") -> dict[str, Any]:
+  """``{"a": {"b": x}}`` -> ``{"a/b": x}`` (nested mappings only; leaves are arrays)."""
+  out = {}
+  for k, v in params.items():
+    key = f"{prefix}{k}"
+    if "/" in str(k):
+      raise ValueError(f"parameter name {key!r} contains '/', which the flat checkpoint keys use as separator")
+    if isinstance(v, Mapping):
+      out.update(flatten(v, key + "/"))
+    else:
+      out[key] = v
+  return out
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict:
+  """Inverse of :func:`flatten`."""
+  out: dict = {}
+  for key, v in flat.items():
+    node = out
+    *parents, leaf = key.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = v
+  return out
+
+
 def map_modules(params: Mapping, fn, prefix: tuple = ()) -> dict:
   """Rebuilds the tree as plain dicts, replacing each module dict ``node`` by ``fn(path, node)``."""
   out = {}

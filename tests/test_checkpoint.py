@@ -192,7 +192,7 @@ def test_generate_from_loaded_compact_model(tmp_path, name):
 
 def _tiny_keys():
   _, ex = trained_export(build("bert"))
-  return sorted(checkpoint.flatten(ex))
+  return sorted(sl.tree.flatten(ex))
 
 
 @pytest.fixture(scope="module")
@@ -219,17 +219,17 @@ def test_one_flipped_byte_in_any_array_names_the_key(saved_once, tmp_path, key):
   with pytest.raises(sl.CheckpointError, match=rf"bad\.safetensors: key '{key}' fails its checksum"):
     sl.load_compact(bad)
   loaded, _ = sl.load_compact(bad, verify=False)  # the caller's choice: loads, the byte still flipped
-  a, b = np.asarray(checkpoint.flatten(loaded)[key]), np.asarray(checkpoint.flatten(ex)[key])
+  a, b = np.asarray(sl.tree.flatten(loaded)[key]), np.asarray(sl.tree.flatten(ex)[key])
   assert a.shape == b.shape and not np.array_equal(a, b)
-  others = {k: v for k, v in checkpoint.flatten(loaded).items() if k != key}
-  assert all(np.array_equal(np.asarray(v), np.asarray(checkpoint.flatten(ex)[k])) for k, v in others.items())
+  others = {k: v for k, v in sl.tree.flatten(loaded).items() if k != key}
+  assert all(np.array_equal(np.asarray(v), np.asarray(sl.tree.flatten(ex)[k])) for k, v in others.items())
 
 
 def test_digests_are_of_the_stored_bytes(saved_once):
   path, ex = saved_once
   man = checkpoint.read_manifest(path)
   import hashlib
-  want = {k: hashlib.sha256(np.asarray(v).tobytes()).hexdigest() for k, v in checkpoint.flatten(ex).items()}
+  want = {k: hashlib.sha256(np.asarray(v).tobytes()).hexdigest() for k, v in sl.tree.flatten(ex).items()}
   assert {k: v["sha256"] for k, v in man["arrays"].items()} == want == checkpoint.file_digests(path)
 
 

@@ -233,7 +233,7 @@ def test_distillation_from_a_fine_tuned_teacher_file(tmp_path):
   model, task = run.load(o.model, o.data)
   comp = run.Comparison(model, task, o.compression, o.train, str(tmp_path / "a"), log=lambda s: None)
   dense_moved = False
-  for (k, a), b in zip(sl.checkpoint.flatten(comp.teacher).items(), sl.checkpoint.flatten(teacher).values()):
+  for (k, a), b in zip(tree.flatten(comp.teacher).items(), tree.flatten(teacher).values()):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=k)
   for a, b in zip(jax.tree.leaves(comp.dense), jax.tree.leaves(teacher)):
     dense_moved |= not np.allclose(np.asarray(a), np.asarray(b))
