@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import softlm_jax as sl  # noqa: E402
-from softlm_jax import data, report  # noqa: E402
+from softlm_jax import data, files  # noqa: E402
 from softlm_jax.compress import decompose  # noqa: E402
 
 
@@ -66,7 +66,7 @@ def main(argv=None):
          "grams_s_steady": grams_s, "grams_first_batch_s": grams_first_s,
          "grams_over_forward": grams_s / forward_s, "svd_decompose_s": t6 - t5, "whitened_decompose_s": t7 - t6,
          "whitened_over_svd": (t7 - t6) / (t6 - t5), "layers": len(grams), "devices": str(jax.devices())}
-  report.write_json(res, args.out)
+  files.write_json(res, args.out)
   print(res)
 
 

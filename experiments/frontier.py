@@ -37,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import softlm_jax as sl  # noqa: E402
-from softlm_jax import propagate, refit, report, run, tasks  # noqa: E402
+from softlm_jax import files, propagate, refit, run, tasks  # noqa: E402
 
 ROWS = ("whitened", "propagated", "allocated", "refit")
 
@@ -162,7 +162,7 @@ def main(argv=None):
            "dense": dense_n, "removed": 1 - counted / dense_n, "stages": stages, **extra,
            "args": vars(args)}
     os.makedirs(os.path.join(args.out, name), exist_ok=True)
-    report.write_json(res, os.path.join(args.out, name, "results.json"))
+    files.write_json(res, os.path.join(args.out, name, "results.json"))
     print(f"{name}: ppl {ppl:.2f} removed {res['removed']:.4f} "
           f"cpu {sum(s['cpu_s'] for s in stages.values()):.0f}s", flush=True)
     return res

@@ -36,9 +36,9 @@ export it first (:func:`softlm_jax.export_params`).
   an edited manifest field). ``verify=False`` skips only the digests. Files written before the
   digests existed load with a warning.
 
-The write is atomic: the file is written to a temporary name in the destination folder, flushed to
-disk, then renamed over ``path`` (``os.replace``). An interrupted save leaves the previous file (or
-nothing) at ``path``, never a half-written file that loads.
+The write is atomic (:func:`softlm_jax.files.atomic_write`): the file is written to a temporary name in
+the destination folder, flushed to disk, then renamed over ``path``. An interrupted save (Ctrl-C,
+``kill -9``) leaves the previous file (or nothing) at ``path``, never a half-written file that loads.
 """
 from __future__ import annotations
 
@@ -48,7 +48,6 @@ import hashlib
 import json
 import mmap
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from typing import Any, Optional, Union
@@ -56,7 +55,7 @@ from typing import Any, Optional, Union
 import jax.numpy as jnp
 import numpy as np
 
-from softlm_jax import budget, rules, tree
+from softlm_jax import budget, files, rules, tree
 from softlm_jax._version import __version__
 from softlm_jax.config import CompressionConfig
 
@@ -203,12 +202,6 @@ def verify_digests(path: Union[str, os.PathLike], man: Mapping) -> None:
                             f"manifest says {digest[:12]}...): the file is corrupt; re-export or copy it again")
 
 
-def _write(path: str, tensors: dict, header: dict) -> None:
-  """Writes the safetensors file (a seam for the interrupted-save test)."""
-  from safetensors.flax import save_file
-  save_file(tensors, path, metadata=header)
-
-
 def save_compact(path: Union[str, os.PathLike], params: Mapping, *, cfg: Optional[CompressionConfig] = None,
                  model_config=None, metadata: Optional[Mapping] = None) -> dict:
   """Saves an exported tree as a compact checkpoint (one ``.safetensors`` file), atomically.
@@ -227,19 +220,9 @@ def save_compact(path: Union[str, os.PathLike], params: Mapping, *, cfg: Optiona
   path = os.fspath(path)
   man = manifest(params, cfg, model_config=model_config, metadata=metadata)
   tensors = {k: jnp.asarray(v) for k, v in tree.flatten(params).items()}
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-  os.close(fd)
-  try:
-    _write(tmp, tensors, {MANIFEST_KEY: json.dumps(man)})
-    with open(tmp, "rb") as f:
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  from safetensors.flax import save  # safetensors' flax writer
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  files.atomic_write(path, save(tensors, metadata={MANIFEST_KEY: json.dumps(man)}))
   return man
 
 

@@ -437,3 +437,22 @@ def lm_windows(ids: np.ndarray, length: int, count: Optional[int] = None) -> np.
       raise ValueError(f"{len(ids)} tokens give only {n} windows of {length}, {count} requested")
     n = count
   return ids[:n * length].reshape(n, length)
+
+
+def check_token_ids(ids, vocab_size: Optional[int], what: str) -> None:
+  """Refuses token ids outside ``[0, vocab_size)`` (ValueError naming ``what``, the first such id, its
+  position and the vocabulary size). A model's embedding lookup would otherwise clamp them silently
+  (XLA's gather clamps out-of-range indices). ``ids``: an int array of any shape; ``vocab_size`` None:
+  unknown, nothing checked."""
+  if vocab_size is None:
+    return
+  a = np.asarray(ids)
+  if a.size == 0:
+    return
+  bad = np.argwhere((a < 0) | (a >= vocab_size))
+  if len(bad):
+    pos = tuple(int(i) for i in bad[0])
+    where = pos[0] if len(pos) == 1 else pos
+    raise ValueError(f"{what}: token id {int(a[pos])} at position {where} is outside the model's vocabulary of "
+                     f"{vocab_size} (ids 0..{vocab_size - 1}); {len(bad)} id(s) out of range in all. Use the "
+                     "model's own tokenizer, or ids below its vocabulary size")

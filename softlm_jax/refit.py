@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 from collections.abc import Mapping
@@ -52,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from softlm_jax import tree
+from softlm_jax import files, tree
 from softlm_jax.blocks import BlockRunner, get_subtree, with_subtree
 from softlm_jax.compress import balance
 from softlm_jax.propagate import unpack_calibration
@@ -198,10 +199,9 @@ def _meta(config: RefitConfig, blk: str, calib: str) -> str:
 
 
 def _save_block(path: str, flat: Mapping, meta: str) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    np.savez(f, __meta__=np.asarray(meta), **{k: np.asarray(v) for k, v in flat.items()})
-  os.replace(tmp, path)
+  buf = io.BytesIO()
+  np.savez(buf, __meta__=np.asarray(meta), **{k: np.asarray(v) for k, v in flat.items()})
+  files.atomic_write(path, buf.getvalue())
 
 
 def _load_block(path: str, meta: str, like: Mapping) -> dict:

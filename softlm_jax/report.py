@@ -1,7 +1,6 @@
 """Reports: results JSON, Markdown tables and the rank heatmap (paper Figure 6: blocks x layer types)."""
 from __future__ import annotations
 
-import json
 import re
 from typing import Mapping, Optional, Sequence
 
@@ -103,11 +102,6 @@ def markdown_table(rows: Sequence[Mapping], columns: Sequence[str]) -> str:
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
   lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
   return "\n".join(lines) + "\n"
-
-
-def write_json(obj, path: str) -> None:
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=2, default=float)
 
 
 def summary_row(res: Mapping, head: Mapping, metrics: Mapping) -> dict:

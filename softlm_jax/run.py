@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from softlm_jax import budget, calib, checkpoint, optim, report, rules, serial, shard, svd, tasks, train, tree
+from softlm_jax import budget, calib, checkpoint, files, optim, report, rules, serial, shard, svd, tasks, train, tree
 from softlm_jax.compress import compress_params
 from softlm_jax.config import CompressionConfig
 from softlm_jax.export import export_params, static_svd
@@ -282,6 +282,16 @@ def parse_method(name: str) -> Method:
   return Method(name, base, variant)
 
 
+def method_folder(name: str, cr: float, cr_folders: bool) -> str:
+  """The run folder's subfolder of method ``name`` at ``cr``: the name, or ``<name>_cr<CR>`` for a
+  compressed method when a run holds several CRs (``cr_folders``)."""
+  return f"{name}_cr{cr}" if cr_folders and parse_method(name).compressed else name
+
+
+#: the files a method folder receives (the compact checkpoint, the results)
+METHOD_FILES = ("compact.safetensors", "results.json", "run.json", "table.md", "ranks.png")
+
+
 class BudgetMissError(RuntimeError):
   """A compressed model that misses its target; the results on disk say by how much and why."""
 
@@ -331,8 +341,7 @@ class Comparison:
     return self.ccfg.replace(target_ratio=cr, method=method.rule or self.ccfg.method)
 
   def folder(self, method: Method, cr: float) -> str:
-    name = method.name if (not method.compressed or not self.cr_folders) else f"{method.name}_cr{cr}"
-    return os.path.join(self.out, name)
+    return os.path.join(self.out, method_folder(method.name, cr, self.cr_folders))
 
   # -- shared statistics
 
@@ -535,6 +544,7 @@ class Comparison:
       with open(done) as f:
         res = json.load(f)
       self.log(f"[{method.name}] finished earlier: {done}")
+      self._remove_checkpoints(out)  # a run killed between its results and this cleanup
       self._after(method, cr, res, None)
       if enforce:
         self._enforce(res)
@@ -628,17 +638,22 @@ class Comparison:
       checkpoint.save_compact(path, final, metadata={"method": "dense", "source_model": self.model.name,
                                                      "task": self.task.name})
     res["wall_s"] = time.time() - t0
-    report.write_json(res, done)
+    files.write_json(res, done)
+    files.fault_point("method_done")
     row = summary_row(res)
     with open(os.path.join(out, "table.md"), "w") as f:
       f.write(report.markdown_table([row], list(row)))
-    if not t.keep_ckpt:
-      for d in ("ckpt", "ckpt_ft", "ckpt_refit"):
-        shutil.rmtree(os.path.join(out, d), ignore_errors=True)
+    self._remove_checkpoints(out)
     self._after(method, cr, res, final)
     if enforce:
       self._enforce(res)
     return res
+
+  def _remove_checkpoints(self, out: str) -> None:
+    """Deletes a finished method's training checkpoints (unless ``keep_ckpt``)."""
+    if not self.tcfg.keep_ckpt:
+      for d in ("ckpt", "ckpt_ft", "ckpt_refit"):
+        shutil.rmtree(os.path.join(out, d), ignore_errors=True)
 
   def _after(self, method: Method, cr: float, res: dict, final) -> None:
     """Bookkeeping after a method: the learned step budget, the teacher, frozen runs for ``R-ft``."""
@@ -671,7 +686,7 @@ class Comparison:
 
   def write_run_json(self, out: str, method: Method, cfg: CompressionConfig) -> None:
     """``run.json``: everything :func:`load_run` needs to rebuild the method's configs."""
-    report.write_json({"method": method.name, "model": self.model.name, "family": self.model.family.name,
+    files.write_json({"method": method.name, "model": self.model.name, "family": self.model.family.name,
                        "task": self.task.describe(), "compression": serial.to_dict(cfg),
                        "train": self.tcfg.to_dict(), **self.run_info}, os.path.join(out, "run.json"))
 
@@ -697,6 +712,7 @@ def load(model_spec: str, dcfg: tasks.DataConfig, *, seed: int = 0, log: Callabl
   if dcfg.model_kind == "causal_lm":
     model = models.load(model_spec, "causal_lm", max_len=dcfg.max_positions, seed=seed)
     task = tasks.load_task(dcfg, model.tokenizer)
+    check_task_ids(model, task)
     log(f"loaded {model_spec} ({model.family.name}) in {time.time() - t:.0f}s; train (wikitext-2 valid) "
         f"{task.windows['train'].shape}" + (f", calibration {task.windows['calib'].shape}" if "calib" in task.windows
                                              else "") + f"; test {tasks.eval_split_name(task.windows['test'])}")
@@ -704,10 +720,18 @@ def load(model_spec: str, dcfg: tasks.DataConfig, *, seed: int = 0, log: Callabl
   name, tr, evals, max_len = tasks.load_table_data(dcfg)
   model = models.load(model_spec, "classifier", seed=seed, num_labels=tr.num_labels)
   task = tasks.ClassificationTask(name, tr, evals, max_len, model.tokenizer)
+  check_task_ids(model, task)
   log(f"{name}: train {len(tr)} ({tr.source}), eval " + ", ".join(f"{s} {len(d)}" for s, d in evals.items()) +
       f"; {'regression' if tr.regression else f'{tr.num_labels} classes'}, max_len {max_len}; "
       f"loaded {model_spec} in {time.time() - t:.0f}s")
   return model, task
+
+
+def check_task_ids(model, task: tasks.Task) -> None:
+  """Refuses a task whose token ids (its tokenizer's) fall outside the model's vocabulary, naming the
+  split, the id and its position (:meth:`softlm_jax.models.Model.check_ids`)."""
+  for split, ids in task.token_ids().items():
+    model.check_ids(ids, f"{model.name} on {task.name}, {split} split (tokenized with {model.tokenizer_source!r})")
 
 
 def budget_verdict(b: dict, method: Method, freeze_step: Optional[int], cfg: CompressionConfig,
@@ -918,6 +942,6 @@ def write_summary(out: str, results: dict, *, title: str, wall_s: float) -> str:
   notes = "".join(f"\n**{m}**\n" for m in misses)
   with open(os.path.join(out, "summary.md"), "w") as f:
     f.write(f"# {title}\n\nwall time (all methods, incl. loading and tokenizing): {wall_s:.0f} s\n\n{table}{notes}")
-  report.write_json({"title": title, "wall_s": wall_s, "rows": rows}, os.path.join(out, "summary.json"))
+  files.write_json({"title": title, "wall_s": wall_s, "rows": rows}, os.path.join(out, "summary.json"))
   report.comparison_plot(results, os.path.join(out, "comparison.png"), title=title)
   return table

@@ -279,6 +279,11 @@ class Task:
     """Facts for results.json and the manifest (``task``, splits, ...)."""
     raise NotImplementedError
 
+  def token_ids(self) -> dict:
+    """``{split: int array}`` of every token id the task feeds the model (to check against its
+    vocabulary before any work)."""
+    raise NotImplementedError
+
 
 class ClassificationTask(Task):
   """Sequence classification / regression on tokenised text (GLUE or the user's file)."""
@@ -354,6 +359,9 @@ class ClassificationTask(Task):
       probe = logits if probe is None else probe
     return main, out, probe
 
+  def token_ids(self):
+    return {split: enc["input_ids"] for split, enc in self.encoded.items()}
+
   def describe(self):
     return {"task": self.name, "num_labels": self.num_labels, "label_names": self.train.label_names,
             "max_len": self.max_len, "train_split": self.train_split, "train_examples": len(self.train),
@@ -417,6 +425,9 @@ class LMTask(Task):
 
   def curve_fn(self, model, cfg):
     return lambda p: {"curve_ppl": perplexity(model, p, cfg, self.curve)}
+
+  def token_ids(self):
+    return dict(self.windows)
 
   def describe(self):
     out = {"task": LM_TASK, "train_split": self.train_split, "eval_split": eval_split_name(self.windows["test"])}

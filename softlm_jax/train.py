@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from softlm_jax import budget, losses, shard, tree
+from softlm_jax import budget, files, losses, shard, tree
 from softlm_jax.config import CompressionConfig
 from softlm_jax.intercept import intercept
 from softlm_jax.interrupt import StopRequest
@@ -101,6 +101,7 @@ def save_checkpoint(ckpt_dir: str, state: TrainState, manager=None) -> None:
   import orbax.checkpoint as ocp
   mgr = manager or _manager(ckpt_dir)
   mgr.save(int(state.step), args=ocp.args.StandardSave(state._asdict()), force=True)
+  files.fault_point("checkpoint_write")  # orbax writes to a temporary folder, renamed when finished
   mgr.wait_until_finished()
 
 
@@ -123,6 +124,25 @@ def restore_checkpoint(ckpt_dir: str, like: TrainState, manager=None, mesh=None)
   else:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like._asdict())
   return TrainState(**mgr.restore(step, args=ocp.args.StandardRestore(abstract)))
+
+
+def resume_history(path: str, step: int) -> list[dict]:
+  """The logged rows of ``history.jsonl`` up to ``step`` (the checkpoint a run resumes from), one per
+  step, and the file rewritten to hold just those (:func:`softlm_jax.files.atomic_write`). Rows past
+  the checkpoint (logged by a run killed before its next save) and a last line cut short by the kill
+  are dropped, so a resumed run logs each step once."""
+  rows: dict[int, dict] = {}
+  with open(path) as f:
+    for line in f:
+      try:
+        r = json.loads(line)
+      except json.JSONDecodeError:  # the line being appended when the process died
+        continue
+      if r["step"] <= step:
+        rows.setdefault(r["step"], r)
+  history = [rows[k] for k in sorted(rows)]
+  files.atomic_write(path, "".join(json.dumps(r) + "\n" for r in history).encode())
+  return history
 
 
 def has_thresholds(params) -> bool:
@@ -161,8 +181,7 @@ def fit(state: TrainState, train_step: Callable, batch_fn: Callable[[int], Any],
     if restored is not None:
       state = restored
       if log_path and os.path.exists(log_path):
-        with open(log_path) as f:
-          history = [r for r in map(json.loads, f) if r["step"] <= int(state.step)]
+        history = resume_history(log_path, int(state.step))
 
   def end_step(state: TrainState) -> int:
     if not compress:
@@ -195,6 +214,7 @@ def fit(state: TrainState, train_step: Callable, batch_fn: Callable[[int], Any],
     if (stop_after is not None and step >= stop_after) or ctrl_c.requested:
       break
     state, metrics = train_step(state, batch_fn(step))
+    files.fault_point("train_step")
     step, end = step + 1, end_step(state)  # the end moves once the budget freezes the thresholds
     do_eval = eval_fn is not None and eval_every > 0 and (step % eval_every == 0 or step == end)
     if step % log_every == 0 or step == end or do_eval:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import softlm_jax as sl
-from softlm_jax import checkpoint
+from softlm_jax import checkpoint, files
 from tests.conftest import build
 
 CFG = sl.CompressionConfig(target_ratio=0.5)
@@ -155,14 +155,11 @@ def test_interrupted_save_keeps_previous_file(tmp_path, monkeypatch, ids):
   path, ex = saved(tmp_path)
   before = path.read_bytes()
   _, other = trained_export(model, seed=1)
-  real = checkpoint._write
 
-  def dies_half_way(tmp, tensors, header):
-    real(tmp, tensors, header)
-    with open(tmp, "r+b") as f:  # a partial file at the temp name, then the process "dies"
-      f.truncate(os.path.getsize(tmp) // 2)
-    raise KeyboardInterrupt("killed during the write")
-  monkeypatch.setattr(checkpoint, "_write", dies_half_way)
+  def dies_half_way(name):  # half of the bytes written at the temp name, then the process "dies"
+    if name == "file_write":
+      raise KeyboardInterrupt("killed during the write")
+  monkeypatch.setattr(files, "fault_point", dies_half_way)
   with pytest.raises(KeyboardInterrupt):
     sl.save_compact(path, other, cfg=CFG)
   assert path.read_bytes() == before and os.listdir(tmp_path) == ["m.safetensors"]

@@ -22,7 +22,7 @@ def add_parser(sub):
 
 
 def run(args) -> dict:
-  from softlm_jax import data, report, tasks
+  from softlm_jax import data, files, report, tasks
   params, info, model, cfg, load_s = common.load_compact_model(args.checkpoint)
   meta = info["metadata"]
   task = args.task or (None if args.train_file else meta.get("task"))
@@ -34,6 +34,7 @@ def run(args) -> dict:
   if task == tasks.LM_TASK:
     windows = tasks.wikitext_windows(model.tokenizer, seq_len=8, eval_len=args.eval_len or 512,
                                      eval_windows=args.eval_windows or 16, data_dir=args.data_dir, train=False)
+    model.check_ids(windows["test"], f"softlm eval {args.checkpoint}: the wikitext test windows")
     res.update(task=tasks.LM_TASK, eval_split=tasks.eval_split_name(windows["test"]), main_metric="ppl",
                metrics={"test": {"ppl": tasks.perplexity(model, params, cfg, windows["test"], progress=True)}})
   else:
@@ -53,12 +54,14 @@ def run(args) -> dict:
     predict = tasks.predict_fn(model, cfg)
     res.update(task=task_name, eval_splits={s: d.source for s, d in evals.items()}, metrics={})
     for split, d in evals.items():
-      logits = tasks.predict_all(predict, params, data.tokenize(model.tokenizer, d.texts, max_len), args.batch_size)
+      enc = data.tokenize(model.tokenizer, d.texts, max_len)
+      model.check_ids(enc["input_ids"], f"softlm eval {args.checkpoint}: {task_name} {split}")
+      logits = tasks.predict_all(predict, params, enc, args.batch_size)
       res["main_metric"], res["metrics"][split] = tasks.score(task_name, logits, d)
       print(f"[eval] {task_name} {split}: " + ", ".join(f"{k} {v:.4f}" for k, v in res["metrics"][split].items()))
   res["eval_s"] = time.time() - t
   stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
-  report.write_json(res, os.path.join(out, f"eval_{stem}_{res['task']}.json"))
+  files.write_json(res, os.path.join(out, f"eval_{stem}_{res['task']}.json"))
   rows = [{"split": s, **{k: round(v, 4) for k, v in m.items()}} for s, m in res["metrics"].items()]
   with open(os.path.join(out, f"eval_{stem}_{res['task']}.md"), "w") as f:
     f.write(report.markdown_table(rows, list(dict.fromkeys(c for r in rows for c in r))))

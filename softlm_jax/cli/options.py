@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from typing import Optional
 
-from softlm_jax import data, presets, tasks
+from softlm_jax import data, models, presets, run, svd, tasks
 from softlm_jax.config import LOSSES, NORMALIZATIONS
 
 # ---------------------------------------------------------------------------------------------------
@@ -105,7 +106,6 @@ def pair_arg(text: str) -> tuple[float, float]:
 
 
 def methods_arg(text: str) -> list[str]:
-  from softlm_jax import run
   valid = run.method_names()
   out = [m.strip() for m in text.split(",") if m.strip()]
   bad = [m for m in out if m not in valid]
@@ -137,7 +137,6 @@ def text_cols_arg(text: str) -> list[str]:
 
 
 def decomposition_choices() -> tuple:
-  from softlm_jax import svd
   return tuple(svd.names())
 
 
@@ -146,7 +145,6 @@ def decomposition_choices() -> tuple:
 
 
 def add_model_arg(ap) -> None:
-  from softlm_jax import models
   ap.add_argument("--model", default=None,
                   help=f"classifier: 'minilm' (default, embedded all-MiniLM-L6-v2) or a HF folder/name; causal LM "
                   f"(--task wikitext): {', '.join(n for n in models.names('causal_lm') if not models.get(n).generic)} "
@@ -332,7 +330,6 @@ def configs(args) -> RunOptions:
   Raises:
     ValueError: contradictory values (e.g. a ramp longer than the compression-step cap), naming both.
   """
-  from softlm_jax import run
   get = lambda name: getattr(args, name, None)  # noqa: E731
   d = {k: get(k) for k in _DATA}
   if d["text_cols"] is not None:
@@ -351,7 +348,44 @@ def configs(args) -> RunOptions:
   run.check_methods(ccfg, methods)
   run.check_starts(tcfg, methods, crs)
   model = get("model") or presets.DEFAULT_MODEL[dcfg.model_kind]
+  models.check_spec(model, dcfg.model_kind)
+  if get("out"):
+    check_run_paths(get("out"), methods, crs, cr_folders=len(crs) > 1)
   return RunOptions(ccfg, tcfg, dcfg, tuple(crs), tuple(methods), model, get("out"), preset)
+
+
+def check_writable(path: str, *, folder: bool) -> None:
+  """Refuses (ValueError naming the path) a ``path`` the run could not write: a folder
+  (``folder=True``) must be a folder or creatable; a file must not be a folder; in both cases the
+  nearest existing ancestor must be a writable folder."""
+  if os.path.exists(path):
+    if folder and not os.path.isdir(path):
+      raise ValueError(f"{path} is a file, but the run writes a folder there: pass another --out or move the file")
+    if not folder and os.path.isdir(path):
+      raise ValueError(f"{path} is a folder, but the run writes a file there: move the folder")
+    if not os.access(path if folder else os.path.dirname(os.path.abspath(path)), os.W_OK):
+      raise ValueError(f"{path} is not writable")
+    return
+  parent = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise ValueError(f"cannot create {path}: {parent} is a file, not a folder")
+  if not os.access(parent, os.W_OK):
+    raise ValueError(f"cannot create {path}: {parent} is not writable")
+
+
+def check_run_paths(out: str, methods, crs, *, cr_folders: bool) -> None:
+  """Every path a run writes, checked before any work (:func:`check_writable`): ``out``, each
+  method's folder (:func:`softlm_jax.run.method_folder`) and the files it receives
+  (:data:`softlm_jax.run.METHOD_FILES`)."""
+  check_writable(out, folder=True)
+  for name in methods:
+    for cr in crs:
+      folder = os.path.join(out, run.method_folder(name, cr, cr_folders))
+      check_writable(folder, folder=True)
+      for f in run.METHOD_FILES:
+        check_writable(os.path.join(folder, f), folder=False)
 
 
 def parse(ap: argparse.ArgumentParser, argv=None):

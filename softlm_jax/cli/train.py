@@ -47,7 +47,7 @@ def run(args) -> dict:
   task_name = o.data.task if not o.data.train_file else os.path.splitext(os.path.basename(o.data.train_file))[0]
   for m in o.methods:
     for cr in o.crs:
-      folder = m if not cr_folders or m.startswith("dense") else f"{m}_cr{cr}"
+      folder = pipeline.method_folder(m, cr, cr_folders)
       check_run_folder(o.out, folder, o.model, task_name, cr)
   model, task = pipeline.load(o.model, o.data, seed=o.train.seed)
   results = pipeline.run_comparison(model, task, o.compression, o.train, list(o.methods), list(o.crs), o.out,

@@ -16,6 +16,8 @@ import dataclasses
 import importlib
 from typing import Any, Callable, Optional
 
+from softlm_jax import data
+
 KINDS = ("causal_lm", "classifier")
 
 _FAMILIES: dict[str, "Family"] = {}
@@ -47,6 +49,16 @@ class Model:
   @property
   def kind(self) -> str:
     return self.family.kind
+
+  @property
+  def vocab_size(self) -> Optional[int]:
+    """Rows of the token embedding (``module.config.vocab_size``; None when the module has none)."""
+    n = getattr(getattr(self.module, "config", None), "vocab_size", None)
+    return None if n is None else int(n)
+
+  def check_ids(self, ids, what: str) -> None:
+    """Refuses ids outside this model's vocabulary (:func:`softlm_jax.data.check_token_ids`)."""
+    data.check_token_ids(ids, self.vocab_size, what)
 
   def logits(self, params, inputs, *, train: bool = False, rng=None):
     """Logits of ``inputs`` (see the module docstring for shapes); ``train``: dropout on with ``rng``."""
@@ -89,6 +101,8 @@ class Family:
   description: str = ""
   #: a catch-all (any HF folder): asked after the specific families
   generic: bool = False
+  #: names a generic family loads without a folder (e.g. the embedded checkpoint), for error messages
+  known: tuple = ()
 
   def load(self, spec: str, *, max_len: int = 512, seed: int = 0, num_labels: Optional[int] = None) -> Model:
     raise NotImplementedError
@@ -96,6 +110,12 @@ class Family:
   def accepts(self, spec: str) -> bool:
     """Whether this family loads a spec that is not a registered name (HF folders)."""
     return False
+
+  def unavailable(self, spec: str) -> Optional[str]:
+    """Why ``spec`` cannot be loaded, found without loading it (None: it can be tried). A registered
+    name's family returns None; a generic family says when a spec is neither a local folder nor a
+    reachable hub name."""
+    return None
 
   def logits(self, module, params, inputs, *, train: bool = False, rng=None):
     if self.kind == "classifier":
@@ -201,6 +221,19 @@ def resolve(spec: str, kind: str) -> Family:
     if fam.kind == kind and fam.accepts(spec):
       return fam
   raise ValueError(f"no {kind} family loads {spec!r}; registered: {', '.join(names(kind))}, or a HF folder")
+
+
+def check_spec(spec: str, kind: str) -> Family:
+  """The family :func:`resolve` finds for ``spec``, after asking it whether ``spec`` is there
+  (:meth:`Family.unavailable`): raises ValueError, one line naming the spec, the known ``kind`` names
+  and why it is not there, before any data is loaded or weights are read."""
+  fam = resolve(spec, kind)
+  why = fam.unavailable(spec)
+  if why:
+    known = [n for f in _FAMILIES.values() if f.kind == kind for n in (f.known if f.generic else (f.name,))]
+    raise ValueError(f"--model {spec!r}: {why}; known {kind} models: {', '.join(known)}, or a Hugging Face "
+                     "model folder (or hub name when online)")
+  return fam
 
 
 def load(spec: str, kind: str, **kw) -> Model:

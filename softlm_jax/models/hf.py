@@ -3,6 +3,9 @@ default), any HF Flax causal LM folder / hub name, and the tiny random GPT-2 and
 smoke runs use (``tiny-gpt2``, ``tiny-llama``)."""
 from __future__ import annotations
 
+import os
+from typing import Optional
+
 from softlm_jax.models import family
 from softlm_jax.models.weights import minilm_dir, package_dir  # noqa: F401  (re-exported)
 
@@ -10,6 +13,36 @@ from softlm_jax.models.weights import minilm_dir, package_dir  # noqa: F401  (re
 def resolve_model(name: str) -> str:
   """``"minilm"`` -> the embedded checkpoint folder; anything else is passed to from_pretrained."""
   return minilm_dir() if name in ("minilm", "all-MiniLM-L6-v2") else name
+
+
+def hub_unavailable(spec: str) -> Optional[str]:
+  """Why ``spec`` (a ``from_pretrained`` argument) cannot load, or None: a local folder must hold a
+  ``config.json``; any other spec must be a hub name already in the local cache or, when the hub is
+  reachable (``HF_HUB_OFFLINE`` unset, a 10 s lookup), a repository on it."""
+  if os.path.isdir(spec):
+    return None if os.path.isfile(os.path.join(spec, "config.json")) else (
+        f"the folder {spec} has no config.json (a Hugging Face model folder holds one)")
+  if os.path.exists(spec):
+    return f"{spec} is a file, not a model folder"
+  from huggingface_hub import try_to_load_from_cache  # transformers' own dependency, optional here
+  try:
+    if isinstance(try_to_load_from_cache(spec, "config.json"), str):
+      return None
+  except ValueError:  # not a valid repository id
+    return "not a local folder, nor a valid Hugging Face hub name"
+  if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or os.environ.get("TRANSFORMERS_OFFLINE", "0") not in (
+      "0", ""):
+    return "no such local folder, and not in the local hub cache (HF_HUB_OFFLINE is set)"
+  from huggingface_hub import HfApi
+  from huggingface_hub.utils import RepositoryNotFoundError
+  try:
+    HfApi().model_info(spec, timeout=10)
+  except RepositoryNotFoundError:
+    return "no such local folder or Hugging Face hub repository exists"
+  except Exception as e:  # noqa: BLE001 - any network failure: the hub cannot be reached
+    return (f"no such local folder, not in the local hub cache, and the Hugging Face hub is unreachable "
+            f"({type(e).__name__})")
+  return None
 
 
 def load_classifier(name: str, num_labels: int, seed: int = 0):
@@ -29,10 +62,14 @@ def load_classifier(name: str, num_labels: int, seed: int = 0):
 class HFClassifier(family.Family):
   """Any HF Flax sequence classifier (BERT, RoBERTa, ...): a fresh head of ``num_labels``."""
   name, kind, generic = "hf-classifier", "classifier", True
+  known = ("minilm",)
   description = "'minilm' (embedded all-MiniLM-L6-v2) or a HF Flax folder / hub name"
 
   def accepts(self, spec: str) -> bool:
     return bool(spec)
+
+  def unavailable(self, spec: str) -> Optional[str]:
+    return hub_unavailable(resolve_model(spec))
 
   def load(self, spec, *, max_len=512, seed=0, num_labels=None):
     if not num_labels:
@@ -48,6 +85,9 @@ class HFCausalLM(family.Family):
 
   def accepts(self, spec: str) -> bool:
     return bool(spec)
+
+  def unavailable(self, spec: str) -> Optional[str]:
+    return hub_unavailable(spec)
 
   def load(self, spec, *, max_len=512, seed=0, num_labels=None):
     from transformers import AutoTokenizer, FlaxAutoModelForCausalLM
