@@ -6,7 +6,7 @@ and the dense block's output on the calibration tokens (``RefitConfig.loss="tota
 
   L_i = sum_tokens ||block_i^c(h^in) - block_i^f(h^f)||^2 / sum_tokens ||block_i^f(h^f)||^2
 
-or each token's error relative to its own norm, averaged (``loss="token"``, :func:`block_loss`). On
+or each token's error relative to its own norm, averaged (``loss="token"``, :func:`softlm_jax.losses.block_loss`). On
 SmolLM2 the attention sink (position 0) holds 90-99.5% of the hidden states' energy in blocks 12-27, so
 ``"total"`` is mostly that one token's error; yet both give the same perplexity after the refit at CR 0.5
 (BENCHMARKS.md#ablations), so the default stays the sums' ratio.
@@ -56,6 +56,7 @@ import optax
 from softlm_jax import files, tree
 from softlm_jax.blocks import BlockRunner, get_subtree, with_subtree
 from softlm_jax.compress import balance
+from softlm_jax.losses import block_error_sums, block_loss
 from softlm_jax.propagate import unpack_calibration
 
 INPUTS = ("compressed", "dense")
@@ -74,7 +75,7 @@ class RefitConfig:
     inputs: ``"compressed"`` (the compressed model's hidden states, earlier blocks refit) or
       ``"dense"`` (the dense model's) as the compressed block's input; the targets are always the dense
       block's outputs on the dense inputs.
-    loss: ``"total"`` (the default) or ``"token"``, see :func:`block_loss`.
+    loss: ``"total"`` (the default) or ``"token"``, see :func:`softlm_jax.losses.block_loss`.
     b1, b2: Adam's moment decays.
     holdout: the last ``holdout`` calibration batches are held out of the steps; a block's refit is
       kept only if it lowers the block's error on them (0: no guard, every batch is trained on).
@@ -132,35 +133,6 @@ def _balanced(block: Mapping) -> dict:
     left, right = balance(np.asarray(node["left"], np.float32), np.asarray(node["right"], np.float32))
     return {**node, "left": jnp.asarray(left, node["left"].dtype), "right": jnp.asarray(right, node["right"].dtype)}
   return tree.map_modules(block, fix)
-
-
-def _rel_err(y: jax.Array, t: jax.Array, w: Optional[jax.Array], loss: str = "total"):
-  """``(numerator, denominator)`` of a batch's error, float32 sums over tokens (``w``: token weights).
-
-  ``"total"``: ``(sum w ||y - t||^2, sum w ||t||^2)``; ``"token"``: ``(sum w ||y - t||^2 / ||t||^2, sum w)``.
-  """
-  d = jnp.sum(jnp.square(y.astype(jnp.float32) - t.astype(jnp.float32)), axis=-1)
-  n = jnp.sum(jnp.square(t.astype(jnp.float32)), axis=-1)
-  if loss == "token":
-    d, n = d / jnp.maximum(n, 1e-30), jnp.ones_like(n)
-  if w is not None:
-    d, n = d * w, n * w
-  return jnp.sum(d), jnp.sum(n)
-
-
-def block_loss(y: jax.Array, t: jax.Array, w: Optional[jax.Array] = None, loss: str = "total") -> jax.Array:
-  """The refit's error of a block output ``y`` against its target ``t`` (both ``(B, T, hidden)``; ``w``
-  ``(B, T)`` token weights or None), a float32 scalar.
-
-  ``"token"``: ``sum_t w_t ||y_t - t_t||^2 / ||t_t||^2 / sum_t w_t``, every token's error relative to its
-  own norm. Each sub-layer of the next block reads ``RMSNorm(h)`` / ``LayerNorm(h)``, so an error's effect
-  downstream scales with ``1 / ||h_t||``. ``"total"``:
-  ``sum_t w_t ||y_t - t_t||^2 / sum_t w_t ||t_t||^2``; in a model with massive activations (the attention
-  sink: on SmolLM2, position 0 holds 90-99.5% of the hidden states' energy in blocks 12-27) this is the
-  error of one token a window.
-  """
-  d, n = _rel_err(y, t, w, loss)
-  return d / jnp.maximum(n, 1e-30)
 
 
 class _Streams:
@@ -331,7 +303,7 @@ def _held_error(streams: _Streams, blk: str, block: Mapping, held: list, targets
   d = n = 0.0
   for b in held:
     y = streams.runner.run(t, blk, src[b], streams.batches[b])[0]
-    dd, nn_ = _rel_err(y, targets[b], streams.weights[b], config.loss)
+    dd, nn_ = block_error_sums(y, targets[b], streams.weights[b], config.loss)
     d, n = d + float(dd), n + float(nn_)
   return d / max(n, 1e-30)
 
@@ -339,7 +311,7 @@ def _held_error(streams: _Streams, blk: str, block: Mapping, held: list, targets
 def block_errors(dense_params: Mapping, params: Mapping, calibration: Any, *, inputs: str = "compressed",
                  loss: str = "total") -> dict[str, float]:
   """``{block path: relative squared output error}`` of ``params``' blocks against the dense blocks on
-  the calibration set (:func:`block_loss`'s measure ``loss`` over all of it) with ``h^in`` the
+  the calibration set (:func:`softlm_jax.losses.block_loss`'s measure ``loss`` over all of it) with ``h^in`` the
   compressed model's own hidden states (``inputs="compressed"``) or the dense ones (``"dense"``)."""
   if inputs not in INPUTS:
     raise ValueError(f"inputs must be one of {INPUTS}, got {inputs!r}")
@@ -355,7 +327,7 @@ def block_errors(dense_params: Mapping, params: Mapping, calibration: Any, *, in
     ys = streams.compressed_outputs(blk, get_subtree(params, blk), inputs)
     d = n = 0.0
     for y, t, w in zip(ys, targets, streams.weights):
-      dd, nn_ = _rel_err(y, t, w, loss)
+      dd, nn_ = block_error_sums(y, t, w, loss)
       d, n = d + float(dd), n + float(nn_)
     out[blk] = d / max(n, 1e-30)
     if inputs == "compressed":

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import softlm_jax as sl
-from softlm_jax import refit, run
+from softlm_jax import losses, refit, run
 from tests.conftest import VOCAB
 from tests.test_propagate import apply_fn, correlated_batches
 
@@ -50,15 +50,15 @@ def test_block_loss_against_numpy():
   y[0, 0] = t[0, 0] * 1.01  # whose error is small relative to its own norm
   d = ((y - t) ** 2).sum(-1)
   n = (t ** 2).sum(-1)
-  np.testing.assert_allclose(refit.block_loss(y, t, w, "token"), (w * d / n).sum() / w.sum(), rtol=1e-5)
-  np.testing.assert_allclose(refit.block_loss(y, t, None, "token"), (d / n).mean(), rtol=1e-5)
-  np.testing.assert_allclose(refit.block_loss(y, t, w, "total"), (w * d).sum() / (w * n).sum(), rtol=1e-5)
+  np.testing.assert_allclose(losses.block_loss(y, t, w, "token"), (w * d / n).sum() / w.sum(), rtol=1e-5)
+  np.testing.assert_allclose(losses.block_loss(y, t, None, "token"), (d / n).mean(), rtol=1e-5)
+  np.testing.assert_allclose(losses.block_loss(y, t, w, "total"), (w * d).sum() / (w * n).sum(), rtol=1e-5)
   # "total" is the massive token's error (1e-4) and blind to the others; "token" sees every token
-  assert float(refit.block_loss(y, t, None, "total")) < 2e-4 < 0.5 < float(refit.block_loss(y, t, None, "token"))
+  assert float(losses.block_loss(y, t, None, "total")) < 2e-4 < 0.5 < float(losses.block_loss(y, t, None, "token"))
   # "token" is invariant to a token's scale (as the next block's RMSNorm is)
   s = np.ones((2, 5, 1))
   s[1, 3] = 50.0
-  np.testing.assert_allclose(refit.block_loss(y * s, t * s, w, "token"), refit.block_loss(y, t, w, "token"),
+  np.testing.assert_allclose(losses.block_loss(y * s, t * s, w, "token"), losses.block_loss(y, t, w, "token"),
                              rtol=1e-5)
 
 
