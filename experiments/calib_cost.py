@@ -21,7 +21,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import softlm_jax as sl  # noqa: E402
 from softlm_jax import data, files  # noqa: E402
-from softlm_jax.compress import decompose  # noqa: E402
+from softlm_jax.svd import decompose  # noqa: E402
 
 
 def main(argv=None):

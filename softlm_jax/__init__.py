@@ -10,13 +10,13 @@ from softlm_jax.budget import (break_even_rank, budget_report, count_params, den
                                target_params, uniform_rank)
 from softlm_jax.calib import Calibration, Grams, collect_grams
 from softlm_jax.checkpoint import CheckpointError, load_compact, save_compact
-from softlm_jax.compress import compress_params, init_rank, singular_scale
+from softlm_jax.compress import compress_params, init_rank
 from softlm_jax.config import CompressionConfig
 from softlm_jax.export import export_params, static_ranks, static_svd
 from softlm_jax.intercept import factored_apply, intercept, register_layout
 from softlm_jax.losses import adaptive_loss, compression_loss, distillation_loss, linear_loss, total_variation
 from softlm_jax.optim import BudgetState, budget_freeze, budget_state, make_optimizer, ramp_target
-from softlm_jax.rules import Rule, llrc_loss, refill_to_target
+from softlm_jax.rules import Rule, llrc_loss, refill_to_target, singular_scale
 from softlm_jax.shard import make_mesh
 from softlm_jax.stream import stream_layers
 from softlm_jax.svd import Decomposition, decompose, whitened_factors

@@ -54,7 +54,7 @@ fill. Uniform: :func:`softlm_jax.static_ranks`.
 
 Example::
 
-  factors = compress.decompose(dense, cfg, grams)
+  factors = svd.decompose(dense, cfg, grams)
   cparams = compress_params(dense, cfg, factors=factors)
   def loss_fn(p, ids):  # run under softlm_jax.intercept(cfg) by triplet_stats
     return tasks.lm_loss(model(ids, params=p).logits, ids)
@@ -518,7 +518,7 @@ def svdllm_v2_ranks(factors: Mapping[str, tuple], cfg: CompressionConfig, *, min
   the budget is filled as :func:`fill_budget` does, by truncation loss per parameter.
 
   Args:
-    factors: :func:`softlm_jax.compress.decompose` output ``{path: (left, s, right, dtype)}``.
+    factors: :func:`softlm_jax.svd.decompose` output ``{path: (left, s, right, dtype)}``.
     cfg: gives the compression ratio ``R``.
     min_rank: no layer below it.
 

@@ -1,23 +1,19 @@
 """Turning dense kernels into trainable SVD factors (paper sections 4.1-4.2).
 
-The decompositions themselves live in :mod:`softlm_jax.svd` (re-exported here: ``decompose``,
-``whitened_factors``, ...), the selection rules' parameters and forward scale in
-:mod:`softlm_jax.rules`.
+The decompositions themselves live in :mod:`softlm_jax.svd` (``decompose``, ``whitened_factors``, ...),
+the selection rules' parameters and forward scale in :mod:`softlm_jax.rules`.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any, Optional
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from softlm_jax import budget, rules, svd, tree
 from softlm_jax.config import CompressionConfig
-from softlm_jax.rules import initial_mask_logits  # noqa: F401  (LLRC's; re-exported)
-from softlm_jax.svd import balance, decompose, gram_layouts, svd_factors, whitened_factors  # noqa: F401
-from softlm_jax.tree import FACTOR_KEYS  # noqa: F401
+from softlm_jax.svd import balance, decompose
 
 
 def init_rank(rows: int, cols: int, cfg: CompressionConfig) -> int:
@@ -92,18 +88,3 @@ def compress_params(params: Mapping, cfg: CompressionConfig, grams: Optional[Map
     return new
 
   return tree.map_modules(params, replace)
-
-
-def singular_scale(layer: Mapping, cfg: CompressionConfig) -> jax.Array:
-  """The vector that multiplies a training-form layer's ``k`` factor columns, shape ``(k,)``.
-
-  The layer's rule's ``scale`` (:func:`softlm_jax.rules.rule_of`): SoftLM ``Th(s)``, LLRC ``s * mask``
-  with the straight-through hard mask. Exported layers have none (it is merged into ``left``). Export
-  merges exactly this vector, and its zeros are exactly the entries :func:`softlm_jax.budget.kept`
-  drops.
-  """
-  rule = rules.rule_of(layer)
-  if rule is None:
-    raise ValueError(f"layer with keys {sorted(layer)} has no selection parameters of any rule "
-                     f"{rules.names()} (already exported?)")
-  return rule.scale(layer, cfg)

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from softlm_jax import budget, rules, tree
-from softlm_jax.compress import singular_scale
 from softlm_jax.config import CompressionConfig
+from softlm_jax.rules import singular_scale
 from softlm_jax.svd import decompose
 
 
@@ -73,7 +73,7 @@ def export_params(params: Mapping, cfg: Optional[CompressionConfig] = None, *, r
   """Compact inference tree from a training-form tree.
 
   For each training-form layer: ``left <- (left * scale)[:, kept]``, ``right <- right[kept]`` with
-  ``scale`` the layer's rule's forward scale (:func:`softlm_jax.compress.singular_scale`: ``Th(s)``
+  ``scale`` the layer's rule's forward scale (:func:`softlm_jax.rules.singular_scale`: ``Th(s)``
   for SoftLM, ``s * mask`` for LLRC) and ``kept = budget.kept(layer)`` (its non-zero entries, in any
   order: LLRC masks need not be a prefix); the rank is
   :func:`softlm_jax.budget.effective_rank`. Already-exported layers and dense modules pass through.

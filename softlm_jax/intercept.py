@@ -19,8 +19,8 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
 from softlm_jax import rules
-from softlm_jax.compress import singular_scale
 from softlm_jax.config import CompressionConfig
+from softlm_jax.rules import singular_scale
 from softlm_jax.tree import FACTOR_KEYS
 
 #: Module class name -> kernel storage layout. "in_out": y = x @ K (nn.Dense);

@@ -1,6 +1,6 @@
 """Propagated, error-aware decomposition: each layer fit on the inputs of the already-compressed model.
 
-The whitened decomposition (:func:`softlm_jax.compress.whitened_factors`) fits every layer to the
+The whitened decomposition (:func:`softlm_jax.svd.whitened_factors`) fits every layer to the
 dense model's inputs ``X_f``, collected once. Inside the compressed model, layer 20 reads the output
 of 19 compressed blocks instead, and the errors compound. Here the model is compressed block by
 block, in model order, and within a block group by group in call order (layers that read the same
@@ -38,7 +38,7 @@ Grams. Memory: the two hidden-state caches, one block's dense group inputs and t
 
 The result is a factors dict, ``{layer path: (left (rows, q), s (q,), right (q, cols), dtype)}`` in
 the module's storage layout (``q = min(rows, cols)``), exactly what
-:func:`softlm_jax.compress.decompose` returns: pass it as ``factors=`` to
+:func:`softlm_jax.svd.decompose` returns: pass it as ``factors=`` to
 :func:`softlm_jax.compress_params` (with ``decomposition="whitened"``, so the factors are balanced),
 :func:`softlm_jax.static_svd`, or per group through :func:`softlm_jax.stream_layers`
 (``functools.partial(compress_params, factors=f)``).

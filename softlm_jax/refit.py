@@ -23,7 +23,7 @@ forward and backward pass, about 1/30 of the model's for SmolLM2.
 
 The tree is an **exported** one (:func:`softlm_jax.export_params` or :func:`softlm_jax.static_svd`:
 plain ``left (rows, r)`` / ``right (r, cols)`` factors, or kernels where a layer is kept dense). The
-factor pairs are balanced first (:func:`softlm_jax.compress.balance`: the same kernels; Adam's steps
+factor pairs are balanced first (:func:`softlm_jax.svd.balance`: the same kernels; Adam's steps
 are then of the same relative size on both sides), and no shape changes: every rank, and so the
 parameter count, is exactly as given. Norms, dense-kept kernels and everything outside the blocks
 are left as they are.
@@ -55,9 +55,9 @@ import optax
 
 from softlm_jax import files, tree
 from softlm_jax.blocks import BlockRunner, get_subtree, with_subtree
-from softlm_jax.compress import balance
 from softlm_jax.losses import block_error_sums, block_loss
 from softlm_jax.propagate import unpack_calibration
+from softlm_jax.svd import balance
 
 INPUTS = ("compressed", "dense")
 #: the refit's error measure: ``"total"`` (the summed squared error relative to the summed target norm)

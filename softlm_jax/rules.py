@@ -181,6 +181,21 @@ def layers_of(params: Mapping, name: str) -> list[tuple[str, Mapping]]:
   return [(p, lay) for p, lay in tree.factored_layers(params) if rule_of(lay) is rule]
 
 
+def singular_scale(layer: Mapping, cfg: CompressionConfig) -> jax.Array:
+  """The vector that multiplies a training-form layer's ``k`` factor columns, shape ``(k,)``.
+
+  The layer's rule's ``scale`` (:func:`rule_of`): SoftLM ``Th(s)``, LLRC ``s * mask``
+  with the straight-through hard mask. Exported layers have none (it is merged into ``left``). Export
+  merges exactly this vector, and its zeros are exactly the entries :func:`softlm_jax.budget.kept`
+  drops.
+  """
+  rule = rule_of(layer)
+  if rule is None:
+    raise ValueError(f"layer with keys {sorted(layer)} has no selection parameters of any rule "
+                     f"{names()} (already exported?)")
+  return rule.scale(layer, cfg)
+
+
 # --- softlm: a learned threshold per layer (arXiv 2411.10543) -------------------------------------------
 
 

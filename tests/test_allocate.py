@@ -11,7 +11,7 @@ import pytest
 
 import softlm_jax as sl
 from softlm_jax import allocate as al
-from softlm_jax import budget, compress
+from softlm_jax import budget, svd
 from softlm_jax.tasks import lm_loss
 from tests.conftest import VOCAB, build
 
@@ -173,7 +173,7 @@ def test_full_rank_is_the_dense_model():
 def llama_stats():
   model = build("llama")
   cfg = sl.CompressionConfig(target_ratio=0.5)
-  factors = compress.decompose(model.params, cfg)
+  factors = svd.decompose(model.params, cfg)
   cp = sl.compress_params(model.params, cfg, factors=factors)
   rng = np.random.RandomState(0)
   batches = [jnp.asarray(rng.randint(0, VOCAB, (2, 12)), jnp.int32) for _ in range(3)]

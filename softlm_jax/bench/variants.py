@@ -12,9 +12,9 @@ import numpy as np
 
 from softlm_jax import budget, tree
 from softlm_jax.bench.models import BenchModel, cast_params
-from softlm_jax.compress import decompose
 from softlm_jax.config import CompressionConfig
 from softlm_jax.export import emit_layer, export_params, static_ranks, static_svd
+from softlm_jax.svd import decompose
 
 
 def random_factors(params: Mapping, cfg: CompressionConfig, ranks: Mapping[str, int], seed: int = 0) -> dict:
