@@ -1,10 +1,11 @@
 """softlm-jax: learned per-layer low-rank SVD compression for Flax models.
 
-Selection rules (:mod:`softlm_jax.rules`: SoftLM's learned thresholds, arXiv 2411.10543, and LLRC's
-learned singular-value masks with frozen weights) on one decomposition (:mod:`softlm_jax.svd`),
-interception, counting and export core.
+Selection rules (:mod:`softlm_jax.rules`; built in, :mod:`softlm_jax.builtin_rules`: SoftLM's learned
+thresholds, arXiv 2411.10543, and LLRC's learned singular-value masks with frozen weights) on one
+decomposition (:mod:`softlm_jax.svd`), interception, counting and export core.
 """
 from softlm_jax._version import __version__ as __version__
+from softlm_jax.builtin_rules import llrc_loss, refill_to_target
 from softlm_jax.budget import (break_even_rank, budget_report, count_params, dense_params,
                                effective_rank, kept, layer_cost, layer_ranks, relaxed_count,
                                target_params, uniform_rank)
@@ -16,7 +17,7 @@ from softlm_jax.export import export_params, static_ranks, static_svd
 from softlm_jax.intercept import factored_apply, intercept, register_layout
 from softlm_jax.losses import adaptive_loss, compression_loss, distillation_loss, linear_loss, total_variation
 from softlm_jax.optim import BudgetState, budget_freeze, budget_state, make_optimizer, ramp_target
-from softlm_jax.rules import Rule, llrc_loss, refill_to_target, singular_scale
+from softlm_jax.rules import Rule, singular_scale
 from softlm_jax.shard import make_mesh
 from softlm_jax.stream import stream_layers
 from softlm_jax.svd import Decomposition, decompose, whitened_factors

@@ -15,7 +15,6 @@ import numpy as np
 
 from softlm_jax import rules, tree
 from softlm_jax.config import CompressionConfig
-from softlm_jax.rules import refill_to_target  # noqa: F401  (LLRC's; re-exported)
 
 INT_MAX = 2**31 - 1
 

@@ -1,7 +1,7 @@
 """Compression losses: SoftLM's (paper section 4.4) and LLRC's (distillation, total variation, budget).
 
 The math is here; each rule's loss over a tree (which leaves it reads) is its entry in
-:mod:`softlm_jax.rules` (``alphas`` and ``llrc_loss`` are re-exported from there).
+:mod:`softlm_jax.builtin_rules` (``softlm_loss``, ``llrc_loss``), which builds on this module.
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import numpy as np
 
 from softlm_jax import rules
 from softlm_jax.config import CompressionConfig
-from softlm_jax.rules import alphas, llrc_loss  # noqa: F401  (the rules' tree walks; re-exported)
 
 
 def adaptive_loss(alpha: jax.typing.ArrayLike) -> jax.Array:
@@ -129,7 +128,7 @@ def compression_loss(params: Mapping, cfg: CompressionConfig,
   """The selection rule's regulariser (``softlm_jax.rules.get(cfg.method).loss``), already weighted; scalar.
 
   SoftLM: ``gamma * L_cmp`` over all thresholds (adaptive or linear,
-  :func:`softlm_jax.rules.softlm_loss`). LLRC: :func:`llrc_loss`, whose budget price rises with ``step``
-  (the update index) when ``cfg.budget_growth > 1``.
+  :func:`softlm_jax.builtin_rules.softlm_loss`). LLRC: :func:`softlm_jax.llrc_loss`, whose budget price
+  rises with ``step`` (the update index) when ``cfg.budget_growth > 1``.
   """
   return rules.get(cfg.method).loss(params, cfg, step)

@@ -76,7 +76,7 @@ def run_thresholds(compress_steps, steps=60):
     counts.append(int(sl.count_params(state.params)))
     state, m = step_fn(state, {"inputs": ids, "teacher": model.params})
     frozen.append(bool(m["frozen"]))
-    alphas.append(np.asarray(sl.losses.alphas(state.params)))
+    alphas.append(np.asarray(sl.builtin_rules.alphas(state.params)))
   counts.append(int(sl.count_params(state.params)))
   return counts, frozen, alphas, dense, target
 

@@ -40,9 +40,9 @@ def run(cfg, steps, task_weight=1.0):
   trace = []
   for _ in range(steps):
     count_before = int(sl.count_params(params))
-    alphas_before = np.asarray(sl.losses.alphas(params))
+    alphas_before = np.asarray(sl.builtin_rules.alphas(params))
     params, state = step(params, state)
-    trace.append((count_before, alphas_before, np.asarray(sl.losses.alphas(params)),
+    trace.append((count_before, alphas_before, np.asarray(sl.builtin_rules.alphas(params)),
                   bool(sl.budget_state(state).frozen), int(sl.count_params(params))))
   return trace, target, state
 
