@@ -11,6 +11,8 @@ import dataclasses
 import re
 from typing import Optional, Union
 
+from softlm_jax import registry
+
 #: Default selection: every kernel inside a numbered block of a transformer / SSM stack.
 #: Matches HF BERT ``encoder/layer/3/...``, GPT-2 ``h/3/...``, Llama/Mamba ``layers/3/...``.
 DEFAULT_INCLUDE = r"(^|/)(layer|layers|h|blocks?)/\d+/"
@@ -26,15 +28,14 @@ NORMALIZATIONS = ("top", "energy", "uniform_rank", "none")
 
 
 def __getattr__(name):
-  """``METHODS`` / ``DECOMPOSITIONS``: the names registered now in :mod:`softlm_jax.rules` (selection
-  rules: "softlm", "llrc", ...) and :mod:`softlm_jax.svd` (decompositions: "svd", "whitened", ...); the
-  registries are the one source, these are read from them on each access."""
+  """``METHODS`` / ``DECOMPOSITIONS``: the names registered now (:data:`softlm_jax.registry.METHODS`,
+  filled by :mod:`softlm_jax.rules`: "softlm", "llrc", ...; :data:`softlm_jax.registry.DECOMPOSITIONS`,
+  filled by :mod:`softlm_jax.svd`: "svd", "whitened", ...); the registries are the one source, these are
+  read from them on each access."""
   if name == "METHODS":
-    from softlm_jax import rules
-    return rules.names()
+    return registry.METHODS.names()
   if name == "DECOMPOSITIONS":
-    from softlm_jax import svd
-    return svd.names()
+    return registry.DECOMPOSITIONS.names()
   raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -125,8 +126,7 @@ class CompressionConfig:
       object.__setattr__(self, "normalize", "top" if self.normalize else "none")
     if self.normalize not in NORMALIZATIONS:
       raise ValueError(f"unknown normalize {self.normalize!r}; expected one of {NORMALIZATIONS} (or a bool)")
-    from softlm_jax import rules, svd  # the registries (both import this module)
-    svd.get(self.decomposition)  # raises "unknown decomposition ..., expected one of ..."
+    registry.DECOMPOSITIONS.get(self.decomposition)  # raises "unknown decomposition ..., expected one of ..."
     if not (0.0 <= self.gram_floor < 1.0 and self.gram_damp >= 0.0):
       raise ValueError(f"need 0 <= gram_floor < 1 and gram_damp >= 0, got {self.gram_floor!r}, {self.gram_damp!r}")
     if not self.sharpness > 0:
@@ -140,7 +140,7 @@ class CompressionConfig:
     if isinstance(self.init_rank, bool) or not (
         self.init_rank in ("full", "break_even") or (isinstance(self.init_rank, int) and self.init_rank > 0)):
       raise ValueError(f"init_rank must be 'full', 'break_even' or a positive int, got {self.init_rank!r}")
-    rules.get(self.method)  # raises "unknown method ..., expected one of ..."
+    registry.METHODS.get(self.method)  # raises "unknown method ..., expected one of ..."
     if not (self.mask_lr > 0 and self.mask_temperature > 0 and self.tv_weight >= 0):
       raise ValueError(f"need mask_lr > 0, mask_temperature > 0, tv_weight >= 0; got {self.mask_lr!r}, "
                        f"{self.mask_temperature!r}, {self.tv_weight!r}")

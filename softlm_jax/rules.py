@@ -27,7 +27,7 @@ import jax
 
 from softlm_jax import tree
 from softlm_jax.config import CompressionConfig
-from softlm_jax.registry import Registry
+from softlm_jax.registry import METHODS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +94,7 @@ class Rule:
                          f"{self.keys}")
 
 
-_RULES = Registry("method", Rule)
+_RULES = METHODS.holds(Rule)
 #: The optimizer partition of every leaf that is no rule's (factors, biases, embeddings ...).
 WEIGHTS_LABEL = "weights"
 

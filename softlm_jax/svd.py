@@ -35,7 +35,7 @@ import numpy as np
 from softlm_jax import budget, tree
 from softlm_jax.config import CompressionConfig
 from softlm_jax.linalg import check_finite, thin_svd, whitening
-from softlm_jax.registry import Registry
+from softlm_jax.registry import DECOMPOSITIONS
 
 #: What a decomposition can need (see the module docstring).
 NEEDS = ("nothing", "grams", "calibration")
@@ -72,7 +72,7 @@ class Decomposition:
       raise ValueError(f"decomposition {self.name!r}: needs must be one of {NEEDS}, got {self.needs!r}")
 
 
-_DECOMPOSITIONS = Registry("decomposition", Decomposition)
+_DECOMPOSITIONS = DECOMPOSITIONS.holds(Decomposition)
 
 
 def register(decomposition: Decomposition, *, replace: bool = False) -> Decomposition:
