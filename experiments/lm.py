@@ -16,7 +16,8 @@ Methods (``--methods``; :func:`softlm_jax.run.method_names`):
   static-noft    static SVD, no training;
   allocated      static SVD at the ranks of a global loss-aware allocation (softlm_jax.allocate), the
                  decomposition fit at those ranks, block refit (--refit-steps), then fine-tuned;
-  allocated-noft the same without fine-tuning (the refit still runs when --refit-steps > 0);
+  allocated-refit the same with the block refit and no fine-tuning;
+  allocated-noft the allocation and the decomposition alone: no weight trained by gradient;
   softlm-noft    SoftLM thresholds with frozen weights on the calibration set (distillation), no fine-tuning;
   llrc           LLRC masks with frozen weights on the calibration set (distillation), no fine-tuning;
   llrc-ft        LLRC, then ``--ft-steps`` of LM fine-tuning of the exported model.

@@ -170,9 +170,10 @@ def _meta(config: RefitConfig, blk: str, calib: str) -> str:
   return json.dumps({"block": blk, "config": dataclasses.asdict(config), "calibration": calib}, sort_keys=True)
 
 
-def _save_block(path: str, flat: Mapping, meta: str) -> None:
+def _save_block(path: str, flat: Mapping, meta: str, info: Mapping) -> None:
   buf = io.BytesIO()
-  np.savez(buf, __meta__=np.asarray(meta), **{k: np.asarray(v) for k, v in flat.items()})
+  np.savez(buf, __meta__=np.asarray(meta), __info__=np.asarray(json.dumps(dict(info))),
+           **{k: np.asarray(v) for k, v in flat.items()})
   files.atomic_write(path, buf.getvalue())
 
 
@@ -182,14 +183,15 @@ def _load_block(path: str, meta: str, like: Mapping) -> dict:
     if got != meta:
       raise ValueError(f"refit checkpoint {path} was written for {got}, not {meta}: use another ckpt_dir or "
                        "delete it")
-    flat = {k: z[k] for k in z.files if k != "__meta__"}
+    info = json.loads(str(z["__info__"])) if "__info__" in z.files else {}
+    flat = {k: z[k] for k in z.files if k not in ("__meta__", "__info__")}
   if set(flat) != set(like) or any(np.shape(flat[k]) != np.shape(like[k]) for k in like):
     raise ValueError(f"refit checkpoint {path} does not match the block's parameters (keys or shapes differ)")
-  return {k: jnp.asarray(flat[k], like[k].dtype) for k in like}
+  return {k: jnp.asarray(flat[k], like[k].dtype) for k in like}, info
 
 
 def refit_blocks(dense_params: Mapping, params: Mapping, calibration: Any, config: RefitConfig = RefitConfig(), *,
-                 ckpt_dir: Optional[str] = None, progress: bool = True,
+                 heldout: Optional[list] = None, ckpt_dir: Optional[str] = None, progress: bool = True,
                  on_block: Optional[Callable[[int, str, dict], None]] = None) -> dict:
   """Refits every block of an exported tree to the dense model's block outputs (module docstring).
 
@@ -199,21 +201,29 @@ def refit_blocks(dense_params: Mapping, params: Mapping, calibration: Any, confi
     calibration: ``apply_fn``, ``batches``, ``mask_fn`` (an object with those attributes or a tuple), as
       :func:`softlm_jax.propagate.propagated_factors`; ``mask_fn`` weights the loss's tokens.
     config: :class:`RefitConfig`.
+    heldout: the guard's batches (model inputs, as the calibration batches), never trained on: a block's
+      refit is kept only if it lowers that block's error on them. None: the last ``config.holdout``
+      calibration batches are held out instead (0: no guard).
     ckpt_dir: write each finished block there (atomic) and resume from it.
     progress: a tqdm bar over all steps.
-    on_block: called as ``on_block(index, block path, {"loss_first": ..., "loss_last": ...})`` after each
-      block (when it is saved).
+    on_block: called as ``on_block(index, block path, info)`` after each block (when it is saved), with
+      ``info`` ``{"loss_first", "loss_last"}`` of its steps and, under a guard, ``{"heldout_before",
+      "heldout_after", "kept"}`` (a block resumed from ``ckpt_dir`` reports the same as when it ran).
 
   Returns:
     ``params`` with each block's factors and factored-layer biases refit (balanced pairs), as plain
     dicts; every leaf keeps its shape and dtype.
   """
   apply_fn, batches, mask_fn = unpack_calibration(calibration)
+  if heldout:
+    batches, n_held = batches + list(heldout), len(heldout)
+  else:
+    n_held = config.holdout
   dense_params = jax.tree.map(jnp.asarray, dense_params)
   params = tree.map_modules(jax.tree.map(jnp.asarray, params), lambda _, n: n)
   streams = _Streams(apply_fn, dense_params, batches, mask_fn)
   runner = streams.runner
-  nb = len(batches) - config.holdout
+  nb = len(batches) - n_held
   if nb < 1 and config.steps:
     raise ValueError(f"RefitConfig.holdout={config.holdout} holds out every one of the {len(batches)} calibration "
                      "batches: nothing is left to train on (use fewer held-out batches or more calibration data)")
@@ -249,7 +259,7 @@ def refit_blocks(dense_params: Mapping, params: Mapping, calibration: Any, confi
     trainable, frozen = split_block(block, blk)
     info: dict = {}
     if path and os.path.exists(path):
-      trainable = _load_block(path, meta, split_block(_balanced(block), blk)[0])
+      trainable, info = _load_block(path, meta, split_block(_balanced(block), blk)[0])
       if bar is not None:
         bar.update(config.steps)
     else:
@@ -276,12 +286,12 @@ def refit_blocks(dense_params: Mapping, params: Mapping, calibration: Any, confi
           before = _held_error(streams, blk, tree.unflatten({**frozen, **start}), held, targets, config)
           after = _held_error(streams, blk, tree.unflatten({**frozen, **trainable}), held, targets, config)
           info.update(heldout_before=before, heldout_after=after, kept=bool(after < before))
-          if not after < before:
-            trainable = start
+          if not after < before:  # the block as it was given, bit for bit (not its balanced pair)
+            trainable = split_block(block, blk)[0]
       elif bar is not None:
         bar.update(config.steps)
       if path:
-        _save_block(path, trainable, meta)
+        _save_block(path, trainable, meta, info)
     new_block = tree.unflatten({**frozen, **trainable})
     params = with_subtree(params, blk, new_block)
     if config.inputs == "compressed":

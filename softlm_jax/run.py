@@ -7,10 +7,12 @@ never by parsed options; the ``softlm`` command, ``experiments/lm.py``, ``experi
 ``experiments/glue_llrc.py`` are thin layers over it.
 
 Methods (:func:`method_names`): ``dense`` (a classifier is fine-tuned: its head is new; an LM is
-evaluated as loaded), ``dense-ft`` (dense fine-tuning), ``static`` / ``static-noft`` (static SVD, the
-same keep-ratio in every layer, fine-tuned / not), ``allocated`` / ``allocated-noft`` (static SVD at
-the ranks of a global loss-aware allocation, :mod:`softlm_jax.allocate`; with a rank-dependent
-decomposition the factors are fit at those ranks; no weight trained before the fine-tuning), and for
+evaluated as loaded), ``dense-ft`` (dense fine-tuning), ``static`` (static SVD, the same keep-ratio in
+every layer) and ``allocated`` (static SVD at the ranks of a global loss-aware allocation,
+:mod:`softlm_jax.allocate`; with a rank-dependent decomposition the factors are fit at those ranks),
+each in three variants named by what runs after the decomposition: ``-noft`` nothing (no weight
+trained by gradient), ``-refit`` the calibration-only block refit (:mod:`softlm_jax.refit`), none
+(``static``, ``allocated``) the refit when ``TrainConfig.refit_steps`` > 0, then fine-tuning; and for
 every registered selection rule ``R``
 (``softlm``, ``llrc``): ``R`` (the rule's own recipe: SoftLM trains thresholds and weights until the
 budget is met, then fine-tunes; LLRC learns masks with the weights frozen), ``R-noft`` (the selection
@@ -24,8 +26,11 @@ Policies, in one place:
   and, with ``TrainConfig.distill``, distil from the teacher.
 * Calibration Grams (whitened decomposition) are collected once per base tree and shared by every
   method and CR; so is each decomposition.
-* ``TrainConfig.refit_steps`` > 0: the static methods' exported models get a calibration-only block
-  refit (:mod:`softlm_jax.refit`) before the fine-tuning (``softlm compress`` never trains: no refit).
+* ``TrainConfig.refit_steps`` > 0: ``static`` / ``allocated`` and their ``-refit`` variants get a
+  calibration-only block refit (:mod:`softlm_jax.refit`) before any fine-tuning; ``-noft`` never
+  does, nor does ``softlm compress``.
+* The guard (``TrainConfig.guard_batches``): no post-decomposition step (refit, fine-tuning) of a static
+  method is kept if it raised the model's task loss on held-out calibration batches.
 * Steps: a learned rule stops ``finetune_steps`` after its budget is met; ``dense-ft`` and ``static``
   get ``TrainConfig.steps`` or the learned rule's total at the same CR (equal steps).
 * Budget: an exported model that misses its target (counted parameters above the target) is an error
@@ -54,6 +59,7 @@ from softlm_jax import budget, calib, checkpoint, files, optim, report, rules, s
 from softlm_jax.compress import compress_params
 from softlm_jax.config import CompressionConfig
 from softlm_jax.export import export_params, static_svd
+from softlm_jax.intercept import intercept
 from softlm_jax.optim import budget_state, make_optimizer
 from softlm_jax.svd import decompose
 
@@ -104,8 +110,14 @@ class TrainConfig:
       to the teacher's, token by token) to every distilled run's loss (0: off).
     refit_loss: its error measure (:data:`softlm_jax.refit.LOSSES`): ``"total"`` (the sums' ratio) or
       ``"token"`` (each token relative to its own norm).
-    refit_holdout: calibration batches the refit holds out: a block's refit is kept only if it lowers
-      that block's error on them (:class:`softlm_jax.refit.RefitConfig`; 0: no guard).
+    refit_holdout: calibration batches the refit holds out of its steps, instead of the guard's batches
+      (:class:`softlm_jax.refit.RefitConfig`; 0: the guard's own batches, below).
+    guard_batches: the guard: this many batches of calibration examples after the first ``calib_grams``
+      (never trained on, never in the Grams or the scores). The block refit keeps a block's new weights
+      only if they lower that block's error on them; after each post-decomposition step of ``static`` /
+      ``allocated`` (the refit, the fine-tuning) the model's task loss on them is compared with the loss
+      before the step, and a step that raised it is reverted (results.json ``guard``; the summary's
+      recipe says so). 0: no guard.
     compress_from: the tree every compressed method starts from: ``"dense"`` (the trained methods
       start from the model as loaded: a classifier's head is new and learns with the compression) or
       ``"teacher"`` (every compressed method compresses the teacher: a classifier's fine-tuned
@@ -148,6 +160,7 @@ class TrainConfig:
   refit_lr: float = 3e-4
   refit_loss: str = "total"
   refit_holdout: int = 0
+  guard_batches: int = 4
   lr_schedule: str = "constant"
   warmup_steps: int = 0
   distill_hidden: float = 0.0
@@ -161,7 +174,8 @@ class TrainConfig:
       v = getattr(self, name)
       if v is not None and (isinstance(v, bool) or int(v) < 1):
         raise ValueError(f"TrainConfig.{name} must be None or >= 1, got {v!r}")
-    for name in ("finetune_steps", "eval_every", "ft_steps", "refit_steps", "warmup_steps", "refit_holdout"):
+    for name in ("finetune_steps", "eval_every", "ft_steps", "refit_steps", "warmup_steps", "refit_holdout",
+                 "guard_batches"):
       if int(getattr(self, name)) < 0:
         raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
     for name in ("max_compress_steps", "batch_size", "calib", "calib_grams", "save_every"):
@@ -257,7 +271,7 @@ class Method:
     if self.base == "dense":
       return False
     if self.base in STATIC_BASES:
-      return self.variant == "noft"
+      return self.variant in ("noft", "refit")
     return self.variant in ("noft", "ft") or not rule_trains_weights(self.base)
 
   @property
@@ -268,7 +282,8 @@ class Method:
 
 def method_names() -> list[str]:
   """Every method :func:`parse_method` accepts, for the registered rules."""
-  out = ["dense", "dense-ft", "static", "static-noft", "allocated", "allocated-noft"]
+  out = ["dense", "dense-ft", "static", "static-noft", "static-refit", "allocated", "allocated-noft",
+         "allocated-refit"]
   for r in rules.names():
     out += [r, f"{r}-noft", f"{r}-ft"]
   return out
@@ -333,6 +348,8 @@ class Comparison:
     self._allocations: dict = {}
     self._scores: dict = {}
     self._frozen: dict = {}  # (rule, cr) -> (exported tree, results) of an R-noft / frozen R run
+    self._guard: Optional[list] = None
+    self._guard_fn = None
     self.learned_steps: dict = {}  # cr -> a learned rule's total steps
 
   # -- names and folders
@@ -447,7 +464,8 @@ class Comparison:
 
   def refit(self, method: Method, params, out: str) -> tuple[dict, dict]:
     """``(params, info)``: the block refit of an exported tree (``TrainConfig.refit_steps``), resumable
-    from ``<out>/ckpt_refit``; ``params`` unchanged when it is off."""
+    from ``<out>/ckpt_refit``, guarded block by block by :meth:`guard_batches` (or the last
+    ``refit_holdout`` calibration batches); ``params`` unchanged when it is off."""
     t = self.tcfg
     if t.refit_steps == 0:
       return params, {}
@@ -455,14 +473,57 @@ class Comparison:
     t0, c0 = time.time(), time.process_time()
     blocks: list = []
     rcfg = refit.RefitConfig(steps=t.refit_steps, lr=t.refit_lr, loss=t.refit_loss, holdout=t.refit_holdout)
-    params = refit.refit_blocks(self.base(method)[1], params, self.calibration, rcfg,
+    heldout = None if t.refit_holdout else [b["inputs"] for b in self.guard_batches()]
+    params = refit.refit_blocks(self.base(method)[1], params, self.calibration, rcfg, heldout=heldout,
                                 ckpt_dir=os.path.join(out, "ckpt_refit"), progress=t.progress,
                                 on_block=lambda i, blk, info: blocks.append({"block": blk, **info}))
+    kept = sum(1 for b in blocks if b.get("kept", True))
     info = {"steps_per_block": t.refit_steps, "lr": t.refit_lr, "loss": t.refit_loss,
-            "holdout": t.refit_holdout, "blocks": blocks,
-            "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0}
-    self.log(f"[{method.name}] block refit: {len(blocks)} blocks x {t.refit_steps} steps, {info['wall_s']:.0f}s")
+            "holdout": t.refit_holdout, "guard_batches": len(heldout or []), "blocks": blocks,
+            "blocks_kept": kept, "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0}
+    self.log(f"[{method.name}] block refit: {len(blocks)} blocks x {t.refit_steps} steps, {kept} kept, "
+             f"{info['wall_s']:.0f}s")
     return params, info
+
+  def guard_batches(self) -> list:
+    """The guard's batches (``TrainConfig.guard_batches`` of ``batch_size`` calibration examples after
+    the first ``calib_grams``, as :meth:`softlm_jax.tasks.Task.score_batches` gives them; fewer when
+    the calibration set ends sooner, none when it has no example past ``calib_grams``)."""
+    if self._guard is None:
+      t = self.tcfg
+      start = min(t.calib_grams, self.task.n_calib())
+      self._guard = self.task.heldout_batches(start, t.guard_batches * t.batch_size, t.batch_size)
+      if t.guard_batches and not self._guard:
+        self.log(f"no guard: the calibration set has no example past the first {t.calib_grams} (calib_grams)")
+    return self._guard
+
+  def guard_loss(self, params, cfg: CompressionConfig) -> Optional[float]:
+    """The task loss (:meth:`softlm_jax.tasks.Task.score_loss`) of ``params`` averaged over
+    :meth:`guard_batches` (None without them)."""
+    batches = self.guard_batches()
+    if not batches:
+      return None
+    if self._guard_fn is None:
+      score = self.task.score_loss(self.model)
+
+      def loss(p, b, c):
+        with intercept(c):
+          return score(p, b)
+      self._guard_fn = jax.jit(loss, static_argnums=2)
+    return float(np.mean([float(self._guard_fn(params, b, cfg)) for b in batches]))
+
+  def guarded(self, method: Method, step: str, before, after, cfg: CompressionConfig, record: list):
+    """``after`` if the step ``step`` did not raise :meth:`guard_loss` above ``before``'s, else
+    ``before`` (the step reverted); appends ``{"step", "loss_before", "loss_after", "kept"}`` to
+    ``record``."""
+    lb, la = self.guard_loss(before, cfg), self.guard_loss(after, cfg)
+    if lb is None:
+      return after
+    kept = bool(la <= lb)
+    record.append({"step": step, "loss_before": lb, "loss_after": la, "kept": kept})
+    if not kept:
+      self.log(f"[{method.name}] the {step} raised the held-out calibration loss {lb:.4f} -> {la:.4f}: reverted")
+    return after if kept else before
 
   def weights_tx(self, steps: int) -> optax.GradientTransformation:
     """The weights' Adam for a fine-tuning run of ``steps`` updates (``TrainConfig.lr_schedule``)."""
@@ -572,18 +633,25 @@ class Comparison:
         final, res["train_steps"] = self.dense, 0
     elif method.base in STATIC_BASES:
       final, _ = self.initial(method, cr)
-      final, refit_info = self.refit(method, final, out)
-      if refit_info:
-        res["refit"] = refit_info
+      guard: list = []
       res["train_steps"] = 0
+      if method.variant != "noft":
+        refit_params, refit_info = self.refit(method, final, out)
+        if refit_info:
+          res["refit"] = refit_info
+          final = self.guarded(method, "refit", final, refit_params, cfg, guard)
       if not method.frozen:
-        if refit_info:  # what the refit alone gave, before the fine-tuning
-          _, refit_info["metrics"], _ = self.task.evaluate(self.model, final, None)
+        if res.get("refit"):  # what the refit alone gave, before the fine-tuning
+          _, res["refit"]["metrics"], _ = self.task.evaluate(self.model, final, None)
         steps = self.steps_for(cr)
         state, res["history"] = self._fit(final, self.weights_tx(steps), None,
                                           self.task.train_loss(self.model, distill, self._hidden(distill)),
                                           self._task_batches(distill[0] > 0), ckpt, steps=steps)
-        final, res["train_steps"] = state.params, int(state.step)
+        res["train_steps"] = int(state.step)
+        final = self.guarded(method, "fine-tuning", final, state.params, cfg, guard)
+      if guard:
+        res["guard"] = {"batches": len(self.guard_batches()), "steps": guard}
+      res["recipe"] = recipe(method, cfg, res)
     else:
       reuse = self._frozen.get((method.rule, cr)) if method.variant == "ft" else None
       if reuse is not None:
@@ -695,6 +763,21 @@ class Comparison:
     return compact_metadata(self.model, self.task.describe(), method.name, res.get("train_steps", 0),
                             None if verdict is None else verdict["met"])
 
+def recipe(method: Method, cfg: CompressionConfig, res: dict) -> str:
+  """What ran to make a static method's model, for the summary: the decomposition, then each
+  post-decomposition step with what the guard kept, e.g. ``"propagated; refit 32/block (28/30 blocks
+  kept); fine-tuning 100 steps (reverted)"``."""
+  parts = [cfg.decomposition]
+  kept = {g["step"]: g["kept"] for g in (res.get("guard") or {}).get("steps", [])}
+  r = res.get("refit")
+  if r:
+    parts.append(f"refit {r['steps_per_block']}/block ({r['blocks_kept']}/{len(r['blocks'])} blocks kept)"
+                 + ("" if kept.get("refit", True) else " (reverted)"))
+  if not method.frozen:
+    parts.append(f"fine-tuning {res['train_steps']} steps" + ("" if kept.get("fine-tuning", True) else " (reverted)"))
+  return "; ".join(parts)
+
+
 def compact_metadata(model, task_info: dict, method: str, train_steps: int, budget_met: Optional[bool]) -> dict:
   """A compact file's metadata: the method, the model family's manifest fields (family, class,
   source model, tokenizer), the task's facts, the steps and whether the budget was met."""
@@ -792,6 +875,10 @@ def check_starts(tcfg: TrainConfig, methods, crs, source_model: Optional[str] = 
   for name in methods:
     m = parse_method(name)
     check_schedule(name, tcfg)
+    if m.variant == "refit" and tcfg.refit_steps == 0:
+      raise ValueError(f"{name} is the decomposition followed by the block refit, but refit_steps is 0: set "
+                       "--refit-steps (the lm preset's 32), or use the training-free "
+                       f"{m.base}-noft")
     for cr in crs:
       if tcfg.start_allocation is not None and m.rule is not None:
         check_start_allocation(name, tcfg.start_allocation, cr)
@@ -925,7 +1012,10 @@ def summary_row(res: dict) -> dict:
   for split, ms in by_split.items():
     prefix = "" if len(by_split) == 1 else f"{split} "
     cells.update({f"{prefix}{k}": round(v, 4) for k, v in ms.items()})
-  row = report.summary_row(res, {"method": res["method"], "CR": res.get("cr", 0.0)}, cells)
+  head = {"method": res["method"], "CR": res.get("cr", 0.0)}
+  if res.get("recipe"):
+    head["recipe"] = res["recipe"]
+  row = report.summary_row(res, head, cells)
   verdict = (res.get("budget") or {}).get("verdict")
   if verdict and not verdict["met"]:
     row["budget"] = "NOT MET"

@@ -24,6 +24,7 @@ import optax
 
 from softlm_jax import data, losses, metrics, serial
 from softlm_jax.intercept import intercept
+from softlm_jax.train import distill_task
 
 LM_TASK = "wikitext"
 EVAL_CHARS = 200_000
@@ -245,6 +246,13 @@ class Task:
     set of a loss-aware allocation: the same examples as :meth:`calib_batches`)."""
     return [self.calib_example(idx) for idx in self._first(n, batch_size)]
 
+  def heldout_batches(self, start: int, n: int, batch_size: int) -> list:
+    """Calibration examples ``start .. start + n - 1`` (as many as exist) in batches, as
+    :meth:`score_loss` takes them: the guard's held-out set when ``start`` is past the examples the
+    Grams, scores and refit use."""
+    end = min(start + n, self.n_calib())
+    return [self.calib_example(np.arange(i, min(i + batch_size, end))) for i in range(start, end, batch_size)]
+
   def calib_example(self, idx: np.ndarray) -> dict:
     """``{"inputs", ["labels"]}`` of calibration examples ``idx`` (:meth:`example_batch` of the training
     examples, unless the task cuts its own calibration set)."""
@@ -404,16 +412,15 @@ class LMTask(Task):
     return lambda p, batch: lm_loss(fn(p, batch["inputs"]), batch["inputs"])
 
   def train_loss(self, model, distill=(0.0, 1.0), hidden=0.0):
-    from softlm_jax import train
     weight, temperature = distill
     fn = model.logits_fn()
     if hidden > 0 and weight <= 0:
       raise ValueError(f"hidden-state distillation (distill_hidden={hidden}) needs the teacher: set a "
                        "distillation weight > 0 (distill=(weight, T))")
     if weight > 0:
-      return train.distill_task(fn, base_loss=lambda logits, b: lm_loss(logits, b["inputs"]), weight=weight,
-                                temperature=temperature, hidden_fn=model.hidden_fn() if hidden > 0 else None,
-                                hidden_weight=hidden)
+      return distill_task(fn, base_loss=lambda logits, b: lm_loss(logits, b["inputs"]), weight=weight,
+                          temperature=temperature, hidden_fn=model.hidden_fn() if hidden > 0 else None,
+                          hidden_weight=hidden)
     return lambda p, batch, rng: lm_loss(fn(p, batch["inputs"]), batch["inputs"])
 
   def evaluate(self, model, params, cfg):

@@ -9,6 +9,7 @@ import pytest
 import softlm_jax as sl
 from softlm_jax import allocate, budget, data, propagate, refit, run, tasks, tree
 from softlm_jax.blocks import get_subtree
+from softlm_jax.intercept import intercept
 
 needs_wikitext = pytest.mark.skipif(data.find_data_dir() is None, reason="needs ../shared/data (WikiText-2)")
 
@@ -52,20 +53,19 @@ def test_softlm_compress_writes_the_allocated_model_at_refit_ranks(tmp_path, mon
 
 @needs_wikitext
 def test_block_refit_runs_as_a_stage_and_keeps_the_ranks(tmp_path):
-  """``TrainConfig.refit_steps`` (and ``--refit-holdout``): the static methods' exported model is refit
-  block by block before fine-tuning (the same as calling ``refit.refit_blocks`` on it), and no rank
-  changes."""
+  """``TrainConfig.refit_steps`` (and ``--refit-holdout``): ``allocated-refit``'s exported model is refit
+  block by block (the same as calling ``refit.refit_blocks`` on it), and no rank changes."""
   from softlm_jax.cli import options
   from softlm_jax import cli
   o = options.parse(cli.build_parser(), ["train", *SMALL, "--decomposition", "whitened", "--out", str(tmp_path),
-                                         "--methods", "allocated-noft", "--cr", "0.5", "--refit-steps", "12",
+                                         "--methods", "allocated-refit", "--cr", "0.5", "--refit-steps", "12",
                                          "--refit-lr", "3e-3", "--refit-holdout", "1"]).options
   model, task = run.load(o.model, o.data)
   comp = run.Comparison(model, task, o.compression, o.train, str(tmp_path))
-  method = run.parse_method("allocated-noft")
+  method = run.parse_method("allocated-refit")
   before, cfg = comp.initial(method, 0.5)
-  res = comp.run_method("allocated-noft", 0.5)
-  after, _ = sl.load_compact(tmp_path / "allocated-noft" / "compact.safetensors")
+  res = comp.run_method("allocated-refit", 0.5)
+  after, _ = sl.load_compact(tmp_path / "allocated-refit" / "compact.safetensors")
   assert _ranks(after) == _ranks(before)
   assert res["budget"]["counted_params"] == int(sl.count_params(before, cfg))
   blocks = res["refit"]["blocks"]
@@ -74,11 +74,16 @@ def test_block_refit_runs_as_a_stage_and_keeps_the_ranks(tmp_path):
   # the stage is refit.refit_blocks on the exported model, from the dense model, on the run's calibration set
   ref = refit.refit_blocks(comp.dense, before, comp.calibration, refit.RefitConfig(steps=12, lr=3e-3, holdout=1),
                            progress=False)
+  guard = res["guard"]["steps"]
+  assert [g["step"] for g in guard] == ["refit"]
+  if not guard[0]["kept"]:  # the model-level guard reverted the refit: the saved model is the decomposition
+    assert guard[0]["loss_after"] > guard[0]["loss_before"]
+    ref = before
   for p, lay in tree.factored_layers(after):
     want = get_subtree(ref, p)
     for k in ("left", "right"):
       np.testing.assert_allclose(np.asarray(lay[k]), np.asarray(want[k]), rtol=1e-5, atol=1e-6, err_msg=p)
-  # the refit model is what was evaluated
+  # the saved model is what was evaluated
   ppl = tasks.perplexity(model, after, None, task.windows["test"])
   assert ppl == pytest.approx(res["metrics"]["test"]["ppl"], rel=1e-5)
 
@@ -261,3 +266,47 @@ def test_distillation_from_a_fine_tuned_teacher_file(tmp_path):
     run.load_teacher(bad, comp.dense)
   with pytest.raises(SystemExit):
     options.parse(cli.build_parser(), [*argv[:-1], str(tmp_path / "nope.safetensors")])
+
+
+@needs_wikitext
+def test_a_refit_that_wrecks_the_model_is_reverted_block_by_block(tmp_path):
+  """The guard (default on): a refit at an absurd learning rate (10) keeps no block, the saved model's
+  logits are the decomposition's, and the results and the summary say every block was reverted."""
+  from softlm_jax import cli
+  from softlm_jax.cli import options
+  import jax.numpy as jnp
+  o = options.parse(cli.build_parser(), ["train", *SMALL, "--decomposition", "whitened", "--out", str(tmp_path),
+                                         "--methods", "static-refit", "--cr", "0.5", "--refit-steps", "8",
+                                         "--refit-lr", "10"]).options
+  assert o.train.guard_batches > 0 and o.train.refit_holdout == 0
+  model, task = run.load(o.model, o.data)
+  comp = run.Comparison(model, task, o.compression, o.train, str(tmp_path), log=lambda s: None)
+  before, cfg = comp.initial(run.parse_method("static-refit"), 0.5)
+  res = comp.run_method("static-refit", 0.5)
+  blocks = res["refit"]["blocks"]
+  n = len(blocks)
+  assert n == 4 and res["refit"]["blocks_kept"] == 0
+  assert all(not b["kept"] and b["heldout_after"] > b["heldout_before"] for b in blocks)
+  after, _ = sl.load_compact(tmp_path / "static-refit" / "compact.safetensors")
+  ids = jnp.asarray(task.windows["test"][:2, :32])
+
+  def logits(p):
+    with intercept(None):
+      return np.asarray(model.logits(p, ids))
+  np.testing.assert_array_equal(logits(after), logits(before))
+  assert f"refit 8/block (0/{n} blocks kept)" in res["recipe"]
+  assert f"0/{n} blocks kept" in (tmp_path / "static-refit" / "table.md").read_text()
+  # the training-free variant of the same run trains nothing: no refit although refit_steps is 8
+  noft = comp.run_method("static-noft", 0.5)
+  assert "refit" not in noft and noft["recipe"] == "whitened"
+  same, _ = sl.load_compact(tmp_path / "static-noft" / "compact.safetensors")
+  np.testing.assert_array_equal(logits(same), logits(before))
+
+
+def test_refit_variant_needs_refit_steps():
+  """``-refit`` refuses refit_steps = 0; ``-noft`` and ``-refit`` compress the frozen teacher."""
+  assert run.parse_method("allocated-noft").frozen and run.parse_method("allocated-refit").frozen
+  assert not run.parse_method("allocated").frozen
+  with pytest.raises(ValueError, match="allocated-refit is the decomposition followed by the block refit, but "
+                     "refit_steps is 0"):
+    run.check_starts(run.TrainConfig(refit_steps=0), ["allocated-refit"], [0.5])

@@ -35,6 +35,9 @@ def run(args) -> dict:
   method = pipeline.parse_method(o.methods[0])
   if not method.compressed:
     raise ValueError("softlm compress takes a compressed method (allocated, static, softlm, llrc, ...), not dense")
+  if method.variant == "refit":
+    raise ValueError(f"softlm compress trains nothing; {method.name} refits blocks by gradient: run `softlm train "
+                     f"--methods {method.name}` (or compress with --method {method.base})")
   cr = o.crs[0]
   task_name = o.data.task if not o.data.train_file else os.path.splitext(os.path.basename(o.data.train_file))[0]
   check_run_folder(o.out, method.name, o.model, task_name, cr)

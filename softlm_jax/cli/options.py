@@ -242,14 +242,18 @@ def add_train_args(ap) -> None:
   g.add_argument("--allow-budget-miss", action="store_true", default=None,
                  help="a model that misses its budget is recorded as 'not met' instead of failing the run")
   g.add_argument("--refit-steps", type=nonnegative_int, default=None,
-                 help="static/allocated: Adam steps per block of the calibration-only block refit before "
-                 "fine-tuning (softlm train only; 0: off)")
+                 help="static/allocated and their -refit variants: Adam steps per block of the calibration-only "
+                 "block refit before any fine-tuning (softlm train only; 0: off)")
   g.add_argument("--refit-lr", type=positive_float, default=None, help="the block refit's learning rate")
   g.add_argument("--refit-loss", choices=("total", "token"), default=None,
                  help="the block refit's error: the sums' ratio (total) or each token's relative to its own norm")
   g.add_argument("--refit-holdout", type=nonnegative_int, default=None, metavar="N",
-                 help="the block refit holds out the last N calibration batches and keeps a block's refit only if "
-                 "it lowers that block's error on them (0: off)")
+                 help="the block refit holds out the last N calibration batches (instead of the guard's batches) and "
+                 "keeps a block's refit only if it lowers that block's error on them (0: the guard's batches)")
+  g.add_argument("--guard-batches", type=nonnegative_int, default=None, metavar="N",
+                 help="the guard: N batches of calibration examples past --calib-grams, never trained on; a "
+                 "block's refit and each post-decomposition step (refit, fine-tuning) of static/allocated is kept "
+                 "only if it does not make the model worse on them (default 4; 0: off)")
   g.add_argument("--lr-schedule", choices=("constant", "cosine"), default=None,
                  help="the weights' learning rate over a fine-tuning run of known length (dense-ft, static, "
                  "allocated, R-ft): constant, or cosine decay to 0 at the last step")
@@ -283,8 +287,9 @@ def add_run_args(ap, *, methods: bool = True, default_methods: Optional[str] = N
   add_model_arg(ap)
   if methods:
     ap.add_argument("--methods", type=methods_arg, default=default_methods,
-                    help="comma list of methods (softlm_jax.run.method_names(): dense, dense-ft, static, "
-                    "static-noft, allocated, allocated-noft, and for each selection rule R: R, R-noft, R-ft); "
+                    help="comma list of methods (softlm_jax.run.method_names(): dense, dense-ft; static and "
+                    "allocated, each also as -noft (training-free) and -refit (block refit only); for each selection "
+                    "rule R: R, R-noft, R-ft); "
                     "default: the preset's (lm, glue: allocated,static,dense; lm-softlm, glue-softlm, paper: "
                     "softlm,static,dense)")
   else:
@@ -305,7 +310,8 @@ _COMPRESSION = ("sharpness", "gamma", "alpha_lr", "loss", "init_rank", "decompos
                 "compress_steps", "mask_lr", "tv_weight", "budget_growth", "mask_init", "include", "exclude")
 _TRAIN = ("finetune_steps", "max_compress_steps", "steps", "teacher_steps", "batch_size", "lr", "seed", "distill",
           "calib", "calib_grams", "ft_steps", "refill", "alpha_opt", "eval_every", "keep_ckpt", "allow_budget_miss",
-          "mesh", "stop_after", "refit_steps", "refit_lr", "refit_loss", "refit_holdout", "lr_schedule", "warmup_steps",
+          "mesh", "stop_after", "refit_steps", "refit_lr", "refit_loss", "refit_holdout", "guard_batches", "lr_schedule",
+          "warmup_steps",
           "distill_hidden", "compress_from", "start_file", "teacher_file", "start_allocation")
 _DATA = ("task", "data_dir", "train_file", "eval_file", "text_cols", "label_col", "task_type", "eval_limit",
          "max_len", "seq_len", "calib_len", "eval_len", "eval_windows", "curve_windows")
