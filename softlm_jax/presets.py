@@ -40,6 +40,7 @@ from typing import Optional
 
 from softlm_jax import tasks
 from softlm_jax.config import CompressionConfig
+from softlm_jax.run import TrainConfig
 
 _LM_DATA = {"task": tasks.LM_TASK, "seq_len": 128, "eval_len": 512, "eval_windows": 16}
 _LM_SOFTLM = {"decomposition": "whitened", "normalize": "uniform_rank", "alpha_lr": 3e-2, "compress_steps": 60,
@@ -121,7 +122,6 @@ def build(preset: Optional[str] = None, *, compression: Optional[dict] = None, t
   units (``top`` for plain SVD; ``uniform_rank`` for the activation-aware spectra, whitened and
   propagated, whose top values activation outliers inflate).
   """
-  from softlm_jax.run import TrainConfig
   compression = {k: v for k, v in (compression or {}).items() if v is not None}
   train = {k: v for k, v in (train or {}).items() if v is not None}
   data = {k: v for k, v in (data or {}).items() if v is not None}

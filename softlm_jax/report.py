@@ -1,8 +1,13 @@
 """Reports: results JSON, Markdown tables and the rank heatmap (paper Figure 6: blocks x layer types)."""
 from __future__ import annotations
 
+import os
 import re
 from typing import Mapping, Optional, Sequence
+
+import numpy as np
+
+from softlm_jax.budget import budget_report
 
 
 def block_and_type(path: str) -> tuple[int, str]:
@@ -24,7 +29,6 @@ def rank_grid(ranks: Mapping[str, int]) -> tuple[list[str], list[int], list[list
 def save_ppl_plot(fig, ax, path: str, *, xlabel: str, title: str, dense: Optional[float] = None) -> None:
   """Finishes a perplexity plot the way the experiments share (log y, grid, legend, dense as a dashed
   line) and writes it to ``path`` (PNG, folder created)."""
-  import os
   if dense is not None:
     ax.axhline(dense, color="k", ls="--", lw=1, label=f"dense ({dense:.2f})")
   ax.set_yscale("log")
@@ -44,7 +48,6 @@ def budget_summary(params, cfg) -> dict:
   "full": {path: min(rows, cols)}}``, all from :func:`softlm_jax.budget_report` (the one count).
   ``budget`` holds ``counted_params``, ``dense_params``, ``target_params``, ``achieved_ratio`` and
   ``budget_met``."""
-  from softlm_jax.budget import budget_report
   rep = budget_report(params, cfg)
   return {"budget": {k: v for k, v in rep.items() if k != "layers"},
           "ranks": {p: v["rank"] for p, v in rep["layers"].items()},
@@ -59,7 +62,6 @@ def plot_ranks(summary: Mapping, path: str, title: str = "") -> None:
 def budget_results(params, cfg, folder: str, title: str) -> dict:
   """``{"budget": totals, "ranks": {path: rank}}`` of a compressed tree for a ``results.json``
   (:func:`budget_summary`), with its rank heatmap written to ``<folder>/ranks.png`` (:func:`plot_ranks`)."""
-  import os
   summary = budget_summary(params, cfg)
   plot_ranks(summary, os.path.join(folder, "ranks.png"), title)
   return {"budget": summary["budget"], "ranks": summary["ranks"]}
@@ -68,10 +70,9 @@ def budget_results(params, cfg, folder: str, title: str) -> dict:
 def rank_heatmap(ranks: Mapping[str, int], path: str, title: str = "",
                  full: Optional[Mapping[str, int]] = None) -> None:
   """Writes a PNG heatmap of ranks (annotated; colour = rank / full rank when ``full`` is given)."""
-  import matplotlib
+  import matplotlib  # heavy, and only plots need it: imported on use
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  import numpy as np
   types, blocks, grid = rank_grid(ranks)
   if full is not None:
     _, _, fgrid = rank_grid(full)
@@ -121,10 +122,9 @@ def comparison_plot(results: Mapping[str, Mapping], path: str, title: str = "") 
   """Writes a PNG with two panels: each method's main metric on every evaluation split (bars), and
   its training loss against the step (the step SoftLM met its budget dotted). ``results``: method ->
   the ``results.json`` of a run (``metrics``, ``main_metric``, ``history``, optional ``freeze_step``)."""
-  import matplotlib
+  import matplotlib  # heavy, and only plots need it: imported on use
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  import numpy as np
   methods = list(results)
   splits = list(dict.fromkeys(s for r in results.values() for s in r["metrics"]))
   main = next(iter(results.values()))["main_metric"]

@@ -82,7 +82,7 @@ def tiny_folder(path, kind="classifier", num_labels=2):
 
   from transformers import BertConfig, FlaxBertForSequenceClassification, FlaxLlamaForCausalLM, LlamaConfig
 
-  from softlm_jax.models import hf
+  from softlm_jax.models import weights
   if kind == "classifier":
     model = FlaxBertForSequenceClassification(BertConfig(
         vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
@@ -92,7 +92,7 @@ def tiny_folder(path, kind="classifier", num_labels=2):
         vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         intermediate_size=32, max_position_embeddings=128, pad_token_id=0, eos_token_id=102, bos_token_id=101), seed=0)
   model.save_pretrained(path)
-  src = hf.minilm_dir()
+  src = weights.minilm_dir()
   for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
     shutil.copy(os.path.join(src, f), os.path.join(path, f))
   return str(path)

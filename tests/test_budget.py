@@ -65,4 +65,4 @@ def test_init_rank(init_rank, expect):
 def test_public_api_names_resolve():
   missing = [n for n in sl.__all__ if not hasattr(sl, n)]
   assert not missing, missing
-  assert callable(sl.train.fit) and callable(sl.models.hf.minilm_dir)
+  assert callable(sl.train.fit) and callable(sl.models.weights.minilm_dir)

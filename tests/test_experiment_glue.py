@@ -17,8 +17,8 @@ pytestmark = pytest.mark.skipif(
 
 def tiny_checkpoint(tmp_path):
   from transformers import BertConfig, FlaxBertForSequenceClassification
-  from softlm_jax.models import hf
-  src = hf.minilm_dir()
+  from softlm_jax.models import weights
+  src = weights.minilm_dir()
   cfg = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                    intermediate_size=32, max_position_embeddings=64, num_labels=2)
   out = tmp_path / "tiny"

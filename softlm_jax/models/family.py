@@ -17,6 +17,7 @@ import importlib
 from typing import Any, Callable, Optional
 
 from softlm_jax import data
+from softlm_jax.intercept import intercept
 
 KINDS = ("causal_lm", "classifier")
 
@@ -136,7 +137,6 @@ class Family:
   def generate(self, module, params, ids, *, max_new_tokens: int, cfg=None, attention_mask=None):
     if self.kind != "causal_lm":
       raise ValueError(f"{self.name} is a {self.kind}, not a causal language model: it cannot generate text")
-    from softlm_jax.intercept import intercept
     kw = {} if attention_mask is None else {"attention_mask": attention_mask}
     conf = module.config
     pad = conf.pad_token_id if conf.pad_token_id is not None else conf.eos_token_id

