@@ -55,7 +55,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from softlm_jax import budget, calib, checkpoint, files, optim, report, rules, serial, shard, svd, tasks, train, tree
+from softlm_jax import (allocate, budget, calib, checkpoint, files, models, optim, refit, report, rules, serial, shard,
+                        svd, tasks, train, tree)
 from softlm_jax.compress import compress_params
 from softlm_jax.config import CompressionConfig
 from softlm_jax.export import export_params, static_svd
@@ -184,12 +185,10 @@ class TrainConfig:
     for name in ("lr", "refit_lr"):
       if not getattr(self, name) > 0:
         raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)!r}")
-    from softlm_jax.refit import LOSSES
-    if self.refit_loss not in LOSSES:
-      raise ValueError(f"TrainConfig.refit_loss must be one of {LOSSES}, got {self.refit_loss!r}")
-    from softlm_jax.optim import LR_SCHEDULES
-    if self.lr_schedule not in LR_SCHEDULES:
-      raise ValueError(f"TrainConfig.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+    if self.refit_loss not in refit.LOSSES:
+      raise ValueError(f"TrainConfig.refit_loss must be one of {refit.LOSSES}, got {self.refit_loss!r}")
+    if self.lr_schedule not in optim.LR_SCHEDULES:
+      raise ValueError(f"TrainConfig.lr_schedule must be one of {optim.LR_SCHEDULES}, got {self.lr_schedule!r}")
     if not float(self.distill_hidden) >= 0:
       raise ValueError(f"TrainConfig.distill_hidden must be >= 0, got {self.distill_hidden!r}")
     d = tuple(self.distill)
@@ -407,7 +406,6 @@ class Comparison:
     different model: ppl 3.0e6 on SmolLM2 at CR 0.5, BENCHMARKS.md). The scores serve every CR (they
     do not depend on it); the fill runs per CR.
     """
-    from softlm_jax import allocate
     score_cfg = cfg.replace(decomposition="whitened") if svd.get(cfg.decomposition).takes_ranks else cfg
     skey = (key, score_cfg.decomposition, cfg.include, cfg.exclude, cfg.gram_floor, cfg.gram_damp)
     if skey not in self._scores:
@@ -454,7 +452,6 @@ class Comparison:
     params = compress_params(base, cfg, factors=self.factors(key, base, cfg))
     start = self.tcfg.start_allocation
     if start is not None:
-      from softlm_jax import allocate
       check_start_allocation(method.name, start, cr)
       ranks = self.allocation(key, base, cfg.replace(target_ratio=start))
       params = allocate.alpha_for_ranks(params, ranks)
@@ -469,7 +466,6 @@ class Comparison:
     t = self.tcfg
     if t.refit_steps == 0:
       return params, {}
-    from softlm_jax import refit
     t0, c0 = time.time(), time.process_time()
     blocks: list = []
     rcfg = refit.RefitConfig(steps=t.refit_steps, lr=t.refit_lr, loss=t.refit_loss, holdout=t.refit_holdout)
@@ -790,7 +786,6 @@ def compact_metadata(model, task_info: dict, method: str, train_steps: int, budg
 def load(model_spec: str, dcfg: tasks.DataConfig, *, seed: int = 0, log: Callable[[str], None] = print):
   """``(model, task)``: the model ``model_spec`` names (:func:`softlm_jax.models.load`, the kind the
   data needs) and the :class:`~softlm_jax.tasks.Task` of ``dcfg`` tokenised with its tokenizer."""
-  from softlm_jax import models
   t = time.time()
   if dcfg.model_kind == "causal_lm":
     model = models.load(model_spec, "causal_lm", max_len=dcfg.max_positions, seed=seed)
