@@ -14,7 +14,7 @@ from softlm_jax.bench.step_cost import compress_cost, train_cost
 
 def set_xla_flags(flags: str) -> None:
   """Appends ``flags`` to ``$XLA_FLAGS``; only possible before jax has started its backends."""
-  from jax._src import xla_bridge
+  from jax._src import xla_bridge  # jax's private module: imported on use, so a jax without it fails only here
   if xla_bridge.backends_are_initialized():
     raise RuntimeError("XLA flags must be set before jax starts (set XLA_FLAGS in the environment)")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()

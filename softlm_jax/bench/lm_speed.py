@@ -23,6 +23,7 @@ API: :func:`lm_fns` (the jitted calls), :func:`lm_speed` (the grid), :func:`mark
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping
 from typing import Callable, Optional, Sequence
@@ -178,7 +179,6 @@ def markdown(res: Mapping) -> str:
 
 def write(res: Mapping, path: str) -> str:
   """Writes :func:`markdown` of ``res`` to ``path`` (its folder created), prints it; returns the table."""
-  import os
   table = markdown(res)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:

@@ -78,7 +78,7 @@ def apply_default_xla_flags() -> str:
   flags = default_xla_flags()
   if not flags:
     return ""
-  from jax._src import xla_bridge
+  from jax._src import xla_bridge  # jax's private module: imported on use, so a jax without it fails only here
   if xla_bridge.backends_are_initialized():
     return ""
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()

@@ -9,6 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from softlm_jax.models import hf
+from softlm_jax.models.mamba import MambaConfig, MambaLM
+
 
 MODELS: dict[str, dict] = {
     "bert-base": {"family": "bert", "config": dict(
@@ -41,7 +44,7 @@ DECODERS = ("gpt2", "llama", "mamba")
 
 
 def _hf_classes(family: str):
-  import transformers as tf
+  import transformers as tf  # heavy: imported on use
   return {"bert": (tf.BertConfig, tf.FlaxBertForSequenceClassification),
           "gpt2": (tf.GPT2Config, tf.FlaxGPT2LMHeadModel),
           "llama": (tf.LlamaConfig, tf.FlaxLlamaForCausalLM)}[family]
@@ -113,7 +116,6 @@ def build_model(name: str, dtype: str = "float32", seed: int = 0) -> BenchModel:
   spec = MODELS[name]
   family, jdt = spec["family"], jnp.dtype(dtype)
   if spec.get("real"):
-    from softlm_jax.models import hf
     module, _ = hf.load_classifier("minilm", 2, seed=seed)
     params = module.params
     config = {k: v for k, v in module.config.to_dict().items() if isinstance(v, (int, float, str, bool))}
@@ -122,7 +124,6 @@ def build_model(name: str, dtype: str = "float32", seed: int = 0) -> BenchModel:
     return BenchModel(name, family, module, cast_params(params, jdt), config, str(jdt))
   config = dict(spec["config"])
   if family == "mamba":
-    from softlm_jax.models.mamba import MambaConfig, MambaLM
     module = MambaLM(MambaConfig(**config), dtype=jdt)
     params = jax.jit(module.init)(jax.random.PRNGKey(seed), jnp.zeros((1, 4), jnp.int32))["params"]
   else:

@@ -18,7 +18,7 @@ def power_probe() -> dict:
     return {"available": False, "skipped": f"power/energy skipped: no NVIDIA GPU (jax platform "
                                            f"{platform_!r}); they need pynvml on an NVIDIA device"}
   try:
-    import pynvml
+    import pynvml  # NVIDIA GPUs only: imported on use
     pynvml.nvmlInit()
     handle = pynvml.nvmlDeviceGetHandleByIndex(int(getattr(jax.devices()[0], "local_hardware_id", 0) or 0))
     name = pynvml.nvmlDeviceGetName(handle)
@@ -30,7 +30,7 @@ def power_probe() -> dict:
 def measure_power(probe: dict, case: Case, tokens: int, min_seconds: float = 2.0) -> dict:
   """Mean board power (W, sampled every 10 ms) and energy per token (J) while ``case`` runs back to
   back for at least ``min_seconds``; also the idle power just before."""
-  import pynvml
+  import pynvml  # NVIDIA GPUs only: imported on use
   handle = probe["handle"]
   samples: list[float] = []
   stop = threading.Event()

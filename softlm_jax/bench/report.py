@@ -38,7 +38,7 @@ def plot_speedup(results: Sequence[dict], path: str) -> Optional[str]:
   measured points (median of paired rounds, bars p25-p75), the linears' ideal ``1 / (1 - CR)``
   (dashed) and each setting's Amdahl bound (dotted, from its measured outside share). Hollow
   markers: SoftLM's learned ranks; crosses: ranks rounded to a multiple."""
-  import matplotlib
+  import matplotlib  # heavy, and only plots need it: imported on use
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   models = list(dict.fromkeys(r["config"]["model"] for r in results))

@@ -10,13 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from softlm_jax import tree
+from softlm_jax import train, tree
 from softlm_jax.bench.machine import loadavg
 from softlm_jax.bench.models import BenchModel, build_model
 from softlm_jax.bench.timing import Case, paired_speedup, summarize, time_interleaved
 from softlm_jax.compress import compress_params
 from softlm_jax.config import CompressionConfig
 from softlm_jax.intercept import apply_mode
+from softlm_jax.optim import make_optimizer
 
 
 def _task_loss(bm: BenchModel):
@@ -35,8 +36,6 @@ def train_cost(model: str = "minilm", *, batch: int = 32, seq: int = 128, reps: 
   Adam, dropout on, state donated): dense fine-tuning vs SoftLM per ``init_rank`` and per
   :func:`softlm_jax.intercept.apply_mode` (``"auto"``: the default; ``"factored"``: before the merged
   high-rank path existed). Random token ids stand in for data."""
-  from softlm_jax import train
-  from softlm_jax.optim import make_optimizer
   bm = bm or build_model(model)
   cfg = CompressionConfig()
   rng = np.random.RandomState(0)

@@ -10,7 +10,7 @@ from typing import Any, Optional, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from softlm_jax import budget, tree
+from softlm_jax import budget, checkpoint, run, tree
 from softlm_jax.bench.models import BenchModel, cast_params
 from softlm_jax.config import CompressionConfig
 from softlm_jax.export import emit_layer, export_params, static_ranks, static_svd
@@ -47,9 +47,7 @@ def load_softlm_params(run_dir: str) -> tuple[dict, CompressionConfig]:
   """Params and config of a SoftLM run of ``experiments/glue.py`` / ``softlm train``: the training form
   from its orbax checkpoint ``<run_dir>/ckpt`` when kept (``--keep-ckpt``), else the exported tree of
   ``<run_dir>/compact.safetensors``; the config from ``run.json`` (:func:`softlm_jax.run.load_run`)."""
-  import orbax.checkpoint as ocp
-
-  from softlm_jax import checkpoint, run
+  import orbax.checkpoint as ocp  # heavy: imported on use
   cfg = run.load_run(run_dir)["compression"]
   ckpt = os.path.join(run_dir, "ckpt")
   step = ocp.CheckpointManager(os.path.abspath(ckpt)).latest_step() if os.path.isdir(ckpt) else None
