@@ -26,6 +26,11 @@ import os
 import pkgutil
 from typing import Optional
 
+from softlm_jax.bench.machine import apply_default_xla_flags
+from softlm_jax.cli import options
+from softlm_jax.interrupt import exit_interrupted
+from softlm_jax.run import BudgetMissError, RunStopped
+
 _NOT_COMMANDS = {"options", "common", "__main__"}
 
 
@@ -49,12 +54,9 @@ def run(argv: Optional[list] = None):
   """Parses ``argv`` and runs the command; returns its result (a dict). User errors (a missing file,
   a bad value, a missed budget) exit with one line naming what is wrong (``SOFTLM_DEBUG=1``: the
   traceback)."""
-  from softlm_jax.bench.machine import apply_default_xla_flags
-  from softlm_jax.cli import options
   apply_default_xla_flags()  # the measured-faster CPU path, before jax starts ($XLA_FLAGS wins)
   ap = build_parser()
   args = options.parse(ap, argv)
-  from softlm_jax.run import BudgetMissError, RunStopped
   try:
     return args.func(args)
   except RunStopped as e:
@@ -72,7 +74,6 @@ def main(argv: Optional[list] = None) -> int:
   try:
     run(argv)
   except KeyboardInterrupt:
-    from softlm_jax.interrupt import exit_interrupted
     exit_interrupted(130)
   return 0
 

@@ -4,6 +4,11 @@ from __future__ import annotations
 import os
 import sys
 
+import jax
+import jax.numpy as jnp
+
+from softlm_jax import bench, models
+from softlm_jax.bench import lm_speed
 from softlm_jax.cli import common, options
 
 COMMAND, ORDER = "bench", 4
@@ -23,13 +28,10 @@ def add_parser(sub):
 
 def tree_asarray(tree) -> dict:
   """The tree as nested dicts of ``jax.Array``."""
-  import jax
-  import jax.numpy as jnp
   return jax.tree.map(jnp.asarray, dict(tree))
 
 
 def run(args) -> dict:
-  from softlm_jax import bench, models
   params, info, model, cfg, _ = common.load_compact_model(args.checkpoint, tokenizer=False)
   fam = models.family.family_of_manifest(info)
   dense_module = fam.from_manifest(info, init=True)
@@ -45,7 +47,6 @@ def run(args) -> dict:
   res["command"] = "softlm bench " + " ".join(sys.argv[2:])
   stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
   if bm.decoder and family != "mamba":  # prefill and decode tokens/s, dense vs compact, with the bounds
-    from softlm_jax.bench import lm_speed
     res["lm_speed"] = lm_speed.lm_speed(bm, {"dense": bm.params, "compact": tree_asarray(params)}, cfg=cfg,
                                         batches=sorted({1, *args.batch}), prompts=args.seq, reps=args.reps,
                                         warmup=args.warmup)

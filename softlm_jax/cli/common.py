@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import time
 
+from softlm_jax import checkpoint, models, run
+
 
 def banner(title: str, lines: list[str]) -> None:
   width = max([len(title)] + [len(x) for x in lines]) + 2
@@ -17,7 +19,6 @@ def load_compact_model(path: str, *, tokenizer: bool = True):
   """``(params, info, model, cfg, load_s)`` of a compact checkpoint: the exported tree, its manifest,
   a :class:`softlm_jax.models.Model` rebuilt by the family that wrote it (no dense weights), the
   :class:`~softlm_jax.CompressionConfig` and the load time."""
-  from softlm_jax import checkpoint, models
   t = time.time()
   params, info = checkpoint.load_compact(path)
   load_s = time.time() - t
@@ -37,7 +38,6 @@ def run_options(o, *, cr_folders=None, title=None) -> dict:
   :class:`softlm_jax.cli.options.RunOptions`), :func:`softlm_jax.run.run_comparison` every method at every
   CR into ``o.out``, print the summary. ``title``: ``(model, task) -> str`` (None: the default).
   Returns ``{folder: results}``, or ``{}`` after ``--stop-after`` (the checkpoint saved: a rerun resumes)."""
-  from softlm_jax import run
   model, task = run.load(o.model, o.data, seed=o.train.seed)
   try:
     results = run.run_comparison(model, task, o.compression, o.train, list(o.methods), list(o.crs), o.out,

@@ -6,7 +6,10 @@ import json
 import os
 import time
 
+import softlm_jax as sl
+from softlm_jax import checkpoint, run as pipeline, train
 from softlm_jax.cli import common, options
+from softlm_jax.cli.train import check_run_folder
 
 COMMAND, ORDER = "compress", 0
 
@@ -28,9 +31,6 @@ def add_parser(sub):
 
 
 def run(args) -> dict:
-  import softlm_jax as sl
-  from softlm_jax import checkpoint, run as pipeline, train
-  from softlm_jax.cli.train import check_run_folder
   o = args.options
   method = pipeline.parse_method(o.methods[0])
   if not method.compressed:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import time
 
+from softlm_jax import data, files, report, tasks
 from softlm_jax.cli import common, options
 
 COMMAND, ORDER = "eval", 3
@@ -22,7 +23,6 @@ def add_parser(sub):
 
 
 def run(args) -> dict:
-  from softlm_jax import data, files, report, tasks
   params, info, model, cfg, load_s = common.load_compact_model(args.checkpoint)
   meta = info["metadata"]
   task = args.task or (None if args.train_file else meta.get("task"))

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import time
 
+import softlm_jax as sl
+from softlm_jax import checkpoint, models, run as pipeline
 from softlm_jax.cli import common
 
 COMMAND, ORDER = "export", 2
@@ -18,7 +20,7 @@ def add_parser(sub):
 
 def restore_params(folder: str):
   """Training-form params of the latest orbax checkpoint in ``<folder>/ckpt`` (no model needed)."""
-  import orbax.checkpoint as ocp
+  import orbax.checkpoint as ocp  # heavy: imported on use
   mgr = ocp.CheckpointManager(os.path.abspath(os.path.join(folder, "ckpt")))
   step = mgr.latest_step()
   if step is None:
@@ -29,8 +31,6 @@ def restore_params(folder: str):
 
 
 def run(args) -> dict:
-  import softlm_jax as sl
-  from softlm_jax import checkpoint, models, run as pipeline
   conf = pipeline.load_run(args.run)
   cfg = conf["compression"]
   params, step = restore_params(args.run)

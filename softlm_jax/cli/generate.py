@@ -5,6 +5,10 @@ import argparse
 import os
 import time
 
+import jax.numpy as jnp
+import numpy as np
+
+from softlm_jax import checkpoint, files
 from softlm_jax.cli import common, options
 
 COMMAND, ORDER = "generate", 5
@@ -34,9 +38,6 @@ def add_parser(sub):
 
 
 def run(args) -> dict:
-  import jax.numpy as jnp
-  import numpy as np
-  from softlm_jax import checkpoint, files
   info0 = checkpoint.read_manifest(args.checkpoint)
   checkpoint.require_generative(info0, args.checkpoint)  # a classifier is refused before anything loads
   params, info, model, cfg, _ = common.load_compact_model(args.checkpoint, tokenizer=not args.ids)

@@ -5,6 +5,7 @@ import json
 import os
 import time
 
+from softlm_jax import run as pipeline
 from softlm_jax.cli import common, options
 
 COMMAND, ORDER = "train", 1
@@ -40,7 +41,6 @@ def check_run_folder(out: str, method_folder: str, model: str, task: str, cr: fl
 
 
 def run(args) -> dict:
-  from softlm_jax import run as pipeline
   o = args.options
   t0 = time.time()
   cr_folders = len(o.crs) > 1
