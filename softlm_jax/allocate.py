@@ -73,6 +73,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from softlm_jax import budget, tree
 from softlm_jax.compress import compress_params
@@ -173,7 +174,6 @@ def triplet_stats(cparams: Mapping, cfg: CompressionConfig, loss_fn: Callable[[A
     total = len(batches)
   bar = None
   if progress:
-    from tqdm.auto import tqdm
     bar = tqdm(total=total, desc="triplet scores", dynamic_ncols=True, mininterval=2.0)
   n, loss_sum = 0, 0.0
   for batch in batches:

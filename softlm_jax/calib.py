@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from softlm_jax import tree
 from softlm_jax.config import CompressionConfig
@@ -132,7 +133,6 @@ def collect_grams(apply_fn: Callable[[Any, Any], Any], params: Mapping, batches:
     total = len(batches)
   bar = None
   if progress:
-    from tqdm.auto import tqdm
     bar = tqdm(total=total, desc="calibration grams", dynamic_ncols=True, mininterval=2.0)
   acc, tokens, n = None, 0, 0
   for batch in it:

@@ -209,7 +209,7 @@ def load_glue_split(task: str, split: str, data_dir: Optional[str] = None) -> Te
     if named:
       raise FileNotFoundError(f"GLUE {t.name} {split} not found in {root} (from {named[1]}): looked for "
                               f"{root / 'glue' / t.folder / (split + '.tsv')} and {root / t.folder / (split + '.tsv')}")
-  import datasets
+  import datasets  # heavy: imported on use
   hub_split = (t.hub_splits or {}).get(split, "validation" if split == "dev" else split)
   try:
     ds = datasets.load_dataset("glue", t.name, split=hub_split)
@@ -406,7 +406,7 @@ def load_wikitext(split: str, data_dir: Optional[str] = None) -> str:
   tokenizers); hub-only: ``"train_raw"``, ``"valid_raw"``. Local files come through ``datasets``'
   text loader; without them the hub's ``wikitext/wikitext-2(-raw)-v1``.
   """
-  import datasets
+  import datasets  # heavy: imported on use
   if split not in WIKITEXT_HUB:
     raise ValueError(f"unknown WikiText-2 split {split!r}; expected one of {sorted(WIKITEXT_HUB)}")
   named = user_data_dir(data_dir)

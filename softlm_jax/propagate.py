@@ -52,6 +52,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from softlm_jax import budget, svd, tree
 from softlm_jax.blocks import BlockRunner, get_subtree, with_subtree
@@ -226,7 +227,6 @@ def propagated_factors(params: Mapping, cfg: CompressionConfig, calibration: Any
   h_c = list(h_f)
   bar = None
   if progress:
-    from tqdm.auto import tqdm
     bar = tqdm(total=sum(len(g) for _, g in plan), desc="propagated decomposition", dynamic_ncols=True,
                mininterval=2.0)
   out: dict[str, tuple] = {}

@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
 from softlm_jax import files, tree
 from softlm_jax.blocks import BlockRunner, get_subtree, with_subtree
@@ -234,7 +235,6 @@ def refit_blocks(dense_params: Mapping, params: Mapping, calibration: Any, confi
   tx = optax.adam(config.lr, b1=config.b1, b2=config.b2)
   bar = None
   if progress:
-    from tqdm.auto import tqdm
     bar = tqdm(total=len(runner.blocks) * config.steps, desc="block refit", dynamic_ncols=True, mininterval=2.0)
 
   def make_step(blk):

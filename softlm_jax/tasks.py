@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
 from softlm_jax import data, losses, metrics, serial
 from softlm_jax.intercept import intercept
@@ -132,7 +133,6 @@ def perplexity(model, params, cfg, windows: np.ndarray, batch: int = 4, progress
       return lm_loss(fn(p, ids), ids)
   starts = range(0, len(windows), batch)
   if progress:
-    from tqdm.auto import tqdm
     starts = tqdm(starts, desc="perplexity", dynamic_ncols=True)
   losses_ = [float(nll(params, jnp.asarray(windows[i:i + batch]))) for i in starts]
   sizes = [len(windows[i:i + batch]) for i in range(0, len(windows), batch)]

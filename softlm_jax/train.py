@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
 from softlm_jax import budget, files, losses, shard, tree
 from softlm_jax.config import CompressionConfig
@@ -92,13 +93,13 @@ def make_train_step(task_loss: Callable, tx: optax.GradientTransformation,
 
 
 def _manager(ckpt_dir: str, max_to_keep: int = 2):
-  import orbax.checkpoint as ocp
+  import orbax.checkpoint as ocp  # heavy: imported on use
   return ocp.CheckpointManager(os.path.abspath(ckpt_dir),
                                options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
 
 
 def save_checkpoint(ckpt_dir: str, state: TrainState, manager=None) -> None:
-  import orbax.checkpoint as ocp
+  import orbax.checkpoint as ocp  # heavy: imported on use
   mgr = manager or _manager(ckpt_dir)
   mgr.save(int(state.step), args=ocp.args.StandardSave(state._asdict()), force=True)
   files.fault_point("checkpoint_write")  # orbax writes to a temporary folder, renamed when finished
@@ -112,7 +113,7 @@ def restore_checkpoint(ckpt_dir: str, like: TrainState, manager=None, mesh=None)
   on that mesh, whatever mesh shape saved it (orbax reads each device's slice); without, into the
   shardings of ``like``'s leaves.
   """
-  import orbax.checkpoint as ocp
+  import orbax.checkpoint as ocp  # heavy: imported on use
   mgr = manager or _manager(ckpt_dir)
   step = mgr.latest_step()
   if step is None:
@@ -194,7 +195,6 @@ def fit(state: TrainState, train_step: Callable, batch_fn: Callable[[int], Any],
   step, end = int(state.step), end_step(state)
   bar = None
   if progress:
-    from tqdm.auto import tqdm
     bar = tqdm(total=end, initial=step, dynamic_ncols=True, mininterval=2.0)
   start = time.time()
 

@@ -159,7 +159,7 @@ class Family:
     if not meta.get("model_class") or not info.get("model_config"):
       raise ValueError("this compact checkpoint has no model_class / model_config: save it with "
                        "save_compact(..., model_config=..., metadata=model.manifest()[0]) to rebuild the model")
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # heavy: imported on use
     conf = dict(info["model_config"])
     config = AutoConfig.for_model(conf.pop("model_type"), **conf)
     cls = import_object(meta["model_class"])
@@ -264,5 +264,5 @@ def load_tokenizer(source: str):
   name = _ALIASES.get(source, source)
   if name in _FAMILIES and hasattr(_FAMILIES[name], "tokenizer"):
     return _FAMILIES[name].tokenizer()
-  from transformers import AutoTokenizer
+  from transformers import AutoTokenizer  # heavy: imported on use
   return AutoTokenizer.from_pretrained(source)

@@ -27,7 +27,10 @@ Layout facts (checked by ``tests/test_gguf.py``):
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+import shutil
+import tempfile
 from functools import partial
 from typing import TYPE_CHECKING, Any, Optional, Union
 
@@ -36,12 +39,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.linen import make_causal_mask
+from tqdm.auto import tqdm
 
 from softlm_jax.models import family
 from softlm_jax.models.weights import package_dir
 
 if TYPE_CHECKING:
-  from transformers import LlamaConfig
+  from transformers import LlamaConfig  # heavy: imported on use
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -112,7 +116,7 @@ def sinusoidal_positions(num_pos: int, dim: int, base: float = 10000.0) -> jax.A
 @functools.lru_cache(maxsize=None)
 def _model_class():
   """Builds the Flax classes on first use (importing transformers' Flax Llama takes seconds)."""
-  from transformers.modeling_flax_outputs import FlaxCausalLMOutput
+  from transformers.modeling_flax_outputs import FlaxCausalLMOutput  # heavy: imported on use
   from transformers.models.llama import modeling_flax_llama as hf_llama
 
   class _RotaryEmbedding(hf_llama.FlaxLlamaRotaryEmbedding):
@@ -215,7 +219,7 @@ def __getattr__(name):  # PEP 562: ``gguf_llama.FlaxLlamaGGUFForCausalLM`` witho
 def _reader(path_or_reader):
   """A ``gguf.GGUFReader`` for a path; a reader is passed through."""
   if isinstance(path_or_reader, (str, os.PathLike)):
-    import gguf
+    import gguf  # optional (pip install gguf): imported on use
     return gguf.GGUFReader(os.fspath(path_or_reader))
   return path_or_reader
 
@@ -229,7 +233,7 @@ def gguf_metadata(path_or_reader) -> dict[str, Any]:
 def dequantize_tensor(tensor) -> np.ndarray:
   """A ``gguf.ReaderTensor`` as a float32 numpy array of shape ``reversed(tensor.shape)``
   (for a torch ``Linear`` weight: ``(out, in)``)."""
-  from gguf.quants import dequantize
+  from gguf.quants import dequantize  # optional (pip install gguf): imported on use
   shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
   out = dequantize(tensor.data, tensor.tensor_type)
   return np.array(out, dtype=np.float32, copy=True).reshape(shape)  # copy: off the memmap
@@ -275,7 +279,7 @@ def llama_config_from_gguf(meta: dict[str, Any], vocab_size: int, tied: bool,
   for what, n in (("llama.vocab_size", n_vocab_meta), ("the token list", None if tokens is None else len(tokens))):
     if n is not None and int(n) > vocab_size:
       raise ValueError(f"{what} has {n} entries but token_embd.weight only {vocab_size} rows")
-  from transformers import LlamaConfig
+  from transformers import LlamaConfig  # heavy: imported on use
   ids = {name: meta.get(f"tokenizer.ggml.{key}")
          for name, key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                            ("pad_token_id", "padding_token_id"))}
@@ -332,7 +336,6 @@ def gguf_to_flax_params(tensors: dict[str, Any], config: LlamaConfig, dtype=jnp.
                       config)
   bar = None
   if progress:
-    from tqdm.auto import tqdm
     bar = tqdm(total=len(expect), desc="GGUF -> Flax", unit="tensor", leave=False)
 
   def get(name):
@@ -390,7 +393,7 @@ def gguf_tokenizer(path: Union[str, os.PathLike], add_bos_token: Optional[bool] 
   """
   cached = _tokenizer_cache(path, add_bos_token)
   if cached is not None and os.path.isdir(cached):
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # heavy: imported on use
     try:
       return PreTrainedTokenizerFast.from_pretrained(cached)
     except Exception:  # noqa: BLE001 - an unreadable cache entry: build it again below
@@ -405,7 +408,7 @@ TOKENIZER_CACHE_VERSION = 1
 
 
 def _fast_class():
-  from transformers import PreTrainedTokenizerFast
+  from transformers import PreTrainedTokenizerFast  # heavy: imported on use
   return PreTrainedTokenizerFast
 
 
@@ -417,7 +420,6 @@ def _tokenizer_cache(path, add_bos_token) -> Optional[str]:
   root = os.environ.get("SOFTLM_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "softlm_jax"))
   if root in ("0", ""):
     return None
-  import hashlib
   p = os.path.abspath(os.fspath(path))
   try:
     st = os.stat(p)
@@ -429,8 +431,6 @@ def _tokenizer_cache(path, add_bos_token) -> Optional[str]:
 
 def _save_tokenizer(tok, folder: str) -> None:
   """Writes the tokenizer to ``folder`` atomically (a temporary folder renamed); never raises."""
-  import shutil
-  import tempfile
   try:
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(folder))
@@ -444,9 +444,9 @@ def _save_tokenizer(tok, folder: str) -> None:
 
 
 def _build_gguf_tokenizer(path, add_bos_token, reader):
-  from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
+  from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors  # heavy: imported on use
   from tokenizers.models import BPE
-  from transformers import PreTrainedTokenizerFast
+  from transformers import PreTrainedTokenizerFast  # heavy: imported on use
   meta = gguf_metadata(reader if reader is not None else path)
   kind = meta.get("tokenizer.ggml.model")
   if kind is None:
@@ -456,7 +456,7 @@ def _build_gguf_tokenizer(path, add_bos_token, reader):
     add_bos_token = bool(meta.get("tokenizer.ggml.add_bos_token", False))
   if kind != "gpt2":
     try:
-      from transformers import AutoTokenizer
+      from transformers import AutoTokenizer  # heavy: imported on use
       folder, name = os.path.split(os.path.abspath(os.fspath(path)))
       return AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except Exception as e:  # noqa: BLE001
@@ -517,7 +517,7 @@ def load_gguf_llama(path: Union[str, os.PathLike], dtype=jnp.float32, *, tokeniz
     ``params=``); ``params``: HF Flax Llama tree of ``jax.Array`` (see the module docstring);
     ``tokenizer``: ``PreTrainedTokenizerFast`` or ``None``.
   """
-  import gguf
+  import gguf  # optional (pip install gguf): imported on use
   reader = gguf.GGUFReader(os.fspath(path))
   meta = gguf_metadata(reader)
   arch = meta.get("general.architecture")

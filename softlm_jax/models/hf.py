@@ -33,7 +33,7 @@ def hub_unavailable(spec: str) -> Optional[str]:
   if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or os.environ.get("TRANSFORMERS_OFFLINE", "0") not in (
       "0", ""):
     return "no such local folder, and not in the local hub cache (HF_HUB_OFFLINE is set)"
-  from huggingface_hub import HfApi
+  from huggingface_hub import HfApi  # heavy: imported on use
   from huggingface_hub.utils import RepositoryNotFoundError
   try:
     HfApi().model_info(spec, timeout=10)
@@ -47,7 +47,7 @@ def hub_unavailable(spec: str) -> Optional[str]:
 
 def load_classifier(name: str, num_labels: int, seed: int = 0):
   """``FlaxAutoModelForSequenceClassification`` with a fresh head, and its tokenizer."""
-  from transformers import AutoTokenizer, FlaxAutoModelForSequenceClassification
+  from transformers import AutoTokenizer, FlaxAutoModelForSequenceClassification  # heavy: imported on use
   from transformers.utils import logging
   path = resolve_model(name)
   verbosity = logging.get_verbosity()
@@ -90,7 +90,7 @@ class HFCausalLM(family.Family):
     return hub_unavailable(spec)
 
   def load(self, spec, *, max_len=512, seed=0, num_labels=None):
-    from transformers import AutoTokenizer, FlaxAutoModelForCausalLM
+    from transformers import AutoTokenizer, FlaxAutoModelForCausalLM  # heavy: imported on use
     module = FlaxAutoModelForCausalLM.from_pretrained(spec, seed=seed)
     return family.Model(self, spec, module, module.params, AutoTokenizer.from_pretrained(spec), spec)
 
@@ -101,7 +101,7 @@ def tiny_tokenizer():
   try:
     return family.load_tokenizer("smollm2"), "smollm2"
   except Exception:  # noqa: BLE001 - fall back to the always-installed MiniLM tokenizer
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: imported on use
     return AutoTokenizer.from_pretrained(minilm_dir()), minilm_dir()
 
 
@@ -114,7 +114,7 @@ class TinyHF(family.Family):
     self.description = f"random 4-block {arch} (smoke runs)"
 
   def load(self, spec, *, max_len=512, seed=0, num_labels=None):
-    import transformers as tf
+    import transformers as tf  # heavy: imported on use
     tok, source = tiny_tokenizer()
     vocab, n_pos = len(tok), max(int(max_len), 64)
     if self.arch == "gpt2":
@@ -166,7 +166,7 @@ def load_tokenizer(source: str):
 
 def classifier_class(config) -> type:
   """The HF Flax sequence-classification class of a transformers config."""
-  import transformers
+  import transformers  # heavy: imported on use
   from transformers.models.auto.modeling_flax_auto import FLAX_MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
   return getattr(transformers, FLAX_MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES[config.model_type])
 

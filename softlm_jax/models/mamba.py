@@ -646,7 +646,7 @@ def load_mamba_safetensors(path: str, *, dtype: Any = np.float32, strict: bool =
   ``model.safetensors.index.json``) with the ``safetensors`` numpy API. ``path`` may also be the
   ``.safetensors`` file itself, with ``config.json`` next to it.
   """
-  from safetensors.numpy import load_file
+  from safetensors.numpy import load_file  # heavy: imported on use
 
   folder, file = (os.path.dirname(path), path) if path.endswith(".safetensors") else (path, None)
   cfg_path = os.path.join(folder, "config.json")
@@ -704,7 +704,7 @@ class MambaFamily(family.Family):
       params = module.init(jax.random.PRNGKey(seed), jnp.zeros((1, 8), jnp.int32))["params"]
       return family.Model(self, spec, module, params, tok, source)
     module, params = load_mamba_safetensors(spec)
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: imported on use
     return family.Model(self, spec, module, params, AutoTokenizer.from_pretrained(spec), spec)
 
   def logits(self, module, params, inputs, *, train=False, rng=None):
