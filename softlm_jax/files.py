@@ -43,7 +43,7 @@ def fault_point(name: str) -> None:
 
 def atomic_write(path: Union[str, os.PathLike], data: bytes) -> None:
   """Writes ``data`` to ``path`` atomically (module docstring); the folder must exist. The fault point
-  ``"file_write"`` lies half-way through the bytes."""
+  ``"file_write:<file name>"`` lies half-way through the bytes."""
   path = os.fspath(path)
   folder = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
@@ -52,7 +52,7 @@ def atomic_write(path: Union[str, os.PathLike], data: bytes) -> None:
       half = len(data) // 2
       f.write(data[:half])
       f.flush()
-      fault_point("file_write")
+      fault_point(f"file_write:{os.path.basename(path)}")
       f.write(data[half:])
       f.flush()
       os.fsync(f.fileno())

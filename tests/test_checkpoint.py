@@ -157,7 +157,7 @@ def test_interrupted_save_keeps_previous_file(tmp_path, monkeypatch, ids):
   _, other = trained_export(model, seed=1)
 
   def dies_half_way(name):  # half of the bytes written at the temp name, then the process "dies"
-    if name == "file_write":
+    if name == "file_write:m.safetensors":
       raise KeyboardInterrupt("killed during the write")
   monkeypatch.setattr(files, "fault_point", dies_half_way)
   with pytest.raises(KeyboardInterrupt):

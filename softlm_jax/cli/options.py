@@ -236,6 +236,9 @@ def add_train_args(ap) -> None:
   g.add_argument("--alpha-opt", choices=("adam", "sgd"), default=None, help="the thresholds' optimizer")
   g.add_argument("--eval-every", type=nonnegative_int, default=None,
                  help="log the task's curve (LM: perplexity on --curve-windows test windows) every N steps")
+  g.add_argument("--save-every", type=positive_int, default=None, metavar="N",
+                 help="save the training checkpoint every N steps (and at the end; default 50): a killed run "
+                 "resumes from the last one")
   g.add_argument("--keep-ckpt", action="store_true", default=None,
                  help="keep the orbax training checkpoints of finished runs")
   g.add_argument("--no-progress", action="store_true", default=None)
@@ -309,7 +312,8 @@ def add_run_args(ap, *, methods: bool = True, default_methods: Optional[str] = N
 _COMPRESSION = ("sharpness", "gamma", "alpha_lr", "loss", "init_rank", "decomposition", "normalize",
                 "compress_steps", "mask_lr", "tv_weight", "budget_growth", "mask_init", "include", "exclude")
 _TRAIN = ("finetune_steps", "max_compress_steps", "steps", "teacher_steps", "batch_size", "lr", "seed", "distill",
-          "calib", "calib_grams", "ft_steps", "refill", "alpha_opt", "eval_every", "keep_ckpt", "allow_budget_miss",
+          "calib", "calib_grams", "ft_steps", "refill", "alpha_opt", "eval_every", "save_every", "keep_ckpt",
+          "allow_budget_miss",
           "mesh", "stop_after", "refit_steps", "refit_lr", "refit_loss", "refit_holdout", "guard_batches", "lr_schedule",
           "warmup_steps",
           "distill_hidden", "compress_from", "start_file", "teacher_file", "start_allocation")
