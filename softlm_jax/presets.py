@@ -12,8 +12,8 @@ their defaults from here, so the same options give the same run through every en
   the block refit (32 Adam steps per block at ``refit_lr`` 1e-3, :mod:`softlm_jax.refit`) and fine-tunes
   on 512-token windows (the perplexity's) with distillation from the dense model (weight 1, T = 2),
   batch 4, lr 2e-4, cosine schedule after 5 warmup steps. ``static`` gets the same decomposition, refit
-  and fine-tuning at the uniform keep-ratio. A learned rule asked for here needs
-  ``lr_schedule="constant"`` (its length is not known in advance). Chosen in
+  and fine-tuning at the uniform keep-ratio. A learned rule asked for here (``softlm``, ``llrc``)
+  runs with its own recipe (:func:`recipes`): whitened factors, a constant rate. Chosen in
   BENCHMARKS.md#training-free-language-model and BENCHMARKS.md#language-model-after-fine-tuning; the
   calibration windows, refit rate, schedule and hidden-state distillation (off) in
   BENCHMARKS.md#ablations.
@@ -38,7 +38,7 @@ from __future__ import annotations
 import copy
 from typing import Optional
 
-from softlm_jax import tasks
+from softlm_jax import run, tasks
 from softlm_jax.config import CompressionConfig
 from softlm_jax.run import TrainConfig
 
@@ -56,6 +56,11 @@ PRESETS: dict[str, dict] = {
         # fine-tuning on windows of the perplexity's length, calibration on 128-token ones (BENCHMARKS.md#ablations)
         "data": {**_LM_DATA, "seq_len": 512, "calib_len": 128},
         "methods": ("allocated", "static", "dense"),
+        # a learned rule chooses its own ranks: the SoftLM / LLRC recipe's whitened factors (whose full
+        # rank is the dense model) and a constant rate (its length is known only once the budget is met)
+        "learned": {"name": "learned ranks on whitened factors",
+                    "compression": {"decomposition": "whitened"},
+                    "train": {"lr_schedule": "constant", "warmup_steps": 0}},
     },
     "lm-softlm": {
         "compression": dict(_LM_SOFTLM),
@@ -113,6 +118,23 @@ def get(name: str) -> dict:
   return copy.deepcopy(PRESETS[name])
 
 
+def recipes(name: str, methods, *, given: Optional[dict] = None) -> dict:
+  """``{method: Recipe}``: each learned rule's own defaults in preset ``name`` (its ``"learned"``
+  entry), without the fields in ``given`` (``{"compression": keys, "train": keys}`` the user set:
+  those hold for every method). Methods whose preset has no such entry, and the allocated / static /
+  dense methods, run with the preset's configs as they are."""
+  entry = get(name).get("learned")
+  if not entry:
+    return {}
+  given = given or {}
+  comp = tuple((k, v) for k, v in entry.get("compression", {}).items() if k not in given.get("compression", ()))
+  train = tuple((k, v) for k, v in entry.get("train", {}).items() if k not in given.get("train", ()))
+  if not comp and not train:
+    return {}
+  rec = run.Recipe(entry["name"], comp, train)
+  return {m: rec for m in methods if run.parse_method(m).rule is not None}
+
+
 def build(preset: Optional[str] = None, *, compression: Optional[dict] = None, train: Optional[dict] = None,
           data: Optional[dict] = None):
   """``(CompressionConfig, TrainConfig, DataConfig)`` of a preset with overrides (None values are
@@ -129,6 +151,7 @@ def build(preset: Optional[str] = None, *, compression: Optional[dict] = None, t
   if "decomposition" in compression and "normalize" not in compression:
     compression["normalize"] = "top" if compression["decomposition"] == "svd" else "uniform_rank"
   p.pop("methods", None)
+  p.pop("learned", None)
   ccfg = CompressionConfig(**{**p["compression"], **compression})
   tcfg = TrainConfig(**{**p["train"], **train})
   dcfg = tasks.DataConfig(**{**p["data"], **data})

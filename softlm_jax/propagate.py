@@ -286,5 +286,6 @@ def propagated_factors(params: Mapping, cfg: CompressionConfig, calibration: Any
 #: (the upstream layers at ``ranks``, default the uniform rank of ``cfg.target_ratio``), with the default mix.
 PROPAGATED = svd.register(svd.Decomposition(
     "propagated", needs="calibration", balance=True, takes_ranks=True,
+    reads=("gram_floor", "gram_damp", "target_ratio"),
     factors=lambda params, cfg, calibration, ranks=None: propagated_factors(
         params, cfg, calibration, ranks=ranks, progress=getattr(calibration, "progress", True))))

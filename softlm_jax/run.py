@@ -216,6 +216,35 @@ class TrainConfig:
     return dataclasses.replace(self, **changes)
 
 
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """A method's own defaults inside a run: ``compression`` and ``train`` field overrides (each a tuple
+  of ``(field, value)`` pairs) applied on top of the run's configs for that method only, and a
+  ``name`` for the summary. Built by :func:`softlm_jax.presets.recipes`; fields the user set are never
+  overridden."""
+  name: str
+  compression: tuple = ()
+  train: tuple = ()
+
+  def apply(self, ccfg: CompressionConfig, tcfg: TrainConfig) -> tuple[CompressionConfig, TrainConfig]:
+    return ccfg.replace(**dict(self.compression)), tcfg.replace(**dict(self.train))
+
+
+def method_configs(ccfg: CompressionConfig, tcfg: TrainConfig, recipes: Optional[dict], name: str
+                   ) -> tuple[CompressionConfig, TrainConfig]:
+  """The configs method ``name`` runs with: the run's, with its :class:`Recipe` (if any) applied."""
+  recipe = (recipes or {}).get(name)
+  return recipe.apply(ccfg, tcfg) if recipe is not None else (ccfg, tcfg)
+
+
+def check_recipes(ccfg: CompressionConfig, tcfg: TrainConfig, methods, recipes: Optional[dict] = None) -> None:
+  """:func:`check_methods` and :func:`check_schedule` of every method under its own configs."""
+  for name in methods:
+    c, t = method_configs(ccfg, tcfg, recipes, name)
+    check_methods(c, [name])
+    check_schedule(name, t)
+
+
 def check_methods(ccfg: CompressionConfig, methods) -> None:
   """Refuses a learned rule on a decomposition whose factors are fit at fixed ranks (propagated): its
   full-rank form is not the dense model, so a rule that starts at full rank and chooses its own ranks
@@ -324,8 +353,10 @@ class Comparison:
   data config, the command)."""
 
   def __init__(self, model, task: tasks.Task, ccfg: CompressionConfig, tcfg: TrainConfig, out: str, *,
-               cr_folders: bool = False, run_info: Optional[dict] = None, log: Callable[[str], None] = print):
+               cr_folders: bool = False, run_info: Optional[dict] = None, log: Callable[[str], None] = print,
+               recipes: Optional[dict] = None):
     check_configs(ccfg, tcfg)
+    self.recipes = dict(recipes or {})
     if ccfg.include is None and model.family.include is not None:  # the family's own selection (Mamba)
       ccfg = ccfg.replace(include=model.family.include)
     self.model, self.task, self.ccfg, self.tcfg, self.out = model, task, ccfg, tcfg, out
@@ -354,7 +385,13 @@ class Comparison:
   # -- names and folders
 
   def config(self, method: Method, cr: float) -> CompressionConfig:
-    return self.ccfg.replace(target_ratio=cr, method=method.rule or self.ccfg.method)
+    """The compression config of ``method`` at ``cr`` (its :class:`Recipe` applied)."""
+    ccfg = method_configs(self.ccfg, self.tcfg, self.recipes, method.name)[0]
+    return ccfg.replace(target_ratio=cr, method=method.rule or ccfg.method)
+
+  def train_config(self, method: Method) -> TrainConfig:
+    """The train config of ``method`` (its :class:`Recipe` applied)."""
+    return method_configs(self.ccfg, self.tcfg, self.recipes, method.name)[1]
 
   def folder(self, method: Method, cr: float) -> str:
     return os.path.join(self.out, method_folder(method.name, cr, self.cr_folders))
@@ -380,11 +417,8 @@ class Comparison:
     method and CR. ``ranks``: the ranks the layers will run at, for a decomposition whose factors
     depend on them (propagated; default its uniform ranks at the CR)."""
     d = svd.get(cfg.decomposition)
-    # a decomposition drawn while compressing (propagated) depends on the upstream ranks, i.e. on the CR
-    per_cr = d.needs == "calibration" or d.takes_ranks
     rkey = tuple(sorted(ranks.items())) if (ranks is not None and d.takes_ranks) else None
-    fkey = (key, cfg.decomposition, cfg.include, cfg.exclude, cfg.gram_floor, cfg.gram_damp,
-            cfg.target_ratio if per_cr else None, rkey)
+    fkey = (key, d.key(cfg), rkey)
     if fkey not in self._factors:
       t = time.time()
       self._factors[fkey] = decompose(params, cfg, calibration=self.calibration,
@@ -407,7 +441,7 @@ class Comparison:
     do not depend on it); the fill runs per CR.
     """
     score_cfg = cfg.replace(decomposition="whitened") if svd.get(cfg.decomposition).takes_ranks else cfg
-    skey = (key, score_cfg.decomposition, cfg.include, cfg.exclude, cfg.gram_floor, cfg.gram_damp)
+    skey = (key, svd.get(score_cfg.decomposition).key(score_cfg))
     if skey not in self._scores:
       t = time.time()
       cparams = allocate.full_rank(compress_params(params, score_cfg,
@@ -521,16 +555,15 @@ class Comparison:
       self.log(f"[{method.name}] the {step} raised the held-out calibration loss {lb:.4f} -> {la:.4f}: reverted")
     return after if kept else before
 
-  def weights_tx(self, steps: int) -> optax.GradientTransformation:
-    """The weights' Adam for a fine-tuning run of ``steps`` updates (``TrainConfig.lr_schedule``)."""
-    t = self.tcfg
+  def weights_tx(self, steps: int, t: TrainConfig) -> optax.GradientTransformation:
+    """The weights' Adam for a fine-tuning run of ``steps`` updates (``t.lr_schedule``)."""
     if t.lr_schedule == "constant" and t.warmup_steps == 0:  # a float lr: the Adam state has no schedule
       return optax.adam(t.lr)                                # count, so older checkpoints still restore
     return optax.adam(optim.lr_schedule(t.lr, steps, t.lr_schedule, min(t.warmup_steps, steps - 1)))
 
   def optimizer(self, method: Method, cfg: CompressionConfig) -> optax.GradientTransformation:
     adam = optax.adam(self.tcfg.lr)
-    check_schedule(method.name, self.tcfg)
+    check_schedule(method.name, self.train_config(method))
     if method.rule is None:
       return adam
     alpha_tx = optax.sgd(cfg.alpha_lr) if self.tcfg.alpha_opt == "sgd" else None
@@ -541,9 +574,12 @@ class Comparison:
     return make_optimizer(cfg)
 
   def steps_for(self, cr: float) -> int:
+    """Steps of a fine-tuned method at ``cr``: ``TrainConfig.steps``, else the total of the joint
+    learned rule of this run at the same CR (it runs first: :func:`order_methods`), else
+    ``max_compress_steps // 2 + finetune_steps``. Never another CR's count, and never a count that
+    depends on which methods happened to run before in this process."""
     t = self.tcfg
-    return (t.steps or self.learned_steps.get(cr) or next(iter(self.learned_steps.values()), None)
-            or t.max_compress_steps // 2 + t.finetune_steps)
+    return t.steps or self.learned_steps.get(cr) or t.max_compress_steps // 2 + t.finetune_steps
 
   # -- training
 
@@ -610,7 +646,7 @@ class Comparison:
     t0 = time.time()
     cfg = self.config(method, cr)
     self.write_run_json(out, method, cfg)
-    t = self.tcfg
+    t = self.train_config(method)
     res = {"method": method.name, "cr": cr if method.compressed else 0.0, "model": self.model.name,
            **self.task.describe(), "config": {"compression": serial.to_dict(cfg), "train": t.to_dict()}}
     ckpt = os.path.join(out, "ckpt")
@@ -622,7 +658,7 @@ class Comparison:
       steps = (t.teacher_steps or self.steps_for(cr)) if (method.name == "dense" and trains) else self.steps_for(cr)
       if trains:
         loss = self.task.train_loss(self.model, distill, self._hidden(distill))
-        state, res["history"] = self._fit(self.dense, self.weights_tx(steps), None, loss,
+        state, res["history"] = self._fit(self.dense, self.weights_tx(steps, t), None, loss,
                                           self._task_batches(distill[0] > 0), ckpt, steps=steps)
         final, res["train_steps"] = state.params, int(state.step)
       else:
@@ -640,14 +676,13 @@ class Comparison:
         if res.get("refit"):  # what the refit alone gave, before the fine-tuning
           _, res["refit"]["metrics"], _ = self.task.evaluate(self.model, final, None)
         steps = self.steps_for(cr)
-        state, res["history"] = self._fit(final, self.weights_tx(steps), None,
+        state, res["history"] = self._fit(final, self.weights_tx(steps, t), None,
                                           self.task.train_loss(self.model, distill, self._hidden(distill)),
                                           self._task_batches(distill[0] > 0), ckpt, steps=steps)
         res["train_steps"] = int(state.step)
         final = self.guarded(method, "fine-tuning", final, state.params, cfg, guard)
       if guard:
         res["guard"] = {"batches": len(self.guard_batches()), "steps": guard}
-      res["recipe"] = recipe(method, cfg, res)
     else:
       reuse = self._frozen.get((method.rule, cr)) if method.variant == "ft" else None
       if reuse is not None:
@@ -677,13 +712,15 @@ class Comparison:
         final = export_params(trained, cfg)
       if method.variant == "ft":
         steps0 = res["train_steps"]
-        ft_state, res["finetune_history"] = self._fit(final, self.weights_tx(t.ft_steps), None,
+        ft_state, res["finetune_history"] = self._fit(final, self.weights_tx(t.ft_steps, t), None,
                                                       self.task.train_loss(self.model, distill,
                                                                            self._hidden(distill)),
                                                       self._task_batches(distill[0] > 0),
                                                       os.path.join(out, "ckpt_ft"), steps=t.ft_steps)
         final, res["train_steps"], res["selection_steps"] = ft_state.params, steps0 + t.ft_steps, steps0
         probe_t = None
+    if method.compressed:
+      res["recipe"] = recipe(method, cfg, res, self.recipes.get(method.name))
     res["main_metric"], res["metrics"], probe = self.task.evaluate(self.model, final, step_cfg)
     if probe_t is not None:
       res["export_max_abs_logit_diff"] = float(np.max(np.abs(np.asarray(probe) - np.asarray(probe_t))))
@@ -752,26 +789,34 @@ class Comparison:
     """``run.json``: everything :func:`load_run` needs to rebuild the method's configs."""
     files.write_json({"method": method.name, "model": self.model.name, "family": self.model.family.name,
                        "task": self.task.describe(), "compression": serial.to_dict(cfg),
-                       "train": self.tcfg.to_dict(), **self.run_info}, os.path.join(out, "run.json"))
+                       "train": self.train_config(method).to_dict(), **self.run_info}, os.path.join(out, "run.json"))
 
   def compact_metadata(self, method: Method, res: dict) -> dict:
     verdict = (res.get("budget") or {}).get("verdict")
     return compact_metadata(self.model, self.task.describe(), method.name, res.get("train_steps", 0),
                             None if verdict is None else verdict["met"])
 
-def recipe(method: Method, cfg: CompressionConfig, res: dict) -> str:
-  """What ran to make a static method's model, for the summary: the decomposition, then each
-  post-decomposition step with what the guard kept, e.g. ``"propagated; refit 32/block (28/30 blocks
-  kept); fine-tuning 100 steps (reverted)"``."""
+def recipe(method: Method, cfg: CompressionConfig, res: dict, own: Optional[Recipe] = None) -> str:
+  """What ran to make a compressed method's model, for the summary: the method's own :class:`Recipe`
+  (if it has one), the decomposition, then each step, with what the guard kept, e.g.
+  ``"propagated; refit 32/block (28/30 blocks kept); fine-tuning 100 steps (reverted)"`` or
+  ``"learned ranks on whitened factors: whitened; softlm selection, 190 steps"``."""
   parts = [cfg.decomposition]
-  kept = {g["step"]: g["kept"] for g in (res.get("guard") or {}).get("steps", [])}
-  r = res.get("refit")
-  if r:
-    parts.append(f"refit {r['steps_per_block']}/block ({r['blocks_kept']}/{len(r['blocks'])} blocks kept)"
-                 + ("" if kept.get("refit", True) else " (reverted)"))
-  if not method.frozen:
-    parts.append(f"fine-tuning {res['train_steps']} steps" + ("" if kept.get("fine-tuning", True) else " (reverted)"))
-  return "; ".join(parts)
+  if method.rule is not None:
+    what = "selection with the weights" if method.joint else "selection, weights frozen"
+    parts.append(f"{method.rule} {what}, {res.get('selection_steps', res['train_steps'])} steps")
+    if method.variant == "ft":
+      parts.append(f"fine-tuning {res['train_steps'] - res['selection_steps']} steps")
+  else:
+    kept = {g["step"]: g["kept"] for g in (res.get("guard") or {}).get("steps", [])}
+    r = res.get("refit")
+    if r:
+      parts.append(f"refit {r['steps_per_block']}/block ({r['blocks_kept']}/{len(r['blocks'])} blocks kept)"
+                   + ("" if kept.get("refit", True) else " (reverted)"))
+    if not method.frozen:
+      parts.append(f"fine-tuning {res['train_steps']} steps" + ("" if kept.get("fine-tuning", True) else
+                                                                 " (reverted)"))
+  return (f"{own.name}: " if own is not None else "") + "; ".join(parts)
 
 
 def compact_metadata(model, task_info: dict, method: str, train_steps: int, budget_met: Optional[bool]) -> dict:
@@ -957,7 +1002,8 @@ def order_methods(names: list[str], task: tasks.Task, teacher_first: bool) -> li
 
 def run_comparison(model, task: tasks.Task, ccfg: CompressionConfig, tcfg: TrainConfig, methods: list[str],
                    crs: list[float], out: str, *, cr_folders: Optional[bool] = None, run_info: Optional[dict] = None,
-                   title: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
+                   title: Optional[str] = None, log: Callable[[str], None] = print,
+                   recipes: Optional[dict] = None) -> dict:
   """Every method at every CR (dense-type methods once), in :func:`order_methods` order; writes the
   run folder's summary. Returns ``{folder name: results}``. A classifier task that needs a teacher
   (distillation, frozen-weight methods) and has no ``dense`` method gets one."""
@@ -966,13 +1012,15 @@ def run_comparison(model, task: tasks.Task, ccfg: CompressionConfig, tcfg: Train
   crs = list(crs)
   cr_folders = len(crs) > 1 if cr_folders is None else cr_folders
   names = list(methods)
-  check_methods(ccfg, names)
-  check_starts(tcfg, names, crs, model.manifest()[0].get("source_model"))
+  check_recipes(ccfg, tcfg, names, recipes)
+  for name in names:
+    check_starts(method_configs(ccfg, tcfg, recipes, name)[1], [name], crs, model.manifest()[0].get("source_model"))
   teacher_first = needs_teacher(task, tcfg, names)
   if teacher_first and "dense" not in names:
     log("[dense] added: the compressed methods need the fine-tuned dense teacher")
     names = ["dense"] + names
-  comp = Comparison(model, task, ccfg, tcfg, out, cr_folders=cr_folders, run_info=run_info, log=log)
+  comp = Comparison(model, task, ccfg, tcfg, out, cr_folders=cr_folders, run_info=run_info, log=log,
+                    recipes=recipes)
   results, misses = {}, []
   for i, cr in enumerate(crs):
     for name in order_methods(names, task, teacher_first):

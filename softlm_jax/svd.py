@@ -57,6 +57,9 @@ class Decomposition:
     takes_ranks: whether the factors depend on the ranks the layers will run at (propagated: each
       layer is fit with the layers upstream already cut); ``factors`` then also takes
       ``ranks={path: rank}`` (None: the uniform keep-ratio of ``cfg.target_ratio``).
+    reads: the :class:`~softlm_jax.CompressionConfig` fields ``factors`` reads besides the selection
+      (``include``, ``exclude``): :meth:`key` is built from them, so a cache of factors can never
+      serve factors computed under other values.
   """
 
   name: str
@@ -64,6 +67,12 @@ class Decomposition:
   factors: Callable
   balance: bool = False
   takes_ranks: bool = False
+  reads: tuple = ()
+
+  def key(self, cfg: CompressionConfig) -> tuple:
+    """What this decomposition's factors of a tree depend on in ``cfg``: its name, the selection and
+    every field in :attr:`reads` (hashable)."""
+    return (self.name, cfg.include, cfg.exclude, *((f, getattr(cfg, f)) for f in self.reads))
 
   def __post_init__(self):
     if not (isinstance(self.name, str) and self.name):
@@ -287,7 +296,8 @@ def whitened_layer_factors(params: Mapping, cfg: CompressionConfig, grams: Mappi
 
 
 SVD = register(Decomposition("svd", needs="nothing", factors=plain_factors))
-WHITENED = register(Decomposition("whitened", needs="grams", factors=whitened_layer_factors, balance=True))
+WHITENED = register(Decomposition("whitened", needs="grams", factors=whitened_layer_factors, balance=True,
+                                  reads=("gram_floor", "gram_damp")))
 
 
 def _stats(d: Decomposition, params: Mapping, cfg: CompressionConfig, grams: Optional[Mapping], calibration):

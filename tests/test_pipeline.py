@@ -283,18 +283,35 @@ def test_stop_after_saves_and_the_rerun_resumes(toy_family, tmp_path):
   assert steps == sorted(set(steps)) and steps[-1] == 6
 
 
-def test_learned_rule_on_a_rank_dependent_decomposition_is_refused_at_parse_time(capsys):
-  """The lm preset's propagated factors are fit at fixed ranks (their full rank is not the dense
-  model): a learned rule, which starts at full rank and picks its own ranks, is refused, naming the fix."""
+def test_each_method_gets_its_own_recipe_and_explicit_misfits_are_refused_at_parse_time(capsys):
+  """Under the lm preset (propagated factors, fit at fixed ranks; a cosine schedule) a learned rule
+  named without a decomposition runs with its own recipe (whitened factors, whose full rank is the
+  dense model; a constant rate), while allocated keeps the preset's. A decomposition or schedule the
+  user sets holds for every method, and one a learned rule cannot use is refused, naming the fix."""
   from softlm_jax import cli
-  with pytest.raises(SystemExit):
-    options.parse(cli.build_parser(), ["train", "--task", "wikitext", "--out", "x", "--methods", "allocated,softlm"])
+  o = options.parse(cli.build_parser(), ["train", "--task", "wikitext", "--model", "tiny-llama", "--out", "x",
+                                         "--methods", "allocated,softlm,llrc"]).options
+  assert o.compression.decomposition == "propagated" and o.train.lr_schedule == "cosine"
+  assert set(o.recipes) == {"softlm", "llrc"}
+  for m in ("softlm", "llrc"):
+    c, t = run.method_configs(o.compression, o.train, o.recipes, m)
+    assert c.decomposition == "whitened" and t.lr_schedule == "constant" and t.warmup_steps == 0
+    assert c.replace(decomposition="propagated") == o.compression and t.replace(lr_schedule="cosine",
+                                                                                warmup_steps=5) == o.train
+  assert run.method_configs(o.compression, o.train, o.recipes, "allocated") == (o.compression, o.train)
+  with pytest.raises(SystemExit):  # an explicit rank-dependent decomposition for a learned rule
+    options.parse(cli.build_parser(), ["train", "--task", "wikitext", "--model", "tiny-llama", "--out", "x",
+                                       "--methods", "allocated,softlm", "--decomposition", "propagated"])
   err = capsys.readouterr().err
   assert "softlm learns its own ranks" in err and "propagated" in err and "--preset lm-softlm" in err
-  with pytest.raises(SystemExit):  # the lm preset's cosine schedule needs a run of known length
-    options.parse(cli.build_parser(), ["train", "--task", "wikitext", "--out", "x", "--methods", "softlm",
-                                       "--decomposition", "whitened"])
+  with pytest.raises(SystemExit):  # an explicit schedule of unknown length for a joint learned rule
+    options.parse(cli.build_parser(), ["train", "--task", "wikitext", "--model", "tiny-llama", "--out", "x",
+                                       "--methods", "softlm", "--lr-schedule", "cosine"])
   assert "--lr-schedule constant" in capsys.readouterr().err
-  a = options.parse(cli.build_parser(), ["train", "--task", "wikitext", "--out", "x", "--methods", "softlm",
-                                         "--decomposition", "whitened", "--lr-schedule", "constant"]).options
-  assert a.compression.decomposition == "whitened" and a.train.lr_schedule == "constant"
+  a = options.parse(cli.build_parser(), ["train", "--task", "wikitext", "--model", "tiny-llama", "--out", "x",
+                                         "--methods", "softlm", "--decomposition", "whitened"]).options
+  c, t = run.method_configs(a.compression, a.train, a.recipes, "softlm")
+  assert c.decomposition == "whitened" and t.lr_schedule == "constant"
+  for preset in presets.names():  # the other presets' learned rules run with the preset's configs
+    if preset != "lm":
+      assert presets.recipes(preset, run.method_names()) == {}

@@ -42,7 +42,7 @@ def run_options(o, *, cr_folders=None, title=None) -> dict:
   try:
     results = run.run_comparison(model, task, o.compression, o.train, list(o.methods), list(o.crs), o.out,
                                  cr_folders=cr_folders, title=None if title is None else title(model, task),
-                                 run_info={"data": o.data.to_dict(), "preset": o.preset})
+                                 run_info={"data": o.data.to_dict(), "preset": o.preset}, recipes=o.recipes)
   except run.RunStopped as e:
     print(e)
     return {}

@@ -42,8 +42,8 @@ def run(args) -> dict:
   task_name = o.data.task if not o.data.train_file else os.path.splitext(os.path.basename(o.data.train_file))[0]
   check_run_folder(o.out, method.name, o.model, task_name, cr)
   model, task = pipeline.load(o.model, o.data, seed=o.train.seed)
-  comp = pipeline.Comparison(model, task, o.compression, o.train, o.out, run_info={"data": o.data.to_dict(),
-                                                                                 "preset": o.preset})
+  comp = pipeline.Comparison(model, task, o.compression, o.train, o.out, recipes=o.recipes,
+                             run_info={"data": o.data.to_dict(), "preset": o.preset})
   if comp.teacher is None and pipeline.compresses_teacher(method, o.train):
     teacher_results = os.path.join(comp.folder(pipeline.parse_method("dense"), cr), "results.json")
     if not os.path.exists(teacher_results):

@@ -332,6 +332,8 @@ class RunOptions:
   model: str
   out: Optional[str]
   preset: str
+  #: ``{method: softlm_jax.run.Recipe}``: the methods that run with their own defaults (presets.recipes)
+  recipes: dict = dataclasses.field(default_factory=dict)
 
 
 def configs(args) -> RunOptions:
@@ -355,13 +357,17 @@ def configs(args) -> RunOptions:
   ccfg, tcfg, dcfg = presets.build(preset, compression=c, train=t, data=d)
   run.check_configs(ccfg, tcfg)
   methods = get("methods") or ([get("method")] if get("method") else list(presets.methods(preset)))
-  run.check_methods(ccfg, methods)
-  run.check_starts(tcfg, methods, crs)
+  given = {"compression": {k for k, v in c.items() if v is not None and k != "target_ratio"},
+           "train": {k for k, v in t.items() if v is not None}}
+  recipes = presets.recipes(preset, methods, given=given)
+  run.check_recipes(ccfg, tcfg, methods, recipes)
+  for m in methods:
+    run.check_starts(run.method_configs(ccfg, tcfg, recipes, m)[1], [m], crs)
   model = get("model") or presets.DEFAULT_MODEL[dcfg.model_kind]
   models.check_spec(model, dcfg.model_kind)
   if get("out"):
     check_run_paths(get("out"), methods, crs, cr_folders=len(crs) > 1)
-  return RunOptions(ccfg, tcfg, dcfg, tuple(crs), tuple(methods), model, get("out"), preset)
+  return RunOptions(ccfg, tcfg, dcfg, tuple(crs), tuple(methods), model, get("out"), preset, recipes)
 
 
 def check_writable(path: str, *, folder: bool) -> None:

@@ -51,7 +51,8 @@ def run(args) -> dict:
       check_run_folder(o.out, folder, o.model, task_name, cr)
   model, task = pipeline.load(o.model, o.data, seed=o.train.seed)
   results = pipeline.run_comparison(model, task, o.compression, o.train, list(o.methods), list(o.crs), o.out,
-                                    cr_folders=cr_folders, run_info={"data": o.data.to_dict(), "preset": o.preset})
+                                    cr_folders=cr_folders, run_info={"data": o.data.to_dict(), "preset": o.preset},
+                                    recipes=o.recipes)
   with open(os.path.join(o.out, "summary.md")) as f:
     table = f.read().split("\n\n", 2)[-1]
   lines = table.rstrip("\n").split("\n")
