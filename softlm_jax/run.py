@@ -339,6 +339,11 @@ class BudgetMissError(RuntimeError):
   """A compressed model that misses its target; the results on disk say by how much and why."""
 
 
+class RunWriteError(OSError):
+  """A run's results could not be written after its work; the message says what is saved and how to
+  resume."""
+
+
 class RunStopped(RuntimeError):
   """A training loop stopped at ``TrainConfig.stop_after`` with its checkpoint saved (resumable)."""
 
@@ -724,22 +729,28 @@ class Comparison:
     res["main_metric"], res["metrics"], probe = self.task.evaluate(self.model, final, step_cfg)
     if probe_t is not None:
       res["export_max_abs_logit_diff"] = float(np.max(np.abs(np.asarray(probe) - np.asarray(probe_t))))
-    if method.compressed:
-      title = f"{method.name} {self.model.name} {self.task.name} CR={cr}: rank per layer"
-      res.update(report.budget_results(final, cfg, out, title))
-      res["budget"]["verdict"] = budget_verdict(res["budget"], method, res.get("freeze_step"), cfg, t)
-      path = os.path.join(out, "compact.safetensors")
-      checkpoint.save_compact(path, final, cfg=cfg, model_config=self.model.manifest()[1],
-                              metadata=self.compact_metadata(method, res))
-      res["compact_checkpoint"] = {"path": path, **checkpoint.file_report(path)}
-      self.log(f"[{method.name}] compact checkpoint: {path} "
-               f"({res['compact_checkpoint']['file_bytes'] / 2**20:.1f} MiB)")
-    elif self.task.dense_trains or method.name == "dense-ft":  # a teacher (distillation, frozen weights)
-      path = os.path.join(out, "teacher.safetensors")
-      checkpoint.save_compact(path, final, metadata={"method": "dense", "source_model": self.model.name,
-                                                     "task": self.task.name})
-    res["wall_s"] = time.time() - t0
-    files.write_json(res, done)
+    try:
+      if method.compressed:
+        title = f"{method.name} {self.model.name} {self.task.name} CR={cr}: rank per layer"
+        res.update(report.budget_results(final, cfg, out, title))
+        res["budget"]["verdict"] = budget_verdict(res["budget"], method, res.get("freeze_step"), cfg, t)
+        verdict = res["budget"]["verdict"]
+        res["compact_checkpoint"] = self.save_compact(method, out, final, cfg, res.get("train_steps", 0),
+                                                      verdict["met"])
+        self.log(f"[{method.name}] compact checkpoint: {res['compact_checkpoint']['path']} "
+                 f"({res['compact_checkpoint']['file_bytes'] / 2**20:.1f} MiB)")
+      elif self.task.dense_trains or method.name == "dense-ft":  # a teacher (distillation, frozen weights)
+        path = os.path.join(out, "teacher.safetensors")
+        checkpoint.save_compact(path, final, metadata={"method": "dense", "source_model": self.model.name,
+                                                       "task": self.task.name})
+      res["wall_s"] = time.time() - t0
+      files.write_json(res, done)
+    except OSError as e:  # a disk that fills, a folder that vanished: late, after the work
+      saved = [d for d in ("ckpt", "ckpt_ft", "ckpt_refit") if os.path.isdir(os.path.join(out, d))]
+      raise RunWriteError(f"[{method.name}] could not write its results in {out} ({type(e).__name__}: {e}); "
+                          + (f"its trained state is saved in {', '.join(os.path.join(out, d) for d in saved)}: "
+                             if saved else "nothing it trained is lost (it trains no weight by gradient): ")
+                          + "free the space and rerun the same command to resume") from e
     files.fault_point("method_done")
     row = summary_row(res)
     with open(os.path.join(out, "table.md"), "w") as f:
@@ -791,10 +802,15 @@ class Comparison:
                        "task": self.task.describe(), "compression": serial.to_dict(cfg),
                        "train": self.train_config(method).to_dict(), **self.run_info}, os.path.join(out, "run.json"))
 
-  def compact_metadata(self, method: Method, res: dict) -> dict:
-    verdict = (res.get("budget") or {}).get("verdict")
-    return compact_metadata(self.model, self.task.describe(), method.name, res.get("train_steps", 0),
-                            None if verdict is None else verdict["met"])
+  def save_compact(self, method: Method, folder: str, params, cfg: CompressionConfig, train_steps: int,
+                   budget_met: Optional[bool]) -> dict:
+    """Writes ``<folder>/compact.safetensors`` of an exported tree with this run's model facts
+    (:func:`compact_metadata`); returns ``{"path", **checkpoint.file_report}``."""
+    path = os.path.join(folder, "compact.safetensors")
+    checkpoint.save_compact(path, params, cfg=cfg, model_config=self.model.manifest()[1],
+                            metadata=compact_metadata(self.model, self.task.describe(), method.name, train_steps,
+                                                      budget_met))
+    return {"path": path, **checkpoint.file_report(path)}
 
 def recipe(method: Method, cfg: CompressionConfig, res: dict, own: Optional[Recipe] = None) -> str:
   """What ran to make a compressed method's model, for the summary: the method's own :class:`Recipe`

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import softlm_jax as sl
-from softlm_jax import cli, data, models, run, tasks
+from softlm_jax import cli, data, files, models, run, tasks
 from tests.conftest import VOCAB, build
 
 CFG = sl.CompressionConfig(target_ratio=0.5)
@@ -108,3 +108,29 @@ def test_task_windows_from_another_tokenizer_are_refused():
   with pytest.raises(ValueError, match=r"tiny on wikitext, test split \(tokenized with 'minilm'\): token id 30000 at "
                      r"position \(2, 5\)"):
     run.check_task_ids(model, tasks.LMTask({"train": ok, "test": bad}))
+
+
+@pytest.mark.skipif(data.find_data_dir() is None, reason="needs ../shared/data (WikiText-2)")
+def test_a_late_write_failure_keeps_the_state_and_says_how_to_resume(tmp_path, monkeypatch):
+  """A disk that fills after the training: the error says what is saved and how to resume, and the same
+  command resumes from the saved state once the space is back."""
+  argv = ["train", "--task", "wikitext", "--model", "tiny-llama", "--seq-len", "32", "--calib-len", "32",
+          "--eval-len", "32", "--eval-windows", "2", "--calib-grams", "8", "--batch-size", "4", "--no-progress",
+          "--methods", "static", "--cr", "0.5", "--refit-steps", "0", "--steps", "2", "--out", str(tmp_path)]
+  real = files.atomic_write
+
+  def disk_full(path, data_):
+    if str(path).endswith("compact.safetensors"):
+      raise OSError(28, "No space left on device")
+    real(path, data_)
+  monkeypatch.setattr(files, "atomic_write", disk_full)
+  monkeypatch.delenv("SOFTLM_DEBUG", raising=False)
+  msg = _refused(argv)
+  assert "[static] could not write its results" in msg and "No space left on device" in msg
+  assert f"its trained state is saved in {tmp_path / 'static' / 'ckpt'}" in msg and "rerun the same command" in msg
+  assert (tmp_path / "static" / "ckpt").is_dir() and not (tmp_path / "static" / "results.json").exists()
+  monkeypatch.setattr(files, "atomic_write", real)
+  res = cli.run(argv)["static"]
+  assert res["train_steps"] == 2 and (tmp_path / "static" / "compact.safetensors").exists()
+  history = [h["step"] for h in res["history"]]
+  assert history == sorted(set(history))  # resumed at the saved step: no step trained twice

@@ -29,7 +29,7 @@ from typing import Optional
 from softlm_jax.bench.machine import apply_default_xla_flags
 from softlm_jax.cli import options
 from softlm_jax.interrupt import exit_interrupted
-from softlm_jax.run import BudgetMissError, RunStopped
+from softlm_jax.run import BudgetMissError, RunStopped, RunWriteError
 
 _NOT_COMMANDS = {"options", "common", "__main__"}
 
@@ -62,7 +62,7 @@ def run(argv: Optional[list] = None):
   except RunStopped as e:
     print(f"softlm {args.command}: {e}")
     return {"stopped": str(e)}
-  except (FileNotFoundError, ValueError, BudgetMissError) as e:
+  except (FileNotFoundError, ValueError, BudgetMissError, RunWriteError) as e:
     if os.environ.get("SOFTLM_DEBUG"):
       raise
     raise SystemExit(f"softlm {args.command}: error: {e}") from None

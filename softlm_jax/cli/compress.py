@@ -2,12 +2,11 @@
 continue with ``softlm train``) or an exported static-SVD compact checkpoint."""
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import softlm_jax as sl
-from softlm_jax import checkpoint, run as pipeline, train
+from softlm_jax import files, run as pipeline, train
 from softlm_jax.cli import common, options
 from softlm_jax.cli.train import check_run_folder
 
@@ -62,16 +61,13 @@ def run(args) -> dict:
   summary = {"method": method.name, "model": o.model, "task": task.name, "counted_params": rep["counted_params"],
              "dense_params": rep["dense_params"], "target_params": rep["target_params"]}
   if method.rule is None:
-    path = os.path.join(folder, "compact.safetensors")
-    meta = pipeline.compact_metadata(model, task.describe(), method.name, 0, rep["budget_met"])
-    checkpoint.save_compact(path, params, cfg=cfg, model_config=model.manifest()[1], metadata=meta)
-    summary.update(compact_checkpoint=path, **checkpoint.file_report(path))
+    saved = comp.save_compact(method, folder, params, cfg, 0, rep["budget_met"])
+    summary.update(compact_checkpoint=saved.pop("path"), **saved)
   else:
     train.save_checkpoint(os.path.join(folder, "ckpt"),
                           train.init_state(params, comp.optimizer(method, cfg), seed=o.train.seed))
     summary["training_checkpoint"] = os.path.join(folder, "ckpt")
-  with open(os.path.join(folder, "compress.json"), "w") as f:
-    json.dump(summary, f, indent=1)
+  files.write_json(summary, os.path.join(folder, "compress.json"))
   lines = [f"model {o.model}, task {task.name}, method {method.name}, CR {cfg.target_ratio}",
            f"selected linears: {rep['dense_params']:,} params dense, target {rep['target_params']:,}, "
            f"now {rep['counted_params']:,}"]
