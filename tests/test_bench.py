@@ -21,6 +21,7 @@ COMPRESSED_FIELDS = {"flop_ratio", "ideal_linear_speedup", "amdahl_bound", "spee
                      "speedup_p75", "weight_bytes", "weight_saving", "outside_share", "power"}
 
 
+@pytest.mark.slow  # the whole benchmark end to end: scripts/test.sh --all
 def test_cli_tiny_bert_json_fields(tmp_path):
   out = tmp_path / "bench"
   summary = bench.main(["--model", "tiny-bert", "--batch", "2", "--seq", "8", "--crs", "0.5",

@@ -43,6 +43,7 @@ def test_generate_with_kv_cache_on_exported_model(name):
   np.testing.assert_array_equal(np.asarray(out), greedy_without_cache(model, exported, prompt, 7))
 
 
+@pytest.mark.slow  # experiments/lm.py end to end: scripts/test.sh --all
 @pytest.mark.skipif(data.find_data_dir() is None, reason="needs ../shared/data (WikiText-2)")
 def test_lm_script_end_to_end(tmp_path):
   sys.path.insert(0, os.path.join(ROOT, "experiments"))

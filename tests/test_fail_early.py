@@ -111,6 +111,7 @@ def test_task_windows_from_another_tokenizer_are_refused():
 
 
 @pytest.mark.skipif(data.find_data_dir() is None, reason="needs ../shared/data (WikiText-2)")
+@pytest.mark.slow  # two whole training runs: scripts/test.sh --all
 def test_a_late_write_failure_keeps_the_state_and_says_how_to_resume(tmp_path, monkeypatch):
   """A disk that fills after the training: the error says what is saved and how to resume, and the same
   command resumes from the saved state once the space is back."""

@@ -3,7 +3,11 @@ import json
 import os
 import subprocess
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = pytest.mark.slow  # the whole GPU suite on the CPU, each step a subprocess: scripts/test.sh --all
 
 
 def test_gpu_suite_dry_run_writes_its_results(tmp_path):

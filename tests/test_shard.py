@@ -91,12 +91,17 @@ def test_mesh_errors_name_the_sizes():
   assert dict(mesh.shape) == {"data": 1, "fsdp": 1}
 
 
+#: the 8-device subprocess runs: scripts/test.sh --all (the placement rule and the errors above stay fast)
+eight = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def eight_devices(tmp_path_factory):
   """tests/mesh_checks.py with 8 CPU devices: checkpoint round trips across mesh shapes, error texts."""
   return json.loads(run8(["tests/mesh_checks.py", str(tmp_path_factory.mktemp("ckpt"))]).strip().splitlines()[-1])
 
 
+@eight
 def test_checkpoint_saved_on_one_mesh_restores_on_another(eight_devices):
   assert eight_devices["n_devices"] == 8
   ck = eight_devices["checkpoints"]
@@ -112,6 +117,7 @@ def test_checkpoint_saved_on_one_mesh_restores_on_another(eight_devices):
   assert ck["(1, 8)->(2, 1)"]["left_spec"] == [] and ck["(1, 8)->(2, 1)"]["left_local_shape"] == [16, 6]
 
 
+@eight
 def test_batch_that_does_not_divide_the_data_axis_is_named(eight_devices):
   err = eight_devices["errors"]
   assert "data=3 x fsdp=1 = 3 devices does not divide the 8 available devices" in err["mesh"]
@@ -120,6 +126,7 @@ def test_batch_that_does_not_divide_the_data_axis_is_named(eight_devices):
   assert err["w_spec_after_step"] == ["fsdp"]  # the step keeps the state on the rule's placement
 
 
+@eight
 def test_streaming_places_factors_on_the_mesh(eight_devices):
   st = eight_devices["streaming"]
   assert st["identical"] and st["n_devices"] == [8]
@@ -129,6 +136,7 @@ def test_streaming_places_factors_on_the_mesh(eight_devices):
   assert st["embedding_spec"] == ["fsdp", None]  # untouched leaves are placed too (40 x 16)
 
 
+@eight
 def test_same_training_on_every_mesh_shape(tmp_path):
   """Tiny Llama + SoftLM CR 0.5 crossing the budget freeze, on meshes (1,1), (8,1), (2,4), (1,8)."""
   out = tmp_path / "eq.json"
