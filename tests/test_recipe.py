@@ -1,6 +1,7 @@
 """The training-free recipe through the pipeline: ``allocated`` methods (a global
 loss-aware allocation, factors fit again at the allocated ranks by a rank-dependent decomposition) and
-the block refit as a pipeline stage, on a tiny random Llama with WikiText-2 windows."""
+the block refit as a pipeline stage, on a tiny random Llama with WikiText-2 windows. Whole runs (slow):
+``scripts/test.sh --all``."""
 import json
 
 import numpy as np
@@ -12,6 +13,8 @@ from softlm_jax.blocks import get_subtree
 from softlm_jax.intercept import intercept
 
 needs_wikitext = pytest.mark.skipif(data.find_data_dir() is None, reason="needs ../shared/data (WikiText-2)")
+#: each test below runs the pipeline (scripts/test.sh --all)
+slow = pytest.mark.slow
 
 SMALL = ["--task", "wikitext", "--model", "tiny-llama", "--seq-len", "32", "--calib-len", "32", "--eval-len", "64",
          "--eval-windows", "2", "--calib-grams", "8", "--batch-size", "4", "--no-progress"]
@@ -21,17 +24,26 @@ def _ranks(tree_: dict) -> dict:
   return {p: int(np.shape(lay["left"])[1]) for p, lay in tree.factored_layers(tree_)}
 
 
-@needs_wikitext
-def test_softlm_compress_writes_the_allocated_model_at_refit_ranks(tmp_path, monkeypatch):
-  """``softlm compress`` with no method writes ``allocated``: the exact budget fill of the Fisher
-  allocation (scored on the whitened triplets), the propagated factors fit at exactly those ranks."""
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory):
+  """``softlm compress`` at CR 0.5 with the ``lm`` preset's decomposition (propagated), run once for the
+  module: (its folder, its summary, the ranks each call of the propagated fit was given)."""
   from softlm_jax import cli
   calls = []
   real = propagate.propagated_factors
-  monkeypatch.setattr(propagate, "propagated_factors",
-                      lambda *a, **k: calls.append(k.get("ranks")) or real(*a, **k))
-  out = tmp_path / "c"
-  summary = cli.run(["compress", *SMALL, "--decomposition", "propagated", "--cr", "0.5", "--out", str(out)])
+  out = tmp_path_factory.mktemp("compress")
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(propagate, "propagated_factors", lambda *a, **k: calls.append(k.get("ranks")) or real(*a, **k))
+    summary = cli.run(["compress", *SMALL, "--decomposition", "propagated", "--cr", "0.5", "--out", str(out)])
+  return out, summary, calls
+
+
+@slow
+@needs_wikitext
+def test_softlm_compress_writes_the_allocated_model_at_refit_ranks(compressed):
+  """``softlm compress`` with no method writes ``allocated``: the exact budget fill of the Fisher
+  allocation (scored on the whitened triplets), the propagated factors fit at exactly those ranks."""
+  out, summary, calls = compressed
   assert summary["method"] == "allocated"
   params, info = sl.load_compact(out / "allocated" / "compact.safetensors")
   got = _ranks(params)
@@ -51,6 +63,7 @@ def test_softlm_compress_writes_the_allocated_model_at_refit_ranks(tmp_path, mon
   assert man["counted_params"] == counted
 
 
+@slow
 @needs_wikitext
 def test_block_refit_runs_as_a_stage_and_keeps_the_ranks(tmp_path):
   """``TrainConfig.refit_steps`` (and ``--refit-holdout``): ``allocated-refit``'s exported model is refit
@@ -88,6 +101,7 @@ def test_block_refit_runs_as_a_stage_and_keeps_the_ranks(tmp_path):
   assert ppl == pytest.approx(res["metrics"]["test"]["ppl"], rel=1e-5)
 
 
+@slow
 @needs_wikitext
 def test_train_starts_from_a_compress_file_and_refuses_a_mismatched_one(tmp_path):
   """``--start-file``: ``softlm train``'s allocated run starts from ``softlm compress``'s file, leaf for
@@ -125,6 +139,7 @@ def test_train_starts_from_a_compress_file_and_refuses_a_mismatched_one(tmp_path
                        log=lambda s: None)
 
 
+@slow
 @needs_wikitext
 def test_softlm_thresholds_start_at_a_lower_cr_allocation(tmp_path):
   """``--start-allocation``: SoftLM's thresholds start where each layer keeps exactly the ranks of the
@@ -151,13 +166,14 @@ def test_softlm_thresholds_start_at_a_lower_cr_allocation(tmp_path):
     run.check_start_allocation("static", 0.3, 0.5)
 
 
+@slow
 @needs_wikitext
-def test_frontier_allocated_row_is_the_pipelines_allocated_method(tmp_path):
+def test_frontier_allocated_row_is_the_pipelines_allocated_method(tmp_path, compressed):
   """``experiments/frontier.py --rows allocated`` runs the pipeline's method (one source): the same
   ranks and perplexity as ``softlm compress`` on the same calibration windows."""
   import importlib.util
   import os
-  from softlm_jax import cli
+  from softlm_jax import cli, presets
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   spec = importlib.util.spec_from_file_location("frontier", os.path.join(root, "experiments", "frontier.py"))
   frontier = importlib.util.module_from_spec(spec)
@@ -166,14 +182,16 @@ def test_frontier_allocated_row_is_the_pipelines_allocated_method(tmp_path):
                  "--batch-size", "4", "--eval-windows", "2", "--eval-len", "64", "--out", str(tmp_path / "f"),
                  "--no-progress"])
   row = json.loads((tmp_path / "f" / "allocated-m0.5_cr0.5" / "results.json").read_text())
-  cli.run(["compress", *SMALL, "--cr", "0.5", "--out", str(tmp_path / "c")])
-  path = tmp_path / "c" / "allocated" / "compact.safetensors"
+  # `softlm compress` at its default decomposition: the module's run, whose explicit one is that default
+  assert presets.build("lm")[0].decomposition == "propagated"
+  path = compressed[0] / "allocated" / "compact.safetensors"
   params, _ = sl.load_compact(path)
   assert {p: r for p, r in row["ranks"].items() if p in _ranks(params)} == _ranks(params)
   ev = cli.run(["eval", str(path), "--task", "wikitext", "--eval-len", "64", "--eval-windows", "2"])
   assert row["ppl"] == pytest.approx(ev["metrics"]["test"]["ppl"], rel=1e-5)
 
 
+@slow
 @needs_wikitext
 def test_fine_tuning_takes_the_cosine_schedule_and_hidden_distillation(tmp_path):
   """``--lr-schedule cosine --warmup-steps 1 --distill-hidden W``: ``allocated``'s fine-tuning is Adam on
@@ -219,6 +237,7 @@ def test_fine_tuning_takes_the_cosine_schedule_and_hidden_distillation(tmp_path)
     run.check_starts(o.train, ["allocated", "softlm"], [0.5])  # before anything trains
 
 
+@slow
 @needs_wikitext
 def test_distillation_from_a_fine_tuned_teacher_file(tmp_path):
   """``dense-ft`` writes its fine-tuned model as ``teacher.safetensors``; ``--teacher-file`` makes it the
@@ -268,6 +287,7 @@ def test_distillation_from_a_fine_tuned_teacher_file(tmp_path):
     options.parse(cli.build_parser(), [*argv[:-1], str(tmp_path / "nope.safetensors")])
 
 
+@slow
 @needs_wikitext
 def test_a_refit_that_wrecks_the_model_is_reverted_block_by_block(tmp_path):
   """The guard (default on): a refit at an absurd learning rate (10) keeps no block, the saved model's
