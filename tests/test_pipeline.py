@@ -171,6 +171,7 @@ TOY = ["--task", "wikitext", "--model", "toy-mlp", "--preset", "lm-softlm", "--s
        "--compress-steps", "0", "--no-progress"]
 
 
+@pytest.mark.slow  # softlm train, two methods at two CRs, and eval: scripts/test.sh --all
 @needs_wikitext
 def test_toy_family_runs_through_run_comparison_and_softlm_train(toy_family, tmp_path, monkeypatch):
   from softlm_jax import cli
