@@ -82,6 +82,7 @@ def test_lm_task_draws_every_calibration_set_from_the_calibration_windows():
   assert task.describe()["calib_windows"] == [30, 8] and "calib_windows" not in plain.describe()
 
 
+@pytest.mark.slow  # the run loaded through the command line: scripts/test.sh --all
 @needs_wikitext
 def test_pipeline_calibrates_and_fine_tunes_on_their_own_windows(tmp_path):
   """Through the command line: the run's calibration set (Grams, scores, propagated fit, refit) has

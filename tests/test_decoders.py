@@ -26,6 +26,10 @@ def greedy_without_cache(model, params, prompt, new_tokens):
   return np.asarray(ids)
 
 
+# HF generate under intercept against a cache-free greedy loop, on an all-factored tree (47 s for gpt2: the
+# eager loop): scripts/test.sh --all; the default suite runs the same path on a loaded compact tree
+# (test_checkpoint.py::test_generate_from_loaded_compact_model)
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_generate_with_kv_cache_on_exported_model(name):
   """HF ``generate`` (KV cache, greedy) runs the exported low-rank tree under ``intercept`` and

@@ -203,6 +203,7 @@ def test_toy_family_runs_through_run_comparison_and_softlm_train(toy_family, tmp
   assert conf["train"] == run.TrainConfig.from_dict(res["softlm_cr0.4"]["config"]["train"])
 
 
+@pytest.mark.slow  # two softlm train runs: scripts/test.sh --all
 @needs_wikitext
 def test_budget_miss_fails_the_run_unless_allowed(toy_family, tmp_path):
   from softlm_jax import cli
