@@ -237,12 +237,14 @@ def method_configs(ccfg: CompressionConfig, tcfg: TrainConfig, recipes: Optional
   return recipe.apply(ccfg, tcfg) if recipe is not None else (ccfg, tcfg)
 
 
-def check_recipes(ccfg: CompressionConfig, tcfg: TrainConfig, methods, recipes: Optional[dict] = None) -> None:
-  """:func:`check_methods` and :func:`check_schedule` of every method under its own configs."""
+def check_recipes(ccfg: CompressionConfig, tcfg: TrainConfig, methods, crs, recipes: Optional[dict] = None,
+                  source_model: Optional[str] = None) -> None:
+  """:func:`check_methods` and :func:`check_starts` of every method under its own configs (its
+  :class:`Recipe` applied), before anything loads or trains."""
   for name in methods:
     c, t = method_configs(ccfg, tcfg, recipes, name)
     check_methods(c, [name])
-    check_schedule(name, t)
+    check_starts(t, [name], crs, source_model)
 
 
 def check_methods(ccfg: CompressionConfig, methods) -> None:
@@ -550,10 +552,13 @@ class Comparison:
   def guarded(self, method: Method, step: str, before, after, cfg: CompressionConfig, record: list):
     """``after`` if the step ``step`` did not raise :meth:`guard_loss` above ``before``'s, else
     ``before`` (the step reverted); appends ``{"step", "loss_before", "loss_after", "kept"}`` to
-    ``record``."""
-    lb, la = self.guard_loss(before, cfg), self.guard_loss(after, cfg)
+    ``record``. ``before``'s loss is the previous record's kept loss when there is one (not computed
+    again)."""
+    lb = (record[-1]["loss_after"] if record[-1]["kept"] else record[-1]["loss_before"]) if record else \
+        self.guard_loss(before, cfg)
     if lb is None:
       return after
+    la = self.guard_loss(after, cfg)
     kept = bool(la <= lb)
     record.append({"step": step, "loss_before": lb, "loss_after": la, "kept": kept})
     if not kept:
@@ -1028,9 +1033,7 @@ def run_comparison(model, task: tasks.Task, ccfg: CompressionConfig, tcfg: Train
   crs = list(crs)
   cr_folders = len(crs) > 1 if cr_folders is None else cr_folders
   names = list(methods)
-  check_recipes(ccfg, tcfg, names, recipes)
-  for name in names:
-    check_starts(method_configs(ccfg, tcfg, recipes, name)[1], [name], crs, model.manifest()[0].get("source_model"))
+  check_recipes(ccfg, tcfg, names, crs, recipes, model.manifest()[0].get("source_model"))
   teacher_first = needs_teacher(task, tcfg, names)
   if teacher_first and "dense" not in names:
     log("[dense] added: the compressed methods need the fine-tuned dense teacher")

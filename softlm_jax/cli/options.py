@@ -360,9 +360,7 @@ def configs(args) -> RunOptions:
   given = {"compression": {k for k, v in c.items() if v is not None and k != "target_ratio"},
            "train": {k for k, v in t.items() if v is not None}}
   recipes = presets.recipes(preset, methods, given=given)
-  run.check_recipes(ccfg, tcfg, methods, recipes)
-  for m in methods:
-    run.check_starts(run.method_configs(ccfg, tcfg, recipes, m)[1], [m], crs)
+  run.check_recipes(ccfg, tcfg, methods, crs, recipes)
   model = get("model") or presets.DEFAULT_MODEL[dcfg.model_kind]
   models.check_spec(model, dcfg.model_kind)
   if get("out"):
