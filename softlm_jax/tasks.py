@@ -232,10 +232,11 @@ class Task:
     idx = data.batch_indices(min(n, self.n_calib()), batch_size, step, seed)
     return {"inputs": self.calib_inputs(idx)}
 
-  def _first(self, n: int, batch_size: int) -> list:
-    """Index arrays of the first ``n`` calibration examples in batches of ``batch_size``."""
-    n = min(n, self.n_calib())
-    return [np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+  def _first(self, n: int, batch_size: int, start: int = 0) -> list:
+    """Index arrays of calibration examples ``start .. start + n - 1`` (as many as exist) in batches of
+    ``batch_size``."""
+    end = min(start + n, self.n_calib())
+    return [np.arange(i, min(i + batch_size, end)) for i in range(start, end, batch_size)]
 
   def calib_batches(self, n: int, batch_size: int) -> list:
     """The first ``n`` calibration examples' inputs in batches (for Grams)."""
@@ -250,8 +251,7 @@ class Task:
     """Calibration examples ``start .. start + n - 1`` (as many as exist) in batches, as
     :meth:`score_loss` takes them: the guard's held-out set when ``start`` is past the examples the
     Grams, scores and refit use."""
-    end = min(start + n, self.n_calib())
-    return [self.calib_example(np.arange(i, min(i + batch_size, end))) for i in range(start, end, batch_size)]
+    return [self.calib_example(idx) for idx in self._first(n, batch_size, start)]
 
   def calib_example(self, idx: np.ndarray) -> dict:
     """``{"inputs", ["labels"]}`` of calibration examples ``idx`` (:meth:`example_batch` of the training
