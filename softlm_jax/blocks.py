@@ -31,10 +31,10 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Optional
 
-import flax.linen as nn
 import jax
 import numpy as np
 
+from softlm_jax import hooks
 from softlm_jax.intercept import intercept, layout_of
 
 #: Block module paths: the default selection's numbered stacks (``config.DEFAULT_INCLUDE``).
@@ -109,7 +109,7 @@ def _block_io(block: str, record: dict, capture: Sequence[str], h_in=None):
     record["out"] = y[0] if isinstance(y, (tuple, list)) else y
     return y
 
-  with nn.intercept_methods(interceptor):
+  with hooks.intercept_methods(interceptor):
     yield
 
 
@@ -141,7 +141,7 @@ class BlockRunner:
       module = context.module
       if context.method_name == "__call__" and module.scope is not None:
         path = "/".join(module.scope.path)
-        names = tuple(c.__name__ for c in type(module).__mro__)
+        names = hooks.class_names(module)
         if block_path(path) is not None:
           is_linear = (module.has_variable("params", "kernel") or module.has_variable("params", "left"))
           x = args[0] if args else next(iter(kwargs.values()), None)
@@ -149,7 +149,7 @@ class BlockRunner:
           calls.append((block_path(path), path, id(x), layout_of(module) if is_linear else None, names, is_linear))
       return next_fun(*args, **kwargs)
 
-    with nn.intercept_methods(rec), intercept():
+    with hooks.intercept_methods(rec), intercept():
       # a fresh function: jax caches traces by function, and a cached trace would run no interceptor
       jax.eval_shape(lambda p, b: apply_fn(p, b), params, example_batch)
     order: list[str] = []

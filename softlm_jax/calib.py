@@ -22,7 +22,6 @@ import hashlib
 from collections.abc import Iterable, Mapping
 from typing import Any, Callable, Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,6 +29,7 @@ from tqdm.auto import tqdm
 
 from softlm_jax import tree
 from softlm_jax.config import CompressionConfig
+from softlm_jax import hooks
 from softlm_jax.intercept import intercept, layout_of
 
 
@@ -79,7 +79,7 @@ def _capture(cfg: CompressionConfig, out: dict, layouts: dict, weights: Optional
     layouts[path] = layout
     return next_fun(*args, **kwargs)
 
-  with nn.intercept_methods(interceptor):
+  with hooks.intercept_methods(interceptor):
     yield
 
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
-from softlm_jax import rules
+from softlm_jax import hooks, rules
 from softlm_jax.config import CompressionConfig
 from softlm_jax.rules import singular_scale
 from softlm_jax.tree import FACTOR_KEYS
@@ -37,7 +37,10 @@ def register_layout(module_type: type | str, layout: str) -> None:
 
 def layout_of(module: nn.Module) -> Optional[str]:
   """The kernel storage layout (:data:`LAYOUTS`) of ``module``'s class or its nearest registered base;
-  None for a module type nobody registered."""
+  None for a module type nobody registered. An NNX module's :class:`softlm_jax.hooks.ModuleView` carries
+  its own layout."""
+  if isinstance(module, hooks.ModuleView):
+    return module.layout
   for cls in type(module).__mro__:
     if cls.__name__ in LAYOUTS:
       return LAYOUTS[cls.__name__]
@@ -165,5 +168,5 @@ def intercept(cfg: Optional[CompressionConfig] = None, *, mode: Optional[str] = 
     with softlm_jax.intercept(cfg):
       logits = model(input_ids, params=cparams).logits
   """
-  with nn.intercept_methods(make_interceptor(cfg, mode=mode)):
+  with hooks.intercept_methods(make_interceptor(cfg, mode=mode)):
     yield

@@ -8,7 +8,6 @@ import time
 from collections.abc import Mapping
 from typing import Callable, Optional, Sequence
 
-import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
@@ -20,6 +19,7 @@ from softlm_jax.bench.power import measure_power, power_probe
 from softlm_jax.bench.timing import Case, paired_speedup, summarize, time_interleaved
 from softlm_jax.bench.variants import flop_ratio, linear_shapes, make_variants
 from softlm_jax.config import CompressionConfig
+from softlm_jax import hooks
 from softlm_jax.intercept import intercept, layout_of
 
 
@@ -48,7 +48,7 @@ class _Skip:
 def skip_linears(cfg: Optional[CompressionConfig] = None):
   """Context: every linear ``cfg`` selects returns its input copied to its output width (+ bias)
   instead of multiplying. Time outside the compressed linears = time of the dense model under it."""
-  return nn.intercept_methods(_Skip(cfg or CompressionConfig()))
+  return hooks.intercept_methods(_Skip(cfg or CompressionConfig()))
 
 
 def _forward_fn(bm: BenchModel):

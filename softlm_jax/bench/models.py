@@ -11,6 +11,7 @@ import numpy as np
 
 from softlm_jax.models import hf
 from softlm_jax.models.mamba import MambaConfig, MambaLM
+from softlm_jax.nnx_bridge import NNXModel
 
 
 MODELS: dict[str, dict] = {
@@ -74,11 +75,15 @@ class BenchModel:
     return int(self.config.get("vocab_size", 97))
 
   def forward(self, params, ids):
+    if isinstance(self.module, NNXModel):
+      return self.module.apply(params, ids)
     if self.family == "mamba":
       return self.module.apply({"params": params}, ids)
     return self.module(ids, params=params, train=False).logits
 
   def train_logits(self, params, ids, rng):
+    if isinstance(self.module, NNXModel):
+      return self.module.apply(params, ids)
     if self.family == "mamba":
       return self.module.apply({"params": params}, ids)
     return self.module(ids, params=params, dropout_rng=rng, train=True).logits

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import types
 import shutil
 import tempfile
 from functools import partial
@@ -249,7 +250,16 @@ def _meta(meta: dict, key: str, default: Any = ...) -> Any:
 
 def llama_config_from_gguf(meta: dict[str, Any], vocab_size: int, tied: bool,
                            max_position_embeddings: Optional[int] = None) -> LlamaConfig:
-  """``LlamaConfig`` from llama.cpp's ``llama.*`` / ``tokenizer.ggml.*`` metadata.
+  """``transformers.LlamaConfig`` of :func:`llama_fields_from_gguf`."""
+  from transformers import LlamaConfig  # heavy: imported on use
+  return LlamaConfig(**llama_fields_from_gguf(meta, vocab_size, tied, max_position_embeddings),
+                     hidden_act="silu", attention_bias=False, mlp_bias=False)
+
+
+def llama_fields_from_gguf(meta: dict[str, Any], vocab_size: int, tied: bool,
+                           max_position_embeddings: Optional[int] = None) -> dict[str, Any]:
+  """A Llama's config fields (``transformers.LlamaConfig``'s names) from llama.cpp's ``llama.*`` /
+  ``tokenizer.ggml.*`` metadata.
 
   ``vocab_size``: rows of ``token_embd.weight``; ``tied``: the file has no ``output.weight``;
   ``max_position_embeddings`` overrides ``llama.context_length`` (the Flax model builds its causal
@@ -279,18 +289,16 @@ def llama_config_from_gguf(meta: dict[str, Any], vocab_size: int, tied: bool,
   for what, n in (("llama.vocab_size", n_vocab_meta), ("the token list", None if tokens is None else len(tokens))):
     if n is not None and int(n) > vocab_size:
       raise ValueError(f"{what} has {n} entries but token_embd.weight only {vocab_size} rows")
-  from transformers import LlamaConfig  # heavy: imported on use
   ids = {name: meta.get(f"tokenizer.ggml.{key}")
          for name, key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                            ("pad_token_id", "padding_token_id"))}
-  return LlamaConfig(
+  return dict(
       vocab_size=vocab_size, hidden_size=hidden, intermediate_size=int(_meta(meta, "llama.feed_forward_length")),
       num_hidden_layers=int(_meta(meta, "llama.block_count")), num_attention_heads=n_head,
       num_key_value_heads=n_kv, head_dim=head_dim,
       max_position_embeddings=int(max_position_embeddings or _meta(meta, "llama.context_length")),
       rms_norm_eps=float(_meta(meta, "llama.attention.layer_norm_rms_epsilon")),
-      rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)), tie_word_embeddings=tied,
-      hidden_act="silu", attention_bias=False, mlp_bias=False, **ids)
+      rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)), tie_word_embeddings=tied, **ids)
 
 
 def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -498,6 +506,29 @@ def _build_gguf_tokenizer(path, add_bos_token, reader):
 # the loader
 
 
+def read_gguf_llama(path: Union[str, os.PathLike], max_position_embeddings: Optional[int] = None):
+  """``(config fields, {tensor name: () -> float32 numpy (out, in)}, reader)`` of a llama.cpp Llama GGUF.
+
+  The fields are :func:`llama_fields_from_gguf`'s; every tensor's shape is checked against them before
+  anything is dequantized (:func:`check_tensor_shapes`). Needs the ``gguf`` package, not transformers.
+  """
+  import gguf  # optional (pip install gguf): imported on use
+  reader = gguf.GGUFReader(os.fspath(path))
+  meta = gguf_metadata(reader)
+  arch = meta.get("general.architecture")
+  if arch != "llama":
+    raise ValueError(f"unsupported GGUF architecture {arch!r} in {os.fspath(path)}: "
+                     "load_gguf_llama reads 'llama' only")
+  by_name = {t.name: t for t in reader.tensors}
+  if "token_embd.weight" not in by_name:
+    raise ValueError("GGUF is missing tensor token_embd.weight (expected shape (vocab, hidden))")
+  shapes = {name: tuple(int(n) for n in reversed(t.shape.tolist())) for name, t in by_name.items()}
+  fields = llama_fields_from_gguf(meta, shapes["token_embd.weight"][0], "output.weight" not in by_name,
+                                  max_position_embeddings)
+  check_tensor_shapes(shapes, types.SimpleNamespace(**fields))  # before any dequantization
+  return fields, {name: partial(dequantize_tensor, t) for name, t in by_name.items()}, reader
+
+
 def load_gguf_llama(path: Union[str, os.PathLike], dtype=jnp.float32, *, tokenizer: bool = True,
                     add_bos_token: Optional[bool] = True, max_position_embeddings: Optional[int] = None,
                     progress: bool = True):
@@ -517,21 +548,9 @@ def load_gguf_llama(path: Union[str, os.PathLike], dtype=jnp.float32, *, tokeniz
     ``params=``); ``params``: HF Flax Llama tree of ``jax.Array`` (see the module docstring);
     ``tokenizer``: ``PreTrainedTokenizerFast`` or ``None``.
   """
-  import gguf  # optional (pip install gguf): imported on use
-  reader = gguf.GGUFReader(os.fspath(path))
-  meta = gguf_metadata(reader)
-  arch = meta.get("general.architecture")
-  if arch != "llama":
-    raise ValueError(f"unsupported GGUF architecture {arch!r} in {os.fspath(path)}: "
-                     "load_gguf_llama reads 'llama' only")
-  by_name = {t.name: t for t in reader.tensors}
-  if "token_embd.weight" not in by_name:
-    raise ValueError("GGUF is missing tensor token_embd.weight (expected shape (vocab, hidden))")
-  shapes = {name: tuple(int(n) for n in reversed(t.shape.tolist())) for name, t in by_name.items()}
-  config = llama_config_from_gguf(meta, shapes["token_embd.weight"][0], "output.weight" not in by_name,
-                                  max_position_embeddings)
-  check_tensor_shapes(shapes, config)  # before any dequantization
-  tensors = {name: partial(dequantize_tensor, t) for name, t in by_name.items()}
+  fields, tensors, reader = read_gguf_llama(path, max_position_embeddings)
+  from transformers import LlamaConfig  # heavy: imported on use
+  config = LlamaConfig(**fields, hidden_act="silu", attention_bias=False, mlp_bias=False)
   params = gguf_to_flax_params(tensors, config, dtype=dtype, progress=progress)
   model = _model_class()(config, dtype=dtype, _do_init=False)
   tok = gguf_tokenizer(path, add_bos_token=add_bos_token, reader=reader) if tokenizer else None
