@@ -180,7 +180,7 @@ class LinearMap(nnx.Module):
       setattr(self, k, nnx.Param(v))
 
   def variables(self) -> dict:
-    return {k: getattr(self, k).value for k in self.names}
+    return {k: getattr(self, k).get_value() for k in self.names}
 
   def _compute(self, x: jax.Array) -> jax.Array:
     p = self.variables()
@@ -213,9 +213,9 @@ def _einsum_kernel(module: nnx.Module) -> Optional[tuple[str, str, Any, Any]]:
     return None
   for name in ("kernel", "w"):
     var = getattr(module, name, None)
-    if isinstance(var, nnx.Variable) and var.value is not None:
+    if isinstance(var, nnx.Variable) and var.get_value() is not None:
       bias = getattr(module, "bias", None)
-      return eq, name, var.value, (bias.value if isinstance(bias, nnx.Variable) else None)
+      return eq, name, var.get_value(), (bias.get_value() if isinstance(bias, nnx.Variable) else None)
   return None
 
 
@@ -223,10 +223,10 @@ def _linear_node(module: nnx.Module, path: tuple) -> tuple[Optional[MapSpec], Op
   """``(spec, params, None)`` for a linear module the library can factor, ``(None, None, why)`` for an
   einsum it cannot, ``(None, None, None)`` for any other module."""
   if isinstance(module, nnx.Linear):
-    p = {"kernel": module.kernel.value}
+    p = {"kernel": module.kernel.get_value()}
     if getattr(module, "bias", None) is not None and isinstance(module.bias, nnx.Variable) \
-            and module.bias.value is not None:
-      p["bias"] = module.bias.value
+            and module.bias.get_value() is not None:
+      p["bias"] = module.bias.get_value()
     return MapSpec(None, tuple(np.shape(p["kernel"]))), p, None
   found = _einsum_kernel(module)
   if found is None:

@@ -39,7 +39,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("runs: the comparison pipeline and its presets",
      ("run", "presets")),
     ("public API and benchmarks",
-     ("softlm_jax", "bench")),
+     ("softlm_jax", "api", "bench")),
     ("command line",
      ("cli",)),
 ]

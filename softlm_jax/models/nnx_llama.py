@@ -63,7 +63,7 @@ class Einsum(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    w = self.w.value if self.dtype is None else self.w.value.astype(self.dtype)
+    w = self.w[...] if self.dtype is None else self.w[...].astype(self.dtype)
     return jnp.einsum(self.einsum_str, x, w)
 
 
@@ -77,7 +77,7 @@ class RMSNorm(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (self.weight.value * y).astype(x.dtype)
+    return (self.weight[...] * y).astype(x.dtype)
 
 
 def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
@@ -164,7 +164,7 @@ class LlamaForCausalLM(nnx.Module):
       states.append(x)
     x = self.norm(x)
     states[-1] = x
-    head = self.embed_tokens.embedding.value.T if self.lm_head is None else self.lm_head.kernel.value
+    head = self.embed_tokens.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
     logits = jnp.matmul(x.astype(jnp.float32), head.astype(jnp.float32))
     return logits, tuple(states)
 
