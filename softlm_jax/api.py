@@ -77,12 +77,18 @@ def save_module(path: Union[str, os.PathLike], module: nnx.Module, *, cfg: Optio
   checkpoint.save_compact(path, handle.params, cfg=cfg, model_config=model_config, metadata=meta)
 
 
-def load_module(path: Union[str, os.PathLike], *, verify: bool = True) -> nnx.Module:
-  """The ``nnx.Module`` of a compact checkpoint written from an NNX family (``softlm compress --model
-  smollm2-nnx`` or :func:`save_module`): its factored projections are
-  :class:`~softlm_jax.nnx_bridge.LinearMap` modules holding ``left`` / ``right``, dense ones ``kernel``."""
+def load_module(path: Union[str, os.PathLike], like: Optional[nnx.Module] = None, *, verify: bool = True) -> nnx.Module:
+  """The ``nnx.Module`` of a compact checkpoint: its factored projections are
+  :class:`~softlm_jax.nnx_bridge.LinearMap` modules holding ``left`` / ``right``, dense ones ``kernel``.
+
+  ``like``: the dense model the file was compressed from, or its abstract twin
+  (``nnx.eval_shape(lambda: MyModel(...))``), for a model of your own; without it the file must come
+  from a registered NNX family (``softlm compress --model smollm2-nnx``, or :func:`save_module` with
+  ``family=``).
+  """
   params, info = checkpoint.load_compact(path, verify=verify)
-  handle = models.family.family_of_manifest(info).from_manifest(info)
+  handle = (NNXModel(like) if like is not None
+            else models.family.family_of_manifest(info).from_manifest(info))
   if not isinstance(handle, NNXModel):
     raise ValueError(f"{os.fspath(path)} was written from {info.get('metadata', {}).get('family')!r}, not an NNX "
                      "model family; load it with softlm_jax.load_compact")

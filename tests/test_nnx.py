@@ -240,6 +240,11 @@ def test_every_rule_and_decomposition_gives_the_linen_result(twin, batches, rule
   for k in a:
     np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
   np.testing.assert_array_equal(np.asarray(back(ids)), np.asarray(compact(ids)))
+  # a model of one's own: the file plus the dense model's abstract twin
+  sl.save_module(tmp_path / "own.safetensors", compact, cfg=cfg)
+  twin_shapes = nnx.eval_shape(lambda: nnx_llama.LlamaForCausalLM(module.config, rngs=nnx.Rngs(0)))
+  np.testing.assert_array_equal(np.asarray(sl.load_module(tmp_path / "own.safetensors", twin_shapes)(ids)),
+                                np.asarray(compact(ids)))
 
 
 def test_compress_params_takes_and_returns_an_nnx_module(twin, batches):
@@ -290,3 +295,17 @@ def test_a_reloaded_compact_module_trains_on_with_nnx_lora(twin, batches, tmp_pa
 def test_importing_the_library_does_not_import_transformers():
   code = "import softlm_jax, sys; assert 'transformers' not in sys.modules, 'transformers imported'"
   subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_hf_flax_deprecation_is_said_once_per_machine(tmp_path):
+  """transformers' own deprecation line (logged by every HF Flax model it builds) is dropped; the
+  library's one-line notice is printed the first time only."""
+  import os
+  code = ("from softlm_jax.models import family; import transformers as tf; family.flax_deprecation_notice(); "
+          "tf.FlaxLlamaForCausalLM(tf.LlamaConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, "
+          "num_attention_heads=2, intermediate_size=8))")
+  env = {**os.environ, "SOFTLM_CACHE_DIR": str(tmp_path)}
+  first, second = (subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+                   for _ in range(2))
+  assert "(shown once)" in first.stderr and "TensorFlow and JAX classes are deprecated" not in first.stderr
+  assert "(shown once)" not in second.stderr and "deprecated" not in second.stderr

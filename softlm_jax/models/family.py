@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
+import os
+import sys
 from typing import Any, Callable, Optional
 
 from softlm_jax import data
@@ -160,11 +163,44 @@ class Family:
       raise ValueError("this compact checkpoint has no model_class / model_config: save it with "
                        "save_compact(..., model_config=..., metadata=model.manifest()[0]) to rebuild the model")
     from transformers import AutoConfig  # heavy: imported on use
+    flax_deprecation_notice()
     conf = dict(info["model_config"])
     config = AutoConfig.for_model(conf.pop("model_type"), **conf)
     cls = import_object(meta["model_class"])
     kw = {} if dtype is None else {"dtype": dtype}
     return cls(config, seed=seed, **kw) if init else cls(config, _do_init=False, **kw)
+
+
+_FLAX_DEPRECATION = "TensorFlow and JAX classes are deprecated"
+
+
+class _DropFlaxDeprecation(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return _FLAX_DEPRECATION not in record.getMessage()
+
+
+# transformers' own line, logged by every HF Flax model it builds; the adapter says it once instead
+logging.getLogger("transformers.modeling_flax_utils").addFilter(_DropFlaxDeprecation())
+
+
+def flax_deprecation_notice() -> None:
+  """Says once per machine (a marker file in ``$SOFTLM_CACHE_DIR``, default ``~/.cache/softlm_jax``)
+  that Hugging Face's Flax classes are deprecated and gone in transformers v5, and what does not need
+  them. Called by the families that build HF Flax models; transformers' own warning is dropped."""
+  root = os.environ.get("SOFTLM_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "softlm_jax"))
+  marker = os.path.join(root, "hf_flax_notice_shown") if root not in ("0", "") else None
+  if marker is not None and os.path.exists(marker):
+    return
+  print("note: Hugging Face's Flax model classes are deprecated in transformers 4.x and removed in v5; this "
+        "model runs through them (transformers<5 is pinned). Flax NNX models (your nnx.Module, or --model "
+        "smollm2-nnx) do not need them. (shown once)", file=sys.stderr)
+  if marker is not None:
+    try:
+      os.makedirs(root, exist_ok=True)
+      with open(marker, "w") as f:
+        f.write("shown\n")
+    except OSError:
+      pass
 
 
 def import_object(dotted: str):

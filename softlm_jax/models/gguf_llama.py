@@ -119,6 +119,7 @@ def _model_class():
   """Builds the Flax classes on first use (importing transformers' Flax Llama takes seconds)."""
   from transformers.modeling_flax_outputs import FlaxCausalLMOutput  # heavy: imported on use
   from transformers.models.llama import modeling_flax_llama as hf_llama
+  family.flax_deprecation_notice()
 
   class _RotaryEmbedding(hf_llama.FlaxLlamaRotaryEmbedding):
 

@@ -49,6 +49,7 @@ def load_classifier(name: str, num_labels: int, seed: int = 0):
   """``FlaxAutoModelForSequenceClassification`` with a fresh head, and its tokenizer."""
   from transformers import AutoTokenizer, FlaxAutoModelForSequenceClassification  # heavy: imported on use
   from transformers.utils import logging
+  family.flax_deprecation_notice()
   path = resolve_model(name)
   verbosity = logging.get_verbosity()
   logging.set_verbosity_error()  # the "newly initialized classifier" notice is expected here
@@ -91,6 +92,7 @@ class HFCausalLM(family.Family):
 
   def load(self, spec, *, max_len=512, seed=0, num_labels=None):
     from transformers import AutoTokenizer, FlaxAutoModelForCausalLM  # heavy: imported on use
+    family.flax_deprecation_notice()
     module = FlaxAutoModelForCausalLM.from_pretrained(spec, seed=seed)
     return family.Model(self, spec, module, module.params, AutoTokenizer.from_pretrained(spec), spec)
 
@@ -115,6 +117,7 @@ class TinyHF(family.Family):
 
   def load(self, spec, *, max_len=512, seed=0, num_labels=None):
     import transformers as tf  # heavy: imported on use
+    family.flax_deprecation_notice()
     tok, source = tiny_tokenizer()
     vocab, n_pos = len(tok), max(int(max_len), 64)
     if self.arch == "gpt2":
