@@ -309,3 +309,23 @@ def test_the_hf_flax_deprecation_is_said_once_per_machine(tmp_path):
                    for _ in range(2))
   assert "(shown once)" in first.stderr and "TensorFlow and JAX classes are deprecated" not in first.stderr
   assert "(shown once)" not in second.stderr and "deprecated" not in second.stderr
+
+
+@pytest.mark.slow
+def test_smollm2_in_the_nnx_llama_computes_the_hf_flax_llama():
+  """SmolLM2-135M's real weights (the GGUF file) in the NNX Llama against the HF Flax Llama (rope base
+  1e5, 9 query and 3 key/value heads, tied embeddings)."""
+  from softlm_jax import models
+  from softlm_jax.models import gguf_llama
+  try:
+    gguf_llama.smollm2_gguf_path()
+  except FileNotFoundError as e:
+    pytest.skip(str(e))
+  linen, nnx_model = (models.load(name, "causal_lm", max_len=64) for name in ("smollm2", "smollm2-nnx"))
+  c = nnx_model.module.config
+  assert (c.num_attention_heads, c.num_key_value_heads, c.rope_theta, c.tie_word_embeddings) == (9, 3, 1e5, True)
+  text = "Robert Boulter is an English film , television and theatre actor . He had a guest-starring role"
+  ids = jnp.asarray(linen.tokenizer(text).input_ids[:24])[None]
+  err = rel_err(nnx_model.logits(nnx_model.params, ids), linen.logits(linen.params, ids))
+  print(f"SmolLM2 NNX vs HF Flax Llama: max abs diff / max abs = {err:.2e}")
+  assert err < 1e-4
