@@ -42,7 +42,10 @@ BLOCK_RE = re.compile(r"^(.*?(?:^|/)(?:layer|layers|h|blocks?)/\d+)(?:/|$)")
 
 #: Block classes (by name, anywhere in the module's MRO) that are the same function of their
 #: parameters at every depth, so any block may run in block 0's place.
-HOMOGENEOUS_BLOCKS = ("FlaxLlamaDecoderLayer", "FlaxGPT2Block", "FlaxBertLayer", "MambaBlock")
+HOMOGENEOUS_BLOCKS = ("FlaxLlamaDecoderLayer", "FlaxGPT2Block", "FlaxBertLayer", "MambaBlock", "HomogeneousBlock")
+#: An NNX block class says it is homogeneous with a true ``homogeneous_block`` class attribute (its
+#: :class:`softlm_jax.hooks.ModuleView` then lists ``"HomogeneousBlock"`` among its class names).
+HOMOGENEOUS_ATTRIBUTE = "homogeneous_block"
 
 _HIDDEN_KWARGS = ("hidden_states", "x", "inputs")
 

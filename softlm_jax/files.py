@@ -23,6 +23,8 @@ import tempfile
 from collections import Counter
 from typing import Union
 
+from softlm_jax import distributed
+
 FAULT_ENV = "SOFTLM_FAULT"
 _hits: Counter = Counter()
 
@@ -43,7 +45,11 @@ def fault_point(name: str) -> None:
 
 def atomic_write(path: Union[str, os.PathLike], data: bytes) -> None:
   """Writes ``data`` to ``path`` atomically (module docstring); the folder must exist. The fault point
-  ``"file_write:<file name>"`` lies half-way through the bytes."""
+  ``"file_write:<file name>"`` lies half-way through the bytes. Under several processes only process 0
+  writes (:func:`softlm_jax.distributed.is_main`) and every process returns once the file is there."""
+  if not distributed.is_main():  # several processes: process 0 writes, the others wait until it has
+    distributed.sync("file_write")
+    return
   path = os.fspath(path)
   folder = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
@@ -61,6 +67,12 @@ def atomic_write(path: Union[str, os.PathLike], data: bytes) -> None:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+  distributed.sync("file_write")
+
+
+def write_text(text: str, path: Union[str, os.PathLike]) -> None:
+  """``text`` (UTF-8) written with :func:`atomic_write`."""
+  atomic_write(path, text.encode())
 
 
 def write_json(obj, path: Union[str, os.PathLike]) -> None:

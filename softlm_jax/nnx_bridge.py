@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 
 from softlm_jax import hooks, tree
-from softlm_jax.blocks import block_path
+from softlm_jax.blocks import HOMOGENEOUS_ATTRIBUTE, block_path
 from softlm_jax.config import CompressionConfig
 from softlm_jax.intercept import factored_apply
 from softlm_jax.rules import singular_scale
@@ -252,7 +252,7 @@ def _linear_node(module: nnx.Module, path: tuple) -> tuple[Optional[MapSpec], Op
 def _hooked_class(cls: type) -> type:
   """``cls`` with ``__call__`` routed through the interceptors (one subclass per class, cached, so that
   graph definitions of adapted models compare equal)."""
-  names = tuple(c.__name__ for c in cls.__mro__)
+  names = tuple(c.__name__ for c in cls.__mro__) + (("HomogeneousBlock",) if getattr(cls, HOMOGENEOUS_ATTRIBUTE, False) else ())
 
   def __call__(self, *args, **kwargs):
     view = hooks.ModuleView(tuple(self.softlm_path), {}, None, names)

@@ -7,6 +7,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from softlm_jax import distributed
 from softlm_jax.budget import budget_report
 
 
@@ -39,7 +40,8 @@ def save_ppl_plot(fig, ax, path: str, *, xlabel: str, title: str, dense: Optiona
   ax.legend(fontsize=8)
   fig.tight_layout()
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.savefig(path, dpi=120)
+  if distributed.is_main():  # several processes: process 0 writes
+    fig.savefig(path, dpi=120)
   print(f"wrote {path}")
 
 
@@ -93,7 +95,8 @@ def rank_heatmap(ranks: Mapping[str, int], path: str, title: str = "",
   fig.colorbar(im, ax=ax, label="rank / full rank" if full is not None else "rank")
   ax.set_title(title, fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  if distributed.is_main():  # several processes: process 0 writes
+    fig.savefig(path, dpi=120)
   plt.close(fig)
 
 
@@ -151,5 +154,6 @@ def comparison_plot(results: Mapping[str, Mapping], path: str, title: str = "") 
   bx.legend(fontsize=8)
   fig.suptitle(title, fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  if distributed.is_main():  # several processes: process 0 writes
+    fig.savefig(path, dpi=110)
   plt.close(fig)

@@ -758,8 +758,7 @@ class Comparison:
                           + "free the space and rerun the same command to resume") from e
     files.fault_point("method_done")
     row = summary_row(res)
-    with open(os.path.join(out, "table.md"), "w") as f:
-      f.write(report.markdown_table([row], list(row)))
+    files.write_text(report.markdown_table([row], list(row)), os.path.join(out, "table.md"))
     self._remove_checkpoints(out)
     self._after(method, cr, res, final)
     if enforce:
@@ -1092,8 +1091,8 @@ def write_summary(out: str, results: dict, *, title: str, wall_s: float) -> str:
   misses = [r["budget"]["verdict"]["why"] for r in results.values()
             if (r.get("budget") or {}).get("verdict") and not r["budget"]["verdict"]["met"]]
   notes = "".join(f"\n**{m}**\n" for m in misses)
-  with open(os.path.join(out, "summary.md"), "w") as f:
-    f.write(f"# {title}\n\nwall time (all methods, incl. loading and tokenizing): {wall_s:.0f} s\n\n{table}{notes}")
+  files.write_text(f"# {title}\n\nwall time (all methods, incl. loading and tokenizing): {wall_s:.0f} s\n\n{table}{notes}",
+                   os.path.join(out, "summary.md"))
   files.write_json({"title": title, "wall_s": wall_s, "rows": rows}, os.path.join(out, "summary.json"))
   report.comparison_plot(results, os.path.join(out, "comparison.png"), title=title)
   return table

@@ -27,7 +27,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / PACKAGE
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation: configuration, registries, tree walks, numerics, files, data",
      ("_version", "registry", "config", "tree", "threshold", "linalg", "serial", "interrupt", "files", "data",
-      "metrics", "hooks")),
+      "metrics", "hooks", "distributed")),
     ("selection-rule registry, counting, losses",
      ("rules", "budget", "losses")),
     ("decompositions, the built-in rules, compression, export, interception, optimizers, sharding",

@@ -329,3 +329,33 @@ def test_smollm2_in_the_nnx_llama_computes_the_hf_flax_llama():
   err = rel_err(nnx_model.logits(nnx_model.params, ids), linen.logits(linen.params, ids))
   print(f"SmolLM2 NNX vs HF Flax Llama: max abs diff / max abs = {err:.2e}")
   assert err < 1e-4
+
+
+@pytest.mark.slow  # whole softlm runs on WikiText-2: scripts/test.sh --all
+def test_every_softlm_command_runs_on_an_nnx_model(tmp_path):
+  """``compress`` (the lm preset: allocation, propagated factors), ``train`` (SoftLM's learned thresholds
+  and the allocated recipe with refit and fine-tuning), ``eval``, ``generate`` and ``bench`` on
+  ``tiny-llama-nnx``; each compact file reloads as an NNX module computing the perplexity it reports."""
+  from softlm_jax import cli, data
+  if data.find_data_dir() is None:
+    pytest.skip("needs ../shared/data (WikiText-2)")
+  lm = ["--task", "wikitext", "--model", "tiny-llama-nnx", "--seq-len", "32", "--calib-len", "32", "--eval-len",
+        "32", "--eval-windows", "2", "--calib-grams", "8", "--calib", "8", "--batch-size", "4", "--no-progress"]
+  cli.run(["compress", *lm, "--cr", "0.5", "--out", str(tmp_path / "c")])
+  res = cli.run(["train", *lm, "--cr", "0.5", "--methods", "softlm,allocated", "--max-compress-steps", "6",
+                 "--finetune-steps", "2", "--steps", "3", "--refit-steps", "1", "--allow-budget-miss",
+                 "--out", str(tmp_path / "t")])
+  for path in (tmp_path / "c" / "allocated", tmp_path / "t" / "softlm", tmp_path / "t" / "allocated"):
+    f = path / "compact.safetensors"
+    module = sl.load_module(f)
+    assert any(isinstance(m, LinearMap) and "left" in m.names for _, m in nnx.iter_modules(module))
+    if path.parent.name == "t":  # softlm eval on the file gives the run's own figure
+      ev = cli.run(["eval", str(f), "--task", "wikitext", "--eval-len", "32", "--eval-windows", "2"])
+      np.testing.assert_allclose(ev["metrics"]["test"]["ppl"], res[path.name]["metrics"]["test"]["ppl"], rtol=1e-5)
+  # softlm generate is the greedy continuation of the reloaded module
+  f = tmp_path / "c" / "allocated" / "compact.safetensors"
+  out = cli.run(["generate", str(f), "--ids", "1,2,3", "--max-new-tokens", "4"])
+  module, seq = sl.load_module(f), jnp.asarray([[1, 2, 3]], jnp.int32)
+  for _ in range(4):
+    seq = jnp.concatenate([seq, jnp.argmax(module(seq)[:, -1], -1)[:, None].astype(jnp.int32)], axis=1)
+  assert out["sequences"] == np.asarray(seq).tolist()

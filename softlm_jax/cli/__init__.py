@@ -26,6 +26,7 @@ import os
 import pkgutil
 from typing import Optional
 
+from softlm_jax import distributed
 from softlm_jax.bench.machine import apply_default_xla_flags
 from softlm_jax.cli import options
 from softlm_jax.interrupt import exit_interrupted
@@ -57,15 +58,30 @@ def run(argv: Optional[list] = None):
   apply_default_xla_flags()  # the measured-faster CPU path, before jax starts ($XLA_FLAGS wins)
   ap = build_parser()
   args = options.parse(ap, argv)
+  timeout = getattr(args, "process_timeout", distributed.DEFAULT_TIMEOUT_S)
   try:
-    return args.func(args)
+    several = distributed.initialize(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
+                                     getattr(args, "process_id", None), timeout_s=int(timeout))
+  except ValueError as e:
+    ap.error(str(e))
+  status = 1
+  try:
+    result = args.func(args)
+    status = 0
+    return result
   except RunStopped as e:
     print(f"softlm {args.command}: {e}")
+    status = 0
     return {"stopped": str(e)}
   except (FileNotFoundError, ValueError, BudgetMissError, RunWriteError) as e:
     if os.environ.get("SOFTLM_DEBUG"):
       raise
     raise SystemExit(f"softlm {args.command}: error: {e}") from None
+  finally:
+    if several:  # every process ends with process 0's status (or its own failure)
+      final = distributed.finish(status, timeout)
+      if final and not status:
+        raise SystemExit(f"softlm {args.command}: process 0 ended with status {final}")
 
 
 def main(argv: Optional[list] = None) -> int:

@@ -304,6 +304,19 @@ def add_run_args(ap, *, methods: bool = True, default_methods: Optional[str] = N
   add_data_args(ap)
   add_compression_args(ap, crs=methods, cr_flags=cr_flags)
   add_train_args(ap)
+  add_process_args(ap)
+
+
+def add_process_args(ap) -> None:
+  """Several processes (``jax.distributed.initialize``'s arguments; none under SLURM or Open MPI, which
+  announce them). ``--mesh`` then spans every process's devices."""
+  g = ap.add_argument_group("several processes (hosts)")
+  g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                 help="process 0's address for jax.distributed (with --num-processes and --process-id)")
+  g.add_argument("--num-processes", type=positive_int, default=None)
+  g.add_argument("--process-id", type=nonnegative_int, default=None)
+  g.add_argument("--process-timeout", type=positive_float, default=600.0, metavar="S",
+                 help="seconds a process waits for the others (joining, at the end) before it fails (default 600)")
 
 
 # ---------------------------------------------------------------------------------------------------

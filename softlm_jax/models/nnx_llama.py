@@ -128,6 +128,9 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
+  #: the same function of its parameters at every depth (softlm_jax.blocks runs any block in block 0's place)
+  homogeneous_block = True
+
   def __init__(self, c: LlamaConfig, *, rngs: nnx.Rngs, dtype: Any = None):
     self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
     self.attn = Attention(c, rngs=rngs, dtype=dtype)
