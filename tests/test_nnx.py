@@ -342,7 +342,7 @@ def test_every_softlm_command_runs_on_an_nnx_model(tmp_path):
   lm = ["--task", "wikitext", "--model", "tiny-llama-nnx", "--seq-len", "32", "--calib-len", "32", "--eval-len",
         "32", "--eval-windows", "2", "--calib-grams", "8", "--calib", "8", "--batch-size", "4", "--no-progress"]
   cli.run(["compress", *lm, "--cr", "0.5", "--out", str(tmp_path / "c")])
-  res = cli.run(["train", *lm, "--cr", "0.5", "--methods", "softlm,allocated", "--max-compress-steps", "6",
+  res = cli.run(["train", *lm, "--cr", "0.5", "--methods", "softlm,allocated", "--compress-steps", "3", "--max-compress-steps", "6",
                  "--finetune-steps", "2", "--steps", "3", "--refit-steps", "1", "--allow-budget-miss",
                  "--out", str(tmp_path / "t")])
   for path in (tmp_path / "c" / "allocated", tmp_path / "t" / "softlm", tmp_path / "t" / "allocated"):

@@ -61,7 +61,8 @@ def run(argv: Optional[list] = None):
   timeout = getattr(args, "process_timeout", distributed.DEFAULT_TIMEOUT_S)
   try:
     several = distributed.initialize(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
-                                     getattr(args, "process_id", None), timeout_s=int(timeout))
+                                     getattr(args, "process_id", None), timeout_s=int(timeout),
+                                     heartbeat_s=int(min(60, timeout)))
   except ValueError as e:
     ap.error(str(e))
   status = 1
