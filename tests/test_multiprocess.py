@@ -19,7 +19,8 @@ import pytest
 import softlm_jax as sl
 from softlm_jax import cli, data, tree
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(data.find_data_dir() is None,
+# serial: the processes need the machine's cores to themselves to meet their timeouts
+pytestmark = [pytest.mark.slow, pytest.mark.serial, pytest.mark.skipif(data.find_data_dir() is None,
                                                    reason="needs ../shared/data (WikiText-2)")]
 
 LM = ["--task", "wikitext", "--model", "tiny-llama", "--seq-len", "32", "--calib-len", "32", "--eval-len", "32",
