@@ -346,13 +346,17 @@ class NNXModel:
     self.params = _pure(state.to_pure_dict())
     self._abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), state)
     self.abstract = any(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(self.params))
+    self._abstract_pure = self._abstract.to_pure_dict()
     self.call = call or (lambda m, x: m(x))
     self._structures: dict[tuple, tuple] = {}
+    self._maps: Optional[dict] = None
 
   def linear_maps(self) -> dict[str, LinearMap]:
-    """``{path: LinearMap}`` of the canonical module (abstract: shapes only)."""
-    m = nnx.merge(self.graphdef, self._abstract)
-    return {tree.join(p): mod for p, mod in _modules(m) if isinstance(mod, LinearMap)}
+    """``{path: LinearMap}`` of the canonical module (abstract: shapes only; built once)."""
+    if self._maps is None:
+      m = nnx.merge(self.graphdef, self._abstract)
+      self._maps = {tree.join(p): mod for p, mod in _modules(m) if isinstance(mod, LinearMap)}
+    return self._maps
 
   def _structure(self, params: Mapping, cfg: Optional[CompressionConfig]) -> tuple:
     """``(graphdef, abstract state)`` of the module holding ``params``' parameters (cached by which
@@ -380,7 +384,7 @@ class NNXModel:
 
   def _key_types(self, name: str) -> list:
     """For each part of ``name``, the key as the state stores it (int list indices)."""
-    out, node = [], self._abstract.to_pure_dict()
+    out, node = [], self._abstract_pure
     for part in name.split("/"):
       key = next(k for k in node if str(k) == part)
       out.append(key)
