@@ -223,6 +223,17 @@ def test_every_rule_and_decomposition_gives_the_linen_result(twin, batches, rule
   same = _hard_cut(sl.compress_params(handle.params, cfg, factors={p: f_hf[hf_path(p)] for p in f_nnx}), cfg, ranks)
   assert rel_err(nnx_logits(handle, same, ids, cfg), hf_logits(hf, cut_hf, ids, cfg)) < 1e-5
 
+  # static (the same keep-ratio in every layer) and allocated (static SVD at the allocated ranks): exported
+  # trees, the same ranks and the same model as the Linen path's from the same factors, within the budget
+  same_f = {p: f_hf[hf_path(p)] for p in f_nnx}
+  assert {hf_path(p): r for p, r in sl.static_ranks(handle.params, cfg).items()} == sl.static_ranks(hf.params, cfg)
+  for name, tree_nnx, tree_hf in (
+      ("static", sl.static_svd(handle.params, cfg, factors=same_f), sl.static_svd(hf.params, cfg, factors=f_hf)),
+      ("allocated", al.allocated_static(handle.params, cfg, same_f, ranks),
+       al.allocated_static(hf.params, cfg, f_hf, {hf_path(p): r for p, r in ranks.items()}))):
+    assert int(sl.count_params(tree_nnx, cfg)) == int(sl.count_params(tree_hf, cfg)) <= target, name
+    assert rel_err(nnx_logits(handle, tree_nnx, ids), hf_logits(hf, tree_hf, ids)) < 1e-5, name
+
   # export equals the training form; the exported module counts what the tree counts
   ex = sl.export_params(cut, cfg)
   assert rel_err(nnx_logits(handle, ex, ids), nnx_logits(handle, cut, ids, cfg)) < 1e-5
