@@ -128,3 +128,24 @@ def test_a_killed_process_ends_the_other_with_an_error(tmp_path):
   assert res[1][0] != 0
   assert res[0][0] != 0, res[0][1][-2000:]
   assert time.time() - t < 400
+
+
+@pytest.mark.parametrize("first,then", [("2 processes x 4", "1 process x 8"), ("1 process x 8", "2 processes x 4")])
+def test_a_checkpoint_resumes_across_process_counts(runs, tmp_path, first, then):
+  """``softlm train`` stopped after 4 steps under one setup (its orbax checkpoint written by every
+  process) resumes under the other to the uninterrupted runs' result: the same ranks, perplexity within
+  1e-3 of the one-process run's."""
+  argv = ["train", *LM, "--methods", "softlm", "--compress-steps", "3", "--max-compress-steps", "6",
+          "--finetune-steps", "2", "--allow-budget-miss", "--mesh", "data=2,fsdp=4", "--out", str(tmp_path / "run")]
+  for setup, extra in ((first, ["--stop-after", "4"]), (then, [])):
+    procs, devs, _ = SETUPS[setup]
+    for i, (code, text) in enumerate(launch([*argv, *extra], processes=procs, devices=devs)):
+      assert code == 0, f"{setup}, process {i}:\n{text[-3000:]}"
+  ref, _ = runs["1 process x 8"]
+  got = json.loads((tmp_path / "run" / "softlm" / "results.json").read_text())
+  want = json.loads((ref / "train" / "softlm" / "results.json").read_text())
+  assert got["train_steps"] == want["train_steps"]
+  p0, p1 = want["metrics"]["test"]["ppl"], got["metrics"]["test"]["ppl"]
+  assert abs(p1 - p0) <= 1e-3 * p0, (p0, p1)
+  assert compact(tmp_path / "run" / "softlm" / "compact.safetensors")[1] == \
+      compact(ref / "train" / "softlm" / "compact.safetensors")[1]
