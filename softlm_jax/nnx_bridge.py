@@ -124,7 +124,8 @@ def map_spec(equation: str, kernel_shape: tuple) -> MapSpec:
   if "..." in ws:
     raise ValueError(f"einsum {equation!r}: the kernel's subscripts cannot hold '...'")
   if len(ws) != len(kernel_shape):
-    raise ValueError(f"einsum {equation!r}: kernel subscripts {ws!r} do not match the kernel shape {tuple(kernel_shape)}")
+    raise ValueError(f"einsum {equation!r}: kernel subscripts {ws!r} do not match the kernel shape "
+                     f"{tuple(kernel_shape)}")
   x_letters, o_letters = xs.replace("...", ""), out.replace("...", "")
   for name, s in (("input", x_letters), ("kernel", ws), ("output", o_letters)):
     if len(set(s)) != len(s):
@@ -252,7 +253,9 @@ def _linear_node(module: nnx.Module, path: tuple) -> tuple[Optional[MapSpec], Op
 def _hooked_class(cls: type) -> type:
   """``cls`` with ``__call__`` routed through the interceptors (one subclass per class, cached, so that
   graph definitions of adapted models compare equal)."""
-  names = tuple(c.__name__ for c in cls.__mro__) + (("HomogeneousBlock",) if getattr(cls, HOMOGENEOUS_ATTRIBUTE, False) else ())
+  names = tuple(c.__name__ for c in cls.__mro__)
+  if getattr(cls, HOMOGENEOUS_ATTRIBUTE, False):
+    names += ("HomogeneousBlock",)
 
   def __call__(self, *args, **kwargs):
     view = hooks.ModuleView(tuple(self.softlm_path), {}, None, names)

@@ -1091,8 +1091,8 @@ def write_summary(out: str, results: dict, *, title: str, wall_s: float) -> str:
   misses = [r["budget"]["verdict"]["why"] for r in results.values()
             if (r.get("budget") or {}).get("verdict") and not r["budget"]["verdict"]["met"]]
   notes = "".join(f"\n**{m}**\n" for m in misses)
-  files.write_text(f"# {title}\n\nwall time (all methods, incl. loading and tokenizing): {wall_s:.0f} s\n\n{table}{notes}",
-                   os.path.join(out, "summary.md"))
+  files.write_text(f"# {title}\n\nwall time (all methods, incl. loading and tokenizing): {wall_s:.0f} s\n\n"
+                   f"{table}{notes}", os.path.join(out, "summary.md"))
   files.write_json({"title": title, "wall_s": wall_s, "rows": rows}, os.path.join(out, "summary.json"))
   report.comparison_plot(results, os.path.join(out, "comparison.png"), title=title)
   return table

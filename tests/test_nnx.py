@@ -9,7 +9,6 @@ reloaded compact module trained further with ``flax.nnx.LoRA``.
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -283,7 +282,8 @@ def test_a_reloaded_compact_module_trains_on_with_nnx_lora(twin, batches, tmp_pa
   hf, handle, module = twin
   cfg = sl.CompressionConfig(target_ratio=0.5, sharpness=1e6)
   cp = sl.compress_params(handle.params, cfg)
-  compact = sl.export_params(handle.module_for(_hard_cut(cp, cfg, {p: 8 for p, _ in tree.factored_layers(cp)}), cfg), cfg)
+  cut = _hard_cut(cp, cfg, {p: 8 for p, _ in tree.factored_layers(cp)})
+  compact = sl.export_params(handle.module_for(cut, cfg), cfg)
   sl.save_module(tmp_path / "c.safetensors", compact, cfg=cfg, family="tiny-llama-nnx")
   model = sl.load_module(tmp_path / "c.safetensors")
   base = model.layers[0].mlp.up_proj
@@ -353,7 +353,8 @@ def test_every_softlm_command_runs_on_an_nnx_model(tmp_path):
   lm = ["--task", "wikitext", "--model", "tiny-llama-nnx", "--seq-len", "32", "--calib-len", "32", "--eval-len",
         "32", "--eval-windows", "2", "--calib-grams", "8", "--calib", "8", "--batch-size", "4", "--no-progress"]
   cli.run(["compress", *lm, "--cr", "0.5", "--out", str(tmp_path / "c")])
-  res = cli.run(["train", *lm, "--cr", "0.5", "--methods", "softlm,allocated", "--compress-steps", "3", "--max-compress-steps", "6",
+  res = cli.run(["train", *lm, "--cr", "0.5", "--methods", "softlm,allocated", "--compress-steps", "3",
+                 "--max-compress-steps", "6",
                  "--finetune-steps", "2", "--steps", "3", "--refit-steps", "1", "--allow-budget-miss",
                  "--out", str(tmp_path / "t")])
   for path in (tmp_path / "c" / "allocated", tmp_path / "t" / "softlm", tmp_path / "t" / "allocated"):

@@ -327,7 +327,8 @@ _COMPRESSION = ("sharpness", "gamma", "alpha_lr", "loss", "init_rank", "decompos
 _TRAIN = ("finetune_steps", "max_compress_steps", "steps", "teacher_steps", "batch_size", "lr", "seed", "distill",
           "calib", "calib_grams", "ft_steps", "refill", "alpha_opt", "eval_every", "save_every", "keep_ckpt",
           "allow_budget_miss",
-          "mesh", "stop_after", "refit_steps", "refit_lr", "refit_loss", "refit_holdout", "guard_batches", "lr_schedule",
+          "mesh", "stop_after", "refit_steps", "refit_lr", "refit_loss", "refit_holdout", "guard_batches",
+          "lr_schedule",
           "warmup_steps",
           "distill_hidden", "compress_from", "start_file", "teacher_file", "start_allocation")
 _DATA = ("task", "data_dir", "train_file", "eval_file", "text_cols", "label_col", "task_type", "eval_limit",

@@ -240,7 +240,8 @@ class NNXLlama(family.Family):
     if self.tiny:
       tok, source = hf.tiny_tokenizer()
       config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, rope_theta=1e5, max_position_embeddings=max_len)
+                           num_attention_heads=4, num_key_value_heads=2, rope_theta=1e5,
+                           max_position_embeddings=max_len)
       module = build(config, seed=seed)
     else:
       module, tok, source = load_smollm2(max_len), gguf_llama.gguf_tokenizer(gguf_llama.smollm2_gguf_path()), "smollm2"
