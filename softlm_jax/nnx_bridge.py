@@ -79,6 +79,16 @@ class MapSpec:
     ws = self._parts()[1]
     return tuple(self.kernel_shape[ws.index(c)] for c in letters)
 
+  @property
+  def free_shape(self) -> tuple:
+    """The kernel's output axes (``cols`` unflattened), in kernel order."""
+    return self._dims(self.free)
+
+  def _batch(self) -> tuple[str, str]:
+    """``("..." or "", the input's batch letters)``: the axes ``x`` keeps (all but the contracted ones)."""
+    xs = self._parts()[0]
+    return ("..." if "..." in xs else ""), "".join(c for c in xs.replace("...", "") if c not in self.contracted)
+
   def matrix(self, kernel: jax.Array) -> jax.Array:
     """The kernel ``kernel_shape`` as the ``(rows, cols)`` matrix."""
     if self.equation is None:
@@ -90,21 +100,17 @@ class MapSpec:
     """``x`` -> ``(..., rows)``: the batch axes first (in ``x``'s order), the contracted ones flattened."""
     if self.equation is None:
       return x
-    xs = self._parts()[0]
-    batch = "".join(c for c in xs.replace("...", "") if c not in self.contracted)
-    ell = "..." if "..." in xs else ""
-    y = jnp.einsum(f"{xs}->{ell}{batch}{self.contracted}", x)
+    ell, batch = self._batch()
+    y = jnp.einsum(f"{self._parts()[0]}->{ell}{batch}{self.contracted}", x)
     return y.reshape(y.shape[:y.ndim - len(self.contracted)] + (self.rows,))
 
-  def unflatten_output(self, y: jax.Array, x: jax.Array) -> jax.Array:
+  def unflatten_output(self, y: jax.Array) -> jax.Array:
     """``(..., cols)`` (batch axes as :meth:`flatten_input` left them) -> the einsum's output layout."""
     if self.equation is None:
       return y
-    xs, _, out = self._parts()
-    batch = "".join(c for c in xs.replace("...", "") if c not in self.contracted)
-    ell = "..." if "..." in xs else ""
-    y = y.reshape(y.shape[:-1] + self._dims(self.free))
-    return jnp.einsum(f"{ell}{batch}{self.free}->{out}", y)
+    ell, batch = self._batch()
+    y = y.reshape(y.shape[:-1] + self.free_shape)
+    return jnp.einsum(f"{ell}{batch}{self.free}->{self._parts()[2]}", y)
 
 
 def map_spec(equation: str, kernel_shape: tuple) -> MapSpec:
@@ -200,7 +206,7 @@ class LinearMap(nnx.Module):
     x2 = self.spec.flatten_input(x)
     view = hooks.ModuleView(self.path, self.variables(), "in_out", ("LinearMap",), self.dtype, self.precision)
     y2 = hooks.run(view, self._compute, (x2,), {})
-    return self.spec.unflatten_output(y2, x)
+    return self.spec.unflatten_output(y2)
 
 
 # --- surgery ---------------------------------------------------------------------------------------------
@@ -241,7 +247,7 @@ def _linear_node(module: nnx.Module, path: tuple) -> tuple[Optional[MapSpec], Op
   p = {"kernel": jax.ShapeDtypeStruct((spec.rows, spec.cols), kernel.dtype) if abstract else spec.matrix(kernel)}
   if bias is not None:
     out = spec._parts()[2].replace("...", "")
-    if tuple(np.shape(bias)) != spec._dims(spec.free) or not out.endswith(spec.free):
+    if tuple(np.shape(bias)) != spec.free_shape or not out.endswith(spec.free):
       return None, None, (f"einsum {eq!r}: bias of shape {tuple(np.shape(bias))} is not over the output's "
                           f"trailing kernel axes {spec.free!r}")
     p["bias"] = (jax.ShapeDtypeStruct((spec.cols,), bias.dtype) if isinstance(bias, jax.ShapeDtypeStruct)
