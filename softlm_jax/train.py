@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from softlm_jax import budget, files, losses, shard, tree
+from softlm_jax import budget, distributed, files, losses, shard, tree
 from softlm_jax.config import CompressionConfig
 from softlm_jax.intercept import intercept
 from softlm_jax.interrupt import StopRequest
@@ -200,7 +200,7 @@ def fit(state: TrainState, train_step: Callable, batch_fn: Callable[[int], Any],
 
   def log(row):
     history.append(row)
-    if log_path:
+    if log_path and distributed.is_main():  # several processes: one writer
       with open(log_path, "a") as f:
         f.write(json.dumps(row) + "\n")
 

@@ -6,7 +6,7 @@ import os
 import sys
 
 from softlm_jax.bench.latency import run_benchmark
-from softlm_jax.bench.machine import apply_default_xla_flags, device_info, versions
+from softlm_jax.bench.machine import apply_default_cpu_threads, apply_default_xla_flags, device_info, versions
 from softlm_jax.bench.models import MODELS, build_model, mamba_available
 from softlm_jax.bench.report import collect, markdown_table, plot_speedup, write_json
 from softlm_jax.bench.step_cost import compress_cost, train_cost
@@ -72,6 +72,7 @@ def main(argv=None) -> dict:
   if args.xla_flags:
     set_xla_flags(args.xla_flags)
   apply_default_xla_flags()  # after the user's: a flag they set is not overridden
+  apply_default_cpu_threads()
   if args.grid == "full":
     args.batch, args.seq = [1, 8], [128, 512]
   os.makedirs(args.out, exist_ok=True)

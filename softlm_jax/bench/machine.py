@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import os
 import platform
+import re
 from typing import Optional
 
 import jax
@@ -83,3 +84,56 @@ def apply_default_xla_flags() -> str:
     return ""
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
   return flags
+
+
+#: Threads per local CPU device in XLA's CPU client pool (:func:`default_cpu_threads`).
+CPU_THREADS_PER_DEVICE = 8
+_DEVICE_COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=(\d+)")
+
+
+def local_cpu_devices(environ: Optional[dict] = None) -> int:
+  """The CPU devices this process will have, read before jax starts: ``$JAX_NUM_CPU_DEVICES``, else
+  ``--xla_force_host_platform_device_count`` in ``$XLA_FLAGS``, else 1."""
+  environ = os.environ if environ is None else environ
+  try:
+    n = int(environ.get("JAX_NUM_CPU_DEVICES", "-1"))
+  except ValueError:
+    n = -1
+  if n > 0:
+    return n
+  m = _DEVICE_COUNT_FLAG.search(environ.get("XLA_FLAGS", ""))
+  return int(m.group(1)) if m else 1
+
+
+def default_cpu_threads(environ: Optional[dict] = None, cores: Optional[int] = None) -> Optional[int]:
+  """The thread count the library gives XLA's CPU client (``$NPROC``) when a process has several CPU
+  devices; None when it has one or the user set ``$NPROC``.
+
+  XLA sizes the pool that runs each device's part of a program at ``max(cores, local devices)``
+  (``DefaultThreadPoolSize``, which reads ``$NPROC`` first): enough threads for one collective at a
+  time. With several programs in flight (jax dispatches asynchronously) on a machine with fewer cores
+  than devices, two collectives can each hold part of the pool and wait for the rest forever: a hang
+  under ``jax.distributed`` with gloo, an abort after 40 s in one process (2 cores, 4 or 8 devices: in
+  most runs of ``tests/test_cpu_threads.py``'s program). :data:`CPU_THREADS_PER_DEVICE` threads per
+  device leave room for that many programs; idle threads cost nothing.
+  """
+  environ = os.environ if environ is None else environ
+  if "NPROC" in environ:
+    return None
+  n = local_cpu_devices(environ)
+  if n <= 1:
+    return None
+  return max(cores or os.cpu_count() or 1, CPU_THREADS_PER_DEVICE * n)
+
+
+def apply_default_cpu_threads() -> Optional[int]:
+  """Sets ``$NPROC`` to :func:`default_cpu_threads` if jax has not started its backends yet (the CPU
+  client reads it once); returns the value set (None: nothing)."""
+  threads = default_cpu_threads()
+  if threads is None:
+    return None
+  from jax._src import xla_bridge  # jax's private module: imported on use, as in apply_default_xla_flags
+  if xla_bridge.backends_are_initialized():
+    return None
+  os.environ["NPROC"] = str(threads)
+  return threads

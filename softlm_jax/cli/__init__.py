@@ -21,13 +21,15 @@ new subcommand is one new file.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib
 import os
+import signal
 import pkgutil
 from typing import Optional
 
 from softlm_jax import distributed
-from softlm_jax.bench.machine import apply_default_xla_flags
+from softlm_jax.bench.machine import apply_default_cpu_threads, apply_default_xla_flags
 from softlm_jax.cli import options
 from softlm_jax.interrupt import exit_interrupted
 from softlm_jax.run import BudgetMissError, RunStopped, RunWriteError
@@ -56,6 +58,7 @@ def run(argv: Optional[list] = None):
   a bad value, a missed budget) exit with one line naming what is wrong (``SOFTLM_DEBUG=1``: the
   traceback)."""
   apply_default_xla_flags()  # the measured-faster CPU path, before jax starts ($XLA_FLAGS wins)
+  apply_default_cpu_threads()  # several CPU devices: a thread pool their collectives cannot starve
   ap = build_parser()
   args = options.parse(ap, argv)
   timeout = getattr(args, "process_timeout", distributed.DEFAULT_TIMEOUT_S)
@@ -87,7 +90,10 @@ def run(argv: Optional[list] = None):
 
 def main(argv: Optional[list] = None) -> int:
   """The ``softlm`` entry point: exit status 0 on success, 130 after Ctrl-C (training has saved its
-  checkpoint and said where a rerun resumes; the interpreter's slow teardown is skipped)."""
+  checkpoint and said where a rerun resumes; the interpreter's slow teardown is skipped). ``kill -USR1``
+  prints every thread's Python stack to stderr (a run that seems stuck: where is it?)."""
+  if hasattr(signal, "SIGUSR1"):
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
   try:
     run(argv)
   except KeyboardInterrupt:
