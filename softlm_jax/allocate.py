@@ -75,7 +75,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from softlm_jax import budget, tree
+from softlm_jax import budget, shard, tree
 from softlm_jax.compress import compress_params
 from softlm_jax.config import CompressionConfig
 from softlm_jax.export import static_svd
@@ -130,20 +130,25 @@ def with_singular_values(cparams: Mapping, svals: Mapping[str, jax.Array]) -> di
   return tree.map_modules(cparams, visit)
 
 
-def singular_value_grad(loss_fn: Callable[[Any, Any], jax.Array], cfg: CompressionConfig) -> Callable:
+def singular_value_grad(loss_fn: Callable[[Any, Any], jax.Array], cfg: CompressionConfig,
+                        mesh: Optional[jax.sharding.Mesh] = None) -> Callable:
   """``step(svals, cparams, batch) -> (loss, {path: dloss/ds (k,)})``, jitted.
 
   ``loss_fn(params, batch) -> scalar`` runs under :func:`softlm_jax.intercept` ``(cfg)``; only the
-  singular values are differentiated (no weight gradient is formed).
+  singular values are differentiated (no weight gradient is formed). With ``mesh`` the loss and the
+  gradients come back replicated on it (the batch's rows split along ``data``: XLA sums across it).
   """
   def loss_of(svals, cparams, batch):
     with intercept(cfg):
       return loss_fn(with_singular_values(cparams, svals), batch)
-  return jax.jit(jax.value_and_grad(loss_of))
+  if mesh is None:
+    return jax.jit(jax.value_and_grad(loss_of))
+  return jax.jit(jax.value_and_grad(loss_of), out_shardings=shard.replicated(mesh))
 
 
 def triplet_stats(cparams: Mapping, cfg: CompressionConfig, loss_fn: Callable[[Any, Any], jax.Array],
-                  batches: Iterable, *, progress: bool = True, total: Optional[int] = None) -> dict:
+                  batches: Iterable, *, progress: bool = True, total: Optional[int] = None,
+                  mesh: Optional[jax.sharding.Mesh] = None) -> dict:
   """One pass of gradients with respect to every singular value, over calibration ``batches``.
 
   Args:
@@ -155,6 +160,11 @@ def triplet_stats(cparams: Mapping, cfg: CompressionConfig, loss_fn: Callable[[A
     batches: iterable of batches, streamed (one in memory at a time); equal shapes compile once.
     progress: a tqdm bar.
     total: number of batches for the bar when ``batches`` has no ``len``.
+    mesh: a ``("data", "fsdp")`` mesh (it may span several processes): the full-rank tree is placed
+      on it as training places parameters (:func:`softlm_jax.shard.shard_tree`), each batch is split
+      along ``data`` (every process passes the same global batches) and the per-batch gradients are
+      summed across it by XLA. The per-triplet statistics (a few numbers per singular value) run on
+      the host.
 
   Returns:
     ``{"layers": {path: {"s": (k,), "grad": (k,) mean of g_b, "fisher": (k,) mean of (g_b s)^2,
@@ -166,8 +176,10 @@ def triplet_stats(cparams: Mapping, cfg: CompressionConfig, loss_fn: Callable[[A
   """
   full = full_rank(cparams, cfg)
   svals = singular_values(full)
-  step = singular_value_grad(loss_fn, cfg)
   s64 = {p: np.asarray(v, np.float64) for p, v in svals.items()}
+  if mesh is not None:  # host values are replicated inputs (the same on every process)
+    full, svals = shard.shard_tree(full, mesh), {p: np.asarray(v) for p, v in svals.items()}
+  step = singular_value_grad(loss_fn, cfg, mesh)
   acc = {p: {"grad": np.zeros_like(s), "fisher": np.zeros_like(s), "tail_fisher": np.zeros(s.size + 1)}
          for p, s in s64.items()}
   if total is None and hasattr(batches, "__len__"):
@@ -177,7 +189,7 @@ def triplet_stats(cparams: Mapping, cfg: CompressionConfig, loss_fn: Callable[[A
     bar = tqdm(total=total, desc="triplet scores", dynamic_ncols=True, mininterval=2.0)
   n, loss_sum = 0, 0.0
   for batch in batches:
-    loss, grads = step(svals, full, batch)
+    loss, grads = step(svals, full, batch if mesh is None else shard.shard_batch(batch, mesh))
     loss = float(loss)
     if not np.isfinite(loss):
       raise ValueError(f"calibration batch {n}: the loss is {loss} at the full-rank model")

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from softlm_jax import tree
+from softlm_jax import shard, tree
 from softlm_jax.config import CompressionConfig
 from softlm_jax import hooks
 from softlm_jax.intercept import intercept, layout_of
@@ -85,7 +85,7 @@ def _capture(cfg: CompressionConfig, out: dict, layouts: dict, weights: Optional
 
 def collect_grams(apply_fn: Callable[[Any, Any], Any], params: Mapping, batches: Iterable, cfg: CompressionConfig,
                   *, mask_fn: Optional[Callable[[Any], jax.Array]] = None, progress: bool = True,
-                  total: Optional[int] = None) -> Grams:
+                  total: Optional[int] = None, mesh: Optional[jax.sharding.Mesh] = None) -> Grams:
   """Sums ``X^T X`` of each selected layer's inputs over ``batches``.
 
   Args:
@@ -102,6 +102,10 @@ def collect_grams(apply_fn: Callable[[Any, Any], Any], params: Mapping, batches:
       padding positions do not count. Without it every input row counts.
     progress: show a tqdm bar.
     total: number of batches for the bar, when ``batches`` has no ``len``.
+    mesh: a ``("data", "fsdp")`` mesh (:func:`softlm_jax.make_mesh`; it may span several processes):
+      each batch is split along ``data`` (:func:`softlm_jax.shard.shard_batch`; every process passes
+      the same global batches), each device sums the Grams of its rows and XLA adds the partial sums
+      across ``data``; the sums come back replicated. ``params`` may be placed on the mesh or not.
 
   Returns:
     :class:`Grams`: ``{path: (in, in) float32}`` for every selected kernel of ``params`` (the
@@ -123,10 +127,15 @@ def collect_grams(apply_fn: Callable[[Any, Any], Any], params: Mapping, batches:
       apply_fn(p, batch)
     return grams, (jnp.sum(weights) if weights is not None else None)
 
-  @jax.jit
-  def accumulate(acc, p, batch):
+  def accumulate_fn(acc, p, batch):
     grams, count = grams_of(p, batch)
     return {k: acc[k] + grams[k] for k in acc}, count
+
+  if mesh is None:
+    accumulate, place = jax.jit(accumulate_fn), (lambda batch: batch)
+  else:
+    accumulate = jax.jit(accumulate_fn, out_shardings=shard.replicated(mesh))
+    place = lambda batch: shard.shard_batch(batch, mesh)  # noqa: E731
 
   it = iter(batches)
   if total is None and hasattr(batches, "__len__"):
@@ -139,7 +148,9 @@ def collect_grams(apply_fn: Callable[[Any, Any], Any], params: Mapping, batches:
     if acc is None:
       shapes, _ = jax.eval_shape(grams_of, params, batch)
       acc = {k: jnp.zeros(v.shape, jnp.float32) for k, v in shapes.items()}
-    acc, count = accumulate(acc, params, batch)
+      if mesh is not None:
+        acc = jax.device_put(acc, shard.replicated(mesh))
+    acc, count = accumulate(acc, params, place(batch))
     leaves = [x for x in jax.tree_util.tree_leaves(batch) if hasattr(x, "shape")]
     tokens += int(count) if count is not None else _rows(leaves)
     n += 1
@@ -174,6 +185,7 @@ class Calibration:
     mask_fn: optional ``mask_fn(batch) -> (B, T)`` 0/1 token weights (e.g. the attention mask).
     progress: show a tqdm bar while collecting.
     total: number of batches for the bar, when ``batches`` has no ``len``.
+    mesh: collect data-parallel on this mesh (:func:`collect_grams`).
 
   Attributes:
     collections: how many times Grams were actually collected (cache misses and :meth:`collect` calls).
@@ -181,8 +193,9 @@ class Calibration:
 
   def __init__(self, apply_fn: Callable[[Any, Any], Any], batches: Any,
                mask_fn: Optional[Callable[[Any], jax.Array]] = None, *, progress: bool = True,
-               total: Optional[int] = None):
+               total: Optional[int] = None, mesh: Optional[jax.sharding.Mesh] = None):
     self.apply_fn = apply_fn
+    self.mesh = mesh
     self.batches = batches
     self.mask_fn = mask_fn
     self.progress = progress
@@ -214,7 +227,7 @@ class Calibration:
     """
     self.collections += 1
     return collect_grams(self.apply_fn, params, self.iter_batches(), cfg, mask_fn=self.mask_fn,
-                         progress=self.progress, total=self.total)
+                         progress=self.progress, total=self.total, mesh=self.mesh)
 
   def grams(self, params: Mapping, cfg: CompressionConfig) -> Grams:
     """The Grams of ``cfg``'s selection in the dense ``params``, collected on the first call for that

@@ -380,7 +380,7 @@ class Comparison:
     # one calibration set for every method, CR and base tree (its Grams are cached per selection and weights)
     self.calibration = calib.Calibration(model.logits_fn(), lambda: task.calib_batches(tcfg.calib_grams,
                                                                                         tcfg.batch_size),
-                                         mask_fn=task.mask_fn, progress=tcfg.progress)
+                                         mask_fn=task.mask_fn, progress=tcfg.progress, mesh=self.mesh)
     self._factors: dict = {}
     self._allocations: dict = {}
     self._scores: dict = {}
@@ -455,7 +455,7 @@ class Comparison:
                                                    factors=self.factors(key, params, score_cfg)), score_cfg)
       batches = self.task.score_batches(self.tcfg.calib_grams, self.tcfg.batch_size)
       stats = allocate.triplet_stats(cparams, score_cfg, self.task.score_loss(self.model), batches,
-                                     progress=self.tcfg.progress)
+                                     progress=self.tcfg.progress, mesh=self.mesh)
       # shapes only: the fill needs the layers' shapes and the dense count, not the full-rank values
       # (0.85 GB for SmolLM2)
       skeleton = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), cparams)
