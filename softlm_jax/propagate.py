@@ -45,6 +45,7 @@ the module's storage layout (``q = min(rows, cols)``), exactly what
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Mapping
 from typing import Any, Callable, Optional
@@ -54,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from softlm_jax import budget, svd, tree
+from softlm_jax import budget, shard, svd, tree
 from softlm_jax.blocks import BlockRunner, get_subtree, with_subtree
 from softlm_jax.config import CompressionConfig
 from softlm_jax.export import static_ranks
@@ -127,7 +128,6 @@ def error_aware_factors(kernels: np.ndarray, grams: np.ndarray, cross: np.ndarra
   return left, s, vt
 
 
-@jax.jit
 def _cross_grams(xc: jax.Array, xf: jax.Array, w: Optional[jax.Array]):
   """``(X_c^T X_c, X_c^T X_f, #non-finite in X_c, #non-finite in X_f)`` of one batch, rows weighted 0/1."""
   n = xc.shape[-1]
@@ -139,6 +139,16 @@ def _cross_grams(xc: jax.Array, xf: jax.Array, w: Optional[jax.Array]):
   hi = jax.lax.Precision.HIGHEST
   return (jnp.matmul(xc.T, xc, precision=hi), jnp.matmul(xc.T, xf, precision=hi),
           jnp.sum(~jnp.isfinite(xc)), jnp.sum(~jnp.isfinite(xf)))
+
+
+_CROSS_GRAMS = jax.jit(_cross_grams)
+
+
+@functools.lru_cache(maxsize=8)
+def _cross_grams_on(mesh: jax.sharding.Mesh) -> Callable:
+  """:func:`_cross_grams` with rows split along ``mesh``'s ``data`` axis: XLA sums the partial Grams
+  across it and returns them replicated."""
+  return jax.jit(_cross_grams, out_shardings=shard.replicated(mesh))
 
 
 def unpack_calibration(calibration: Any) -> tuple[Callable, list, Optional[Callable]]:
@@ -159,8 +169,9 @@ def unpack_calibration(calibration: Any) -> tuple[Callable, list, Optional[Calla
   return apply_fn, batches, mask_fn
 
 
-def token_count(batch: Any, weights: Optional[jax.Array], h: jax.Array) -> int:
-  return int(np.sum(np.asarray(weights))) if weights is not None else int(np.prod(np.shape(h)[:-1]))
+def token_count(batch: Any, weights: Optional[jax.Array], h_shape: tuple) -> int:
+  """Tokens of one batch: the weights' sum, or every row of the hidden state of shape ``h_shape``."""
+  return int(np.sum(np.asarray(weights))) if weights is not None else int(np.prod(h_shape[:-1]))
 
 
 def propagated_factors(params: Mapping, cfg: CompressionConfig, calibration: Any, *, mix: float = DEFAULT_MIX,
@@ -174,6 +185,11 @@ def propagated_factors(params: Mapping, cfg: CompressionConfig, calibration: Any
     calibration: ``apply_fn(params, batch)`` running the whole model, the calibration ``batches`` (a
       list or iterable; all are used, block by block) and ``mask_fn(batch) -> (B, T)`` 0/1 token
       weights or None: an object with those attributes or a tuple ``(apply_fn, batches, mask_fn)``.
+      With a ``mesh`` attribute (a :class:`softlm_jax.Calibration` built with ``mesh=``) the blocks run
+      data-parallel: each batch split along ``data`` (every process passes the same global batches), the
+      hidden states kept on the devices, the Grams summed across ``data`` by XLA. The per-layer
+      eigendecomposition and SVD (one ``(in, in)`` and one ``(in, out)`` problem per layer group) run on
+      the host, as without a mesh.
     mix: in [0, 1], the weight of the dense-output term (:data:`DEFAULT_MIX`).
     ranks: ``{layer path: rank}`` each compressed layer runs at while later layers are fit (e.g. a
       global allocation); default :func:`softlm_jax.static_ranks` (the uniform keep-ratio).
@@ -222,8 +238,15 @@ def propagated_factors(params: Mapping, cfg: CompressionConfig, calibration: Any
     plan.pop()
 
   weights = [None if mask_fn is None else jnp.asarray(mask_fn(b), jnp.float32) for b in batches]
+  host_weights = weights
+  mesh = getattr(calibration, "mesh", None)
+  cross_grams = _CROSS_GRAMS
+  if mesh is not None:  # data-parallel: every block runs on its rows of each batch
+    batches = [shard.shard_batch(b, mesh) for b in batches]
+    weights = [None if w is None else shard.shard_batch(w, mesh) for w in weights]
+    cross_grams = _cross_grams_on(mesh)
   h_f = [runner.embed(params, b) for b in batches]
-  tokens = sum(token_count(b, w, h) for b, w, h in zip(batches, weights, h_f))
+  tokens = sum(token_count(b, w, np.shape(h)) for b, w, h in zip(batches, host_weights, h_f))
   h_c = list(h_f)
   bar = None
   if progress:
@@ -245,7 +268,7 @@ def propagated_factors(params: Mapping, cfg: CompressionConfig, calibration: Any
       g_acc = c_acc = None
       for b, batch in enumerate(batches):
         _, (xc,) = runner.run(comp_tree, blk, h_c[b], batch, capture=(caps[gi],), output=False)
-        g, c, bad_c, bad_f = _cross_grams(xc, xf[b][gi], weights[b])
+        g, c, bad_c, bad_f = cross_grams(xc, xf[b][gi], weights[b])
         for bad, where in ((bad_c, "compressed"), (bad_f, "dense")):
           if int(bad):
             raise ValueError(f"layer '{group[0]}': its input in the {where} model has {int(bad)} NaN/Inf entries "
