@@ -141,9 +141,7 @@ def singular_value_grad(loss_fn: Callable[[Any, Any], jax.Array], cfg: Compressi
   def loss_of(svals, cparams, batch):
     with intercept(cfg):
       return loss_fn(with_singular_values(cparams, svals), batch)
-  if mesh is None:
-    return jax.jit(jax.value_and_grad(loss_of))
-  return jax.jit(jax.value_and_grad(loss_of), out_shardings=shard.replicated(mesh))
+  return shard.jit_replicated(jax.value_and_grad(loss_of), mesh)
 
 
 def triplet_stats(cparams: Mapping, cfg: CompressionConfig, loss_fn: Callable[[Any, Any], jax.Array],

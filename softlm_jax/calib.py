@@ -131,12 +131,7 @@ def collect_grams(apply_fn: Callable[[Any, Any], Any], params: Mapping, batches:
     grams, count = grams_of(p, batch)
     return {k: acc[k] + grams[k] for k in acc}, count
 
-  if mesh is None:
-    accumulate, place = jax.jit(accumulate_fn), (lambda batch: batch)
-  else:
-    accumulate = jax.jit(accumulate_fn, out_shardings=shard.replicated(mesh))
-    place = lambda batch: shard.shard_batch(batch, mesh)  # noqa: E731
-
+  accumulate = shard.jit_replicated(accumulate_fn, mesh)
   it = iter(batches)
   if total is None and hasattr(batches, "__len__"):
     total = len(batches)
@@ -150,7 +145,7 @@ def collect_grams(apply_fn: Callable[[Any, Any], Any], params: Mapping, batches:
       acc = {k: jnp.zeros(v.shape, jnp.float32) for k, v in shapes.items()}
       if mesh is not None:
         acc = jax.device_put(acc, shard.replicated(mesh))
-    acc, count = accumulate(acc, params, place(batch))
+    acc, count = accumulate(acc, params, batch if mesh is None else shard.shard_batch(batch, mesh))
     leaves = [x for x in jax.tree_util.tree_leaves(batch) if hasattr(x, "shape")]
     tokens += int(count) if count is not None else _rows(leaves)
     n += 1

@@ -141,14 +141,11 @@ def _cross_grams(xc: jax.Array, xf: jax.Array, w: Optional[jax.Array]):
           jnp.sum(~jnp.isfinite(xc)), jnp.sum(~jnp.isfinite(xf)))
 
 
-_CROSS_GRAMS = jax.jit(_cross_grams)
-
-
 @functools.lru_cache(maxsize=8)
-def _cross_grams_on(mesh: jax.sharding.Mesh) -> Callable:
-  """:func:`_cross_grams` with rows split along ``mesh``'s ``data`` axis: XLA sums the partial Grams
-  across it and returns them replicated."""
-  return jax.jit(_cross_grams, out_shardings=shard.replicated(mesh))
+def _cross_grams_jit(mesh: Optional[jax.sharding.Mesh]) -> Callable:
+  """:func:`_cross_grams` jitted once per mesh; with one, the rows split along ``data`` and the partial
+  Grams summed across it by XLA, replicated (:func:`softlm_jax.shard.jit_replicated`)."""
+  return shard.jit_replicated(_cross_grams, mesh)
 
 
 def unpack_calibration(calibration: Any) -> tuple[Callable, list, Optional[Callable]]:
@@ -169,9 +166,8 @@ def unpack_calibration(calibration: Any) -> tuple[Callable, list, Optional[Calla
   return apply_fn, batches, mask_fn
 
 
-def token_count(batch: Any, weights: Optional[jax.Array], h_shape: tuple) -> int:
-  """Tokens of one batch: the weights' sum, or every row of the hidden state of shape ``h_shape``."""
-  return int(np.sum(np.asarray(weights))) if weights is not None else int(np.prod(h_shape[:-1]))
+def token_count(batch: Any, weights: Optional[jax.Array], h: jax.Array) -> int:
+  return int(np.sum(np.asarray(weights))) if weights is not None else int(np.prod(np.shape(h)[:-1]))
 
 
 def propagated_factors(params: Mapping, cfg: CompressionConfig, calibration: Any, *, mix: float = DEFAULT_MIX,
@@ -238,15 +234,14 @@ def propagated_factors(params: Mapping, cfg: CompressionConfig, calibration: Any
     plan.pop()
 
   weights = [None if mask_fn is None else jnp.asarray(mask_fn(b), jnp.float32) for b in batches]
-  host_weights = weights
+  host_weights = weights  # the token count reads them on the host
   mesh = getattr(calibration, "mesh", None)
-  cross_grams = _CROSS_GRAMS
+  cross_grams = _cross_grams_jit(mesh)
   if mesh is not None:  # data-parallel: every block runs on its rows of each batch
     batches = [shard.shard_batch(b, mesh) for b in batches]
     weights = [None if w is None else shard.shard_batch(w, mesh) for w in weights]
-    cross_grams = _cross_grams_on(mesh)
   h_f = [runner.embed(params, b) for b in batches]
-  tokens = sum(token_count(b, w, np.shape(h)) for b, w, h in zip(batches, host_weights, h_f))
+  tokens = sum(token_count(b, w, h) for b, w, h in zip(batches, host_weights, h_f))
   h_c = list(h_f)
   bar = None
   if progress:

@@ -113,6 +113,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
+def jit_replicated(fn: Any, mesh: Optional[Mesh]) -> Any:
+  """``jax.jit(fn)``; with ``mesh``, its outputs replicated on it (so the host can read them on every
+  process: statistics summed across ``data`` from batches :func:`shard_batch` split)."""
+  return jax.jit(fn) if mesh is None else jax.jit(fn, out_shardings=replicated(mesh))
+
+
 def state_shardings(state: Any, mesh: Mesh) -> Any:
   """Shardings of a :class:`softlm_jax.train.TrainState`: params and opt_state by :func:`fsdp_spec`,
   ``step`` and ``rng`` replicated."""

@@ -73,14 +73,17 @@ def default_xla_flags(machine: Optional[str] = None, environ: Optional[dict] = N
   return EIGEN_DOTS_FLAG
 
 
+def _backends_started() -> bool:
+  """Whether jax has created its backends (after which XLA has read its flags and ``$NPROC``)."""
+  from jax._src import xla_bridge  # jax's private module: imported on use, so a jax without it fails only here
+  return xla_bridge.backends_are_initialized()
+
+
 def apply_default_xla_flags() -> str:
   """Appends :func:`default_xla_flags` to ``$XLA_FLAGS`` if jax has not started its backends yet (XLA
   reads the flags once per process); returns what it added (``""``: nothing)."""
   flags = default_xla_flags()
-  if not flags:
-    return ""
-  from jax._src import xla_bridge  # jax's private module: imported on use, so a jax without it fails only here
-  if xla_bridge.backends_are_initialized():
+  if not flags or _backends_started():
     return ""
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
   return flags
@@ -130,10 +133,7 @@ def apply_default_cpu_threads() -> Optional[int]:
   """Sets ``$NPROC`` to :func:`default_cpu_threads` if jax has not started its backends yet (the CPU
   client reads it once); returns the value set (None: nothing)."""
   threads = default_cpu_threads()
-  if threads is None:
-    return None
-  from jax._src import xla_bridge  # jax's private module: imported on use, as in apply_default_xla_flags
-  if xla_bridge.backends_are_initialized():
+  if threads is None or _backends_started():
     return None
   os.environ["NPROC"] = str(threads)
   return threads

@@ -24,8 +24,8 @@ import argparse
 import faulthandler
 import importlib
 import os
-import signal
 import pkgutil
+import signal
 from typing import Optional
 
 from softlm_jax import distributed
