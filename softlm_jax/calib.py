@@ -144,7 +144,7 @@ def collect_grams(apply_fn: Callable[[Any, Any], Any], params: Mapping, batches:
       shapes, _ = jax.eval_shape(grams_of, params, batch)
       acc = {k: jnp.zeros(v.shape, jnp.float32) for k, v in shapes.items()}
       if mesh is not None:
-        acc = jax.device_put(acc, shard.replicated(mesh))
+        acc = shard.replicate(acc, mesh)
     acc, count = accumulate(acc, params, batch if mesh is None else shard.shard_batch(batch, mesh))
     leaves = [x for x in jax.tree_util.tree_leaves(batch) if hasattr(x, "shape")]
     tokens += int(count) if count is not None else _rows(leaves)

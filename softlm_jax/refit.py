@@ -41,6 +41,7 @@ the config and a fingerprint of the calibration batches: a rerun on other calibr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -54,7 +55,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from softlm_jax import files, tree
+from softlm_jax import files, shard, tree
 from softlm_jax.blocks import BlockRunner, get_subtree, with_subtree
 from softlm_jax.losses import block_error_sums, block_loss
 from softlm_jax.propagate import unpack_calibration
@@ -137,21 +138,38 @@ def _balanced(block: Mapping) -> dict:
 
 
 class _Streams:
-  """The calibration set's hidden states at the current block's input, dense and compressed."""
+  """The calibration set's hidden states at the current block's input, dense and compressed.
 
-  def __init__(self, apply_fn, dense, batches, mask_fn):
+  With a ``mesh`` the batches and token weights are split along its ``data`` axis
+  (:func:`softlm_jax.shard.shard_batch`) and the dense tree is placed by :func:`softlm_jax.shard.shard_tree`,
+  so every block runs data-parallel and the hidden states stay on the devices."""
+
+  def __init__(self, apply_fn, dense, batches, mask_fn, mesh=None):
     self.runner = BlockRunner(apply_fn, dense, batches[0])
-    self.dense, self.batches = dense, batches
-    self.weights = [None if mask_fn is None else jnp.asarray(mask_fn(b), jnp.float32) for b in batches]
+    self.mesh = mesh
+    weights = [None if mask_fn is None else np.asarray(mask_fn(b), np.float32) for b in batches]
+    if mesh is None:
+      dense, weights = jax.tree.map(jnp.asarray, dense), [None if w is None else jnp.asarray(w) for w in weights]
+    else:
+      dense = shard.shard_tree(dense, mesh)
+      batches = [shard.shard_batch(b, mesh) for b in batches]
+      weights = [None if w is None else shard.shard_batch(w, mesh) for w in weights]
+    self.dense, self.batches, self.weights = dense, batches, weights
     self.h_f = [self.runner.embed(dense, b) for b in batches]
     self.h_c = list(self.h_f)
+    self.error_sums = {loss: shard.jit_replicated(functools.partial(block_error_sums, loss=loss), mesh)
+                       for loss in LOSSES}
+
+  def place_block(self, block: Mapping) -> Mapping:
+    """A block's parameters where its jitted steps take them: replicated on the mesh (as they are without one)."""
+    return block if self.mesh is None else shard.replicate(block, self.mesh)
 
   def dense_outputs(self, blk):
     t = self.runner.place(self.dense, blk, get_subtree(self.dense, blk))
     return [self.runner.run(t, blk, h, b)[0] for h, b in zip(self.h_f, self.batches)]
 
   def compressed_outputs(self, blk, block_params, inputs):
-    t = self.runner.place(self.dense, blk, block_params)
+    t = self.runner.place(self.dense, blk, self.place_block(block_params))
     src = self.h_c if inputs == "compressed" else self.h_f
     return [self.runner.run(t, blk, h, b)[0] for h, b in zip(src, self.batches)]
 
@@ -200,7 +218,11 @@ def refit_blocks(dense_params: Mapping, params: Mapping, calibration: Any, confi
     dense_params: the dense tree (the targets).
     params: the exported compressed tree of the same model (same block paths).
     calibration: ``apply_fn``, ``batches``, ``mask_fn`` (an object with those attributes or a tuple), as
-      :func:`softlm_jax.propagate.propagated_factors`; ``mask_fn`` weights the loss's tokens.
+      :func:`softlm_jax.propagate.propagated_factors`; ``mask_fn`` weights the loss's tokens. With a
+      ``mesh`` attribute (a :class:`softlm_jax.Calibration` built with ``mesh=``) the refit runs
+      data-parallel: each batch split along ``data``, the dense tree placed as training places it, the
+      block's parameters and Adam state replicated and its gradient summed across ``data`` by XLA. Every
+      process passes the same global batches; the result is the same as on one device up to the sums' order.
     config: :class:`RefitConfig`.
     heldout: the guard's batches (model inputs, as the calibration batches), never trained on: a block's
       refit is kept only if it lowers that block's error on them. None: the last ``config.holdout``
@@ -220,16 +242,16 @@ def refit_blocks(dense_params: Mapping, params: Mapping, calibration: Any, confi
     batches, n_held = batches + list(heldout), len(heldout)
   else:
     n_held = config.holdout
-  dense_params = jax.tree.map(jnp.asarray, dense_params)
-  params = tree.map_modules(jax.tree.map(jnp.asarray, params), lambda _, n: n)
-  streams = _Streams(apply_fn, dense_params, batches, mask_fn)
-  runner = streams.runner
   nb = len(batches) - n_held
   if nb < 1 and config.steps:
     raise ValueError(f"RefitConfig.holdout={config.holdout} holds out every one of the {len(batches)} calibration "
                      "batches: nothing is left to train on (use fewer held-out batches or more calibration data)")
   held = list(range(nb, len(batches)))
-  calib_id = fingerprint(batches)
+  calib_id = fingerprint(batches)  # of the host batches, before any placement
+  mesh = getattr(calibration, "mesh", None)
+  params = tree.map_modules(jax.tree.map(jnp.asarray, params), lambda _, n: n)
+  streams = _Streams(apply_fn, dense_params, batches, mask_fn, mesh)
+  runner, dense_params, batches = streams.runner, streams.dense, streams.batches
   if ckpt_dir:
     os.makedirs(ckpt_dir, exist_ok=True)
   tx = optax.adam(config.lr, b1=config.b1, b2=config.b2)
@@ -243,12 +265,12 @@ def refit_blocks(dense_params: Mapping, params: Mapping, calibration: Any, confi
       y, _ = runner.run(runner.place(dense_params, blk, block), blk, h, batch)
       return block_loss(y, target, w, config.loss)
 
-    @jax.jit
     def step(trainable, opt_state, frozen, h, target, batch, w):
       loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, h, target, batch, w)
       updates, opt_state = tx.update(grads, opt_state, trainable)
       return optax.apply_updates(trainable, updates), opt_state, loss
-    return step
+    # on a mesh: the rows split along data, the block's gradient summed across it, its state replicated
+    return shard.jit_replicated(step, mesh)
 
   steps_fns: dict = {}
   for i, blk in enumerate(runner.blocks):
@@ -264,7 +286,7 @@ def refit_blocks(dense_params: Mapping, params: Mapping, calibration: Any, confi
         bar.update(config.steps)
     else:
       if trainable and config.steps:
-        trainable, frozen = split_block(_balanced(block), blk)
+        trainable, frozen = streams.place_block(split_block(_balanced(block), blk))
         key = runner.slot(blk) if runner.homogeneous else blk
         if key not in steps_fns:  # one compiled step for every block when they run at the same slot
           steps_fns[key] = make_step(blk)
@@ -282,7 +304,7 @@ def refit_blocks(dense_params: Mapping, params: Mapping, calibration: Any, confi
             bar.set_postfix(block=i, loss=f"{losses[-1]:.3g}")
         info = {"loss_first": losses[0], "loss_last": losses[-1]}
         if held:
-          start, _ = split_block(_balanced(block), blk)
+          start = streams.place_block(split_block(_balanced(block), blk)[0])
           before = _held_error(streams, blk, tree.unflatten({**frozen, **start}), held, targets, config)
           after = _held_error(streams, blk, tree.unflatten({**frozen, **trainable}), held, targets, config)
           info.update(heldout_before=before, heldout_after=after, kept=bool(after < before))
@@ -308,12 +330,12 @@ def _held_error(streams: _Streams, blk: str, block: Mapping, held: list, targets
                 config: RefitConfig) -> float:
   """The block's error (``config.loss``) over the held-out batches ``held`` against the dense outputs
   ``targets`` (one per calibration batch)."""
-  t = streams.runner.place(streams.dense, blk, block)
+  t = streams.runner.place(streams.dense, blk, streams.place_block(block))
   src = streams.h_c if config.inputs == "compressed" else streams.h_f
   d = n = 0.0
   for b in held:
     y = streams.runner.run(t, blk, src[b], streams.batches[b])[0]
-    dd, nn_ = block_error_sums(y, targets[b], streams.weights[b], config.loss)
+    dd, nn_ = streams.error_sums[config.loss](y, targets[b], streams.weights[b])
     d, n = d + float(dd), n + float(nn_)
   return d / max(n, 1e-30)
 
@@ -328,16 +350,15 @@ def block_errors(dense_params: Mapping, params: Mapping, calibration: Any, *, in
   if loss not in LOSSES:
     raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
   apply_fn, batches, mask_fn = unpack_calibration(calibration)
-  dense_params = jax.tree.map(jnp.asarray, dense_params)
   params = jax.tree.map(jnp.asarray, params)
-  streams = _Streams(apply_fn, dense_params, batches, mask_fn)
+  streams = _Streams(apply_fn, dense_params, batches, mask_fn, getattr(calibration, "mesh", None))
   out = {}
   for blk in streams.runner.blocks:
     targets = streams.dense_outputs(blk)
     ys = streams.compressed_outputs(blk, get_subtree(params, blk), inputs)
     d = n = 0.0
     for y, t, w in zip(ys, targets, streams.weights):
-      dd, nn_ = block_error_sums(y, t, w, loss)
+      dd, nn_ = streams.error_sums[loss](y, t, w)
       d, n = d + float(dd), n + float(nn_)
     out[blk] = d / max(n, 1e-30)
     if inputs == "compressed":

@@ -185,6 +185,24 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
   return jax.tree.map(place, batch, shardings)
 
 
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """``tree`` replicated on every device of ``mesh``. Host leaves (numpy, or one process's jax arrays)
+  must hold the same values on every process: with several processes each process places its own copy
+  (``jax.make_array_from_callback``, no cross-process check); leaves already replicated on ``mesh`` are
+  kept as they are."""
+  s = replicated(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(tree, s)
+
+  def place(x):
+    if isinstance(x, jax.Array) and x.sharding == s:
+      return x
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
+
+  return jax.tree.map(place, tree)
+
+
 def per_device_bytes(tree: Any) -> dict:
   """``{device id: bytes of tree's shards held there}`` (addressable devices)."""
   out: dict = {}
@@ -201,6 +219,6 @@ def describe(mesh: Optional[Mesh]) -> str:
   return f"data={mesh.shape['data']},fsdp={mesh.shape['fsdp']} ({mesh.size} {mesh.devices.flat[0].platform} devices)"
 
 
-__all__ = ["AXES", "batch_shardings", "describe", "fsdp_spec", "make_mesh", "parse_mesh",
-           "per_device_bytes", "replicated", "shard_batch", "shard_state", "shard_tree", "state_shardings",
-           "tree_shardings"]
+__all__ = ["AXES", "batch_shardings", "describe", "fsdp_spec", "jit_replicated", "make_mesh", "parse_mesh",
+           "per_device_bytes", "replicate", "replicated", "shard_batch", "shard_state", "shard_tree",
+           "state_shardings", "tree_shardings"]

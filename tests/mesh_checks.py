@@ -15,7 +15,9 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import softlm_jax as sl  # noqa: E402
-from softlm_jax import train  # noqa: E402
+from softlm_jax import refit, train  # noqa: E402
+from tests.test_propagate import apply_fn, correlated_batches  # noqa: E402
+from transformers import FlaxLlamaForCausalLM, LlamaConfig  # noqa: E402
 
 
 def spec_of(x):
@@ -100,6 +102,39 @@ def streaming_onto_mesh():
           "n_devices": sorted({len(x.sharding.device_set) for x in jax.tree.leaves(out)})}
 
 
+def refit_on_mesh():
+  """refit.refit_blocks with a calibration on a data=4, fsdp=2 mesh against the same refit on one device:
+  the largest factor difference relative to the factor's scale, the guard's decisions, where the leaves land."""
+  model = FlaxLlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                           num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64),
+                               seed=2)
+  fn, batches = apply_fn(model), correlated_batches(6, b=8, seed=0, vocab=40)
+  cfg = sl.CompressionConfig(target_ratio=0.5, decomposition="whitened")
+  static = sl.static_svd(model.params, cfg, grams=sl.collect_grams(fn, model.params, batches, cfg, progress=False))
+  rcfg = refit.RefitConfig(steps=8, lr=3e-3, holdout=2)
+  runs = {}
+  for name, mesh in (("one", None), ("mesh", sl.make_mesh(data=4, fsdp=2))):
+    infos = []
+    calib = type("Calib", (), {"apply_fn": staticmethod(fn), "batches": batches, "mask_fn": None, "mesh": mesh})()
+    out = refit.refit_blocks(model.params, static, calib, rcfg, progress=False,
+                             on_block=lambda i, blk, info: infos.append(info))
+    runs[name] = (out, infos)
+  (one, info1), (mesh_out, info8) = runs["one"], runs["mesh"]
+  flat1 = {sl.tree.join(p): n for p, n in sl.tree.iter_modules(one)}
+  flat8 = {sl.tree.join(p): n for p, n in sl.tree.iter_modules(mesh_out)}
+  rel = max(float(np.max(np.abs(np.asarray(flat8[p][k]) - np.asarray(flat1[p][k])))
+                  / np.max(np.abs(np.asarray(flat1[p][k]))))
+            for p in flat1 if "left" in flat1[p] for k in ("left", "right"))
+  flat0 = {sl.tree.join(p): n for p, n in sl.tree.iter_modules(static)}
+  moved = max(float(np.max(np.abs(np.asarray(flat1[p]["right"]) - np.asarray(flat0[p]["right"]))))
+              for p in flat1 if "left" in flat1[p])
+  left = flat8["model/layers/1/mlp/up_proj"]["left"]
+  return {"max_rel_diff": rel, "moved": moved, "kept_one": [i.get("kept") for i in info1],
+          "kept_mesh": [i.get("kept") for i in info8],
+          "heldout_after": [[i["heldout_after"] for i in info1], [i["heldout_after"] for i in info8]],
+          "left_devices": len(left.sharding.device_set) if isinstance(left, jax.Array) else 0}
+
+
 if __name__ == "__main__":
   print(json.dumps({"n_devices": len(jax.devices()), "checkpoints": checkpoint_round_trips(sys.argv[1]),
-                    "errors": errors(), "streaming": streaming_onto_mesh()}))
+                    "errors": errors(), "streaming": streaming_onto_mesh(), "refit": refit_on_mesh()}))
