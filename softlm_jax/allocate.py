@@ -44,6 +44,8 @@ batches, then spends the parameter budget where the loss needs it, exactly:
    is :mod:`softlm_jax.budget`'s.
 4. :func:`alpha_for_ranks`: SoftLM's initial thresholds, each layer's ``alpha`` between its ``r``-th and
    ``(r+1)``-th largest value (the tree's normalised units), so training starts at the allocation;
+   :func:`logits_for_ranks`: LLRC's mask logits at the allocation (:func:`selection_for_ranks` picks
+   by rule; the ``R-alloc`` methods then learn at the budget, :func:`softlm_jax.optim.budget_hold`);
    :func:`allocated_static`: the static-like method, the exported hard truncation at the allocated ranks.
 
 For comparison, :func:`svdllm_v2_ranks`: SVD-LLM V2's heuristic (Wang et al., NAACL 2025, arXiv
@@ -468,6 +470,50 @@ def alpha_for_ranks(cparams: Mapping, ranks: Mapping[str, int], *, where: float 
                        f"{float(v[r - 1])} and {float(v[min(r, k - 1)])} at the cut; got {got})")
     return new
   return tree.map_modules(cparams, visit)
+
+
+def logits_for_ranks(cparams: Mapping, ranks: Mapping[str, int], *, spacing: float) -> dict:
+  """LLRC mask logits that keep exactly ``ranks[path]`` triplets in each layer, the ``r`` largest values:
+  ``logit = spacing * (r - j - 0.5)`` for the value ``j``-th largest (0-based), so the kept ones are
+  positive, the dropped ones negative, the cut midway between two logits, and every layer's cut moves by
+  one triplet per ``spacing`` of a shared shift (:func:`softlm_jax.budget.fill_shift`). Layers not in
+  ``ranks`` keep their logits. Pure: returns a new tree.
+
+  Raises:
+    ValueError: naming the layer, for a rank outside ``[0, k]``; for ``spacing <= 0``.
+  """
+  if not spacing > 0:
+    raise ValueError(f"spacing must be > 0, got {spacing!r}")
+  layers = {p: lay for p, lay in tree.factored_layers(cparams) if "mask_logits" in lay}
+  unknown = [p for p in ranks if p not in layers]
+  if unknown:
+    raise ValueError(f"ranks name {len(unknown)} layers that are not LLRC training-form layers of the tree, "
+                     f"e.g. {unknown[:3]}")
+
+  def visit(path, node):
+    if path not in ranks:
+      return node
+    r, k = int(ranks[path]), int(np.shape(node["s"])[0])
+    if not 0 <= r <= k:
+      raise ValueError(f"layer '{path}': rank {r} outside [0, {k}] (it holds {k} triplets)")
+    order = np.argsort(-np.asarray(node["s"], np.float32), kind="stable")
+    logits = np.empty(k, np.float32)
+    logits[order] = spacing * (r - np.arange(k) - 0.5)
+    return {**node, "mask_logits": jnp.asarray(logits, jnp.asarray(node["mask_logits"]).dtype)}
+  return tree.map_modules(cparams, visit)
+
+
+def selection_for_ranks(cparams: Mapping, ranks: Mapping[str, int], *, spacing: float) -> dict:
+  """A training-form tree's selection set to keep ``ranks`` (the largest values of each layer), whatever
+  its rule: SoftLM's thresholds (:func:`alpha_for_ranks`, midway) or LLRC's logits
+  (:func:`logits_for_ranks` with ``spacing``)."""
+  kinds = {("alpha" in lay, "mask_logits" in lay) for _, lay in tree.factored_layers(cparams)}
+  if kinds == {(True, False)}:
+    return alpha_for_ranks(cparams, ranks)
+  if kinds == {(False, True)}:
+    return logits_for_ranks(cparams, ranks, spacing=spacing)
+  raise ValueError("selection_for_ranks needs a training-form tree of one rule (SoftLM alpha or LLRC mask_logits "
+                   "in every factored layer)")
 
 
 def allocated_static(dense: Mapping, cfg: CompressionConfig, factors: Mapping[str, tuple],

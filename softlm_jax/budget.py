@@ -6,7 +6,7 @@ smaller than the kernel, export keeps it dense, and it costs ``rows * cols``. Bi
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Optional
 
 import jax
@@ -34,6 +34,73 @@ def layer_cost(rank: jax.typing.ArrayLike, rows: int, cols: int) -> jax.Array:
   """Counted parameters of one layer at ``rank`` (scalar int array, jit-friendly)."""
   rank = jnp.asarray(rank, jnp.int32)
   return jnp.where(rank >= break_even_rank(rows, cols), rows * cols, rank * (rows + cols))
+
+
+def fill_shift(margins: Sequence[jax.Array], shapes: Sequence[tuple[int, int]], target: int, *,
+               min_rank: int = 1) -> jax.Array:
+  """Per-layer shifts that hold a selection at its budget: a triplet is kept when its margin exceeds its
+  layer's shift, and the kept set is each layer's ``min_rank`` largest margins plus the longest run of
+  the other triplets, taken in decreasing margin over all layers, whose count (:func:`layer_cost`
+  summed over the layers) is at most ``target``. Jit-friendly (one sort over every triplet; static
+  shapes).
+
+  Every layer's shift is the same ``tau`` (midway between the last kept and the first dropped sorted
+  margin of the run) except where that would leave a layer under ``min_rank``: its shift then sits
+  midway between its ``min_rank``-th and next margin. Within a layer the kept triplets are its largest
+  margins, so each layer's count is ``layer_cost(#kept)``; the count never exceeds ``target`` (when
+  the ``min_rank`` floor fits it) and falls short of it by less than the next triplet's cost in that
+  order (``rows + cols``; under twice that at a layer's jump to dense).
+
+  Args:
+    margins: one ``(k_l,)`` float array per layer; kept is ``margin > 0`` (a rule's ``margin``).
+    shapes: ``(rows, cols)`` of each layer's kernel.
+    target: the budget of these layers (static int).
+    min_rank: triplets every layer keeps whatever its margins (capped at its ``k``).
+
+  Returns:
+    ``(L,)`` float32 shifts, one per layer: subtract each from its layer's margins.
+  """
+  if len(margins) != len(shapes) or not margins:
+    raise ValueError(f"fill_shift needs one margin vector per shape, got {len(margins)} and {len(shapes)}")
+  if min_rank < 0:
+    raise ValueError(f"min_rank must be >= 0, got {min_rank!r}")
+  tops, vals, incs = [], [], []
+  floor_cost = 0
+  for m, (rows, cols) in zip(margins, shapes):
+    m = jnp.asarray(m, jnp.float32).reshape(-1)
+    k = m.shape[0]
+    fl = min(min_rank, k)
+    srt = -jnp.sort(-m)  # the layer's margins, largest first
+    ranks = np.arange(k + 1)
+    cost = np.where(ranks >= break_even_rank(rows, cols), rows * cols, ranks * (rows + cols))
+    floor_cost += int(cost[fl])
+    tops.append((srt, fl, k))
+    vals.append(srt[fl:])
+    incs.append(np.diff(cost)[fl:].astype(np.int64))  # the cost of its (j+1)-th triplet after the j first
+  inc = np.concatenate(incs)
+  if int(inc.sum()) + floor_cost > INT_MAX:
+    raise ValueError(f"the layers hold {int(inc.sum()) + floor_cost} parameters, more than int32 counting allows")
+  v = jnp.concatenate(vals)
+  size = v.shape[0]
+  if size:
+    order = jnp.argsort(-v, stable=True)  # stable: a layer's equal margins keep its own order
+    v = v[order]
+    cum = jnp.cumsum(jnp.asarray(inc, jnp.int32)[order])
+    n = jnp.searchsorted(cum, jnp.asarray(target - floor_cost, jnp.int32), side="right")  # triplets that fit
+    hi = jnp.where(n > 0, v[jnp.maximum(n - 1, 0)], v[0] + 1.0)
+    lo = jnp.where(n < size, v[jnp.minimum(n, size - 1)], v[size - 1] - 1.0)
+    tau = (hi + lo) / 2
+  else:
+    tau = jnp.asarray(-jnp.inf, jnp.float32)
+  shifts = []
+  for srt, fl, k in tops:
+    if fl == 0:
+      shifts.append(tau)
+      continue
+    last = srt[fl - 1]  # the floor's smallest margin: kept whatever tau is
+    nxt = srt[fl] if fl < k else last - 1.0
+    shifts.append(jnp.where(last > tau, tau, (last + nxt) / 2))
+  return jnp.stack(shifts).astype(jnp.float32)
 
 
 def layer_shape(layer: Mapping) -> tuple[int, int]:

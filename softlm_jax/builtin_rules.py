@@ -45,7 +45,9 @@ SOFTLM = register(Rule(
     kept=lambda layer: layer["s"] > layer["alpha"],  # exactly the non-zero entries of Th(s) with c = 0
     loss=softlm_loss,
     optimizer=lambda cfg: optax.adam(cfg.alpha_lr),  # the paper's AdamW without decay
-    trains_weights=True, label="alpha"))
+    trains_weights=True, label="alpha",
+    margin=lambda layer: jnp.asarray(layer["s"], jnp.float32) - jnp.asarray(layer["alpha"], jnp.float32),
+    shift=("alpha", 1.0)))
 
 
 # --- llrc: a learned mask per singular value, weights frozen --------------------------------------------
@@ -135,7 +137,8 @@ LLRC = register(Rule(
     trains_weights=False, per_value=("mask_logits",),
     relaxed_rank=lambda layer, cfg: jnp.sum(
         relaxed_mask(layer["mask_logits"], temperature=cfg.mask_temperature).astype(jnp.float32)),
-    label="mask", refill=refill_to_target))
+    label="mask", refill=refill_to_target,
+    margin=lambda layer: jnp.asarray(layer["mask_logits"], jnp.float32), shift=("mask_logits", -1.0)))
 
 
 __all__ = ["LLRC", "SOFTLM", "alphas", "initial_mask_logits", "llrc_loss", "refill_to_target", "softlm_loss"]

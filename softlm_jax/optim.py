@@ -134,6 +134,76 @@ def budget_freeze(inner: optax.GradientTransformation, target: Optional[int] = N
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+def budget_hold(inner: optax.GradientTransformation, target: Optional[int] = None,
+                cfg: Optional[CompressionConfig] = None, min_rank: int = 1) -> optax.GradientTransformation:
+  """Holds the count at the budget after every update, for a selection that starts there (e.g. at an
+  allocation, :func:`softlm_jax.allocate.logits_for_ranks` / :func:`softlm_jax.allocate.alpha_for_ranks`).
+
+  Each update is the inner one, then one shift ``tau`` of every training-form layer's margins (its
+  rule's ``margin`` and ``shift``), :func:`softlm_jax.budget.fill_shift` of the updated margins: the
+  kept triplets are the largest margins over all layers whose count fits ``target``, with every layer
+  keeping at least ``min_rank`` (a layer's own shift stops at its ``min_rank``-th margin). A triplet gained in
+  one layer is paid for by triplets dropped wherever the margins are lowest, so the selection moves by
+  trades at the budget instead of by a price on the count: every update's count is at most ``target``
+  and short of it by less than one triplet's cost (``rows + cols``, under twice that where the next
+  triplet would turn a layer dense). Nothing is frozen or masked.
+
+  The state is a :class:`BudgetState` that reads as frozen from the start (``freeze_step`` 0, so
+  :func:`softlm_jax.train.fit` runs ``finetune_steps`` updates), with the count after the shift.
+
+  Args:
+    inner: the transformation for all params (e.g. :func:`make_optimizer`'s partition).
+    target: parameter budget; default ``budget.target_params(params, cfg)``.
+    cfg: needed when ``target`` is None.
+  """
+  if target is None and cfg is None:
+    raise ValueError("budget_hold needs a target or a cfg")
+
+  def selection(params):
+    out = {}
+    for path, layer in tree.factored_layers(params):
+      rule = rules.rule_of(layer)
+      if rule is None:
+        continue
+      if rule.margin is None:
+        raise ValueError(f"layer '{path}': rule {rule.name!r} has no margin/shift, so the budget hold cannot "
+                         "move its cut")
+      out[path] = (rule, layer)
+    if not out:
+      raise ValueError("budget_hold needs a training-form tree (a selection rule's parameters in the layers)")
+    return out
+
+  def init_fn(params):
+    selection(params)
+    return BudgetState(inner.init(params), jnp.ones((), bool), jnp.zeros((), jnp.int32),
+                       budget.count_params(params), jnp.zeros((), jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("budget_hold needs params: call tx.update(grads, opt_state, params)")
+    goal = target if target is not None else budget.target_params(params, cfg)
+    updates, inner_state = inner.update(updates, state.inner, params)
+    layers = selection(optax.apply_updates(params, updates))
+    taus = budget.fill_shift([rule.margin(layer) for rule, layer in layers.values()],
+                             [budget.layer_shape(layer) for _, layer in layers.values()], goal, min_rank=min_rank)
+    taus = dict(zip(layers, jax.lax.stop_gradient(taus)))
+
+    def move(keypath, u):
+      path = _path(keypath)
+      parent, name = "/".join(path[:-1]), path[-1]
+      if parent in layers:
+        key, sign = layers[parent][0].shift
+        if name == key:
+          return u + (sign * taus[parent]).astype(u.dtype)
+      return u
+
+    updates = jax.tree_util.tree_map_with_path(move, updates)
+    count = budget.count_params(optax.apply_updates(params, updates))
+    return updates, BudgetState(inner_state, state.frozen, state.freeze_step, count, state.step + 1)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 #: learning-rate schedules of the weights' Adam in fine-tuning runs of a known length
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -162,8 +232,9 @@ def lr_schedule(lr: float, steps: int, schedule: str = "constant", warmup_steps:
 
 def make_optimizer(cfg: CompressionConfig, weights_tx: Optional[optax.GradientTransformation] = None,
                    alpha_tx: Optional[optax.GradientTransformation] = None,
-                   target: Optional[int] = None) -> optax.GradientTransformation:
-  """``budget_freeze(partition({"weights": ..., <each rule's label>: ...}))`` for the rule ``cfg.method``.
+                   target: Optional[int] = None, hold: bool = False) -> optax.GradientTransformation:
+  """``budget_freeze(partition({"weights": ..., <each rule's label>: ...}))`` for the rule ``cfg.method``
+  (``hold``: :func:`budget_hold` instead, for a selection that starts at the budget).
 
   The rule's leaves train with ``alpha_tx`` (default: the rule's ``optimizer(cfg)``: SoftLM
   ``optax.adam(cfg.alpha_lr)``, the paper's AdamW without decay; LLRC ``optax.adam(cfg.mask_lr)``);
@@ -183,7 +254,8 @@ def make_optimizer(cfg: CompressionConfig, weights_tx: Optional[optax.GradientTr
   txs = {r.label: optax.set_to_zero() for r in rules.all_rules()}
   txs[WEIGHTS_LABEL] = weights_tx if rule.trains_weights else optax.set_to_zero()
   txs[rule.label] = alpha_tx or rule.optimizer(cfg)
-  return budget_freeze(optax.multi_transform(txs, param_labels), target=target, cfg=cfg)
+  wrap = budget_hold if hold else budget_freeze
+  return wrap(optax.multi_transform(txs, param_labels), target=target, cfg=cfg)
 
 
 def budget_state(opt_state) -> Optional[BudgetState]:

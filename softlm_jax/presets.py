@@ -122,7 +122,7 @@ def recipes(name: str, methods, *, given: Optional[dict] = None) -> dict:
   """``{method: Recipe}``: each learned rule's own defaults in preset ``name`` (its ``"learned"``
   entry), without the fields in ``given`` (``{"compression": keys, "train": keys}`` the user set:
   those hold for every method). Methods whose preset has no such entry, and the allocated / static /
-  dense methods, run with the preset's configs as they are."""
+  dense methods, and the ``R-alloc`` methods, run with the preset's configs as they are."""
   entry = get(name).get("learned")
   if not entry:
     return {}
@@ -132,7 +132,8 @@ def recipes(name: str, methods, *, given: Optional[dict] = None) -> dict:
   if not comp and not train:
     return {}
   rec = run.Recipe(entry["name"], comp, train)
-  return {m: rec for m in methods if run.parse_method(m).rule is not None}
+  # an R-alloc method runs on the allocated method's configs (its decomposition is fit at the learned ranks)
+  return {m: rec for m in methods if run.parse_method(m).rule is not None and not run.parse_method(m).selects_ranks}
 
 
 def build(preset: Optional[str] = None, *, compression: Optional[dict] = None, train: Optional[dict] = None,

@@ -58,6 +58,12 @@ class Rule:
     label: the name of the rule's optimizer partition (default ``name``).
     refill: optional ``refill(params, cfg) -> params`` run after the freeze to take back an overshoot
       of the budget (LLRC: :func:`softlm_jax.refill_to_target`); None when the rule has none.
+    margin: optional ``margin(layer) -> (k,)`` float, positive exactly where ``kept`` is True (LLRC:
+      the logits; SoftLM: ``s - alpha``), so one shift of every layer's margins moves the cuts of all
+      layers together (:func:`softlm_jax.budget.fill_shift`, the budget hold of
+      :func:`softlm_jax.optim.budget_hold`).
+    shift: ``(key, sign)``: lowering a layer's margins by ``tau`` adds ``sign * tau`` to its ``key``
+      (LLRC ``("mask_logits", -1.0)``, SoftLM ``("alpha", 1.0)``); needed with ``margin``.
   """
 
   name: str
@@ -73,6 +79,8 @@ class Rule:
   replicated: Optional[tuple] = None
   label: Optional[str] = None
   refill: Optional[Callable] = None
+  margin: Optional[Callable] = None
+  shift: Optional[tuple] = None
 
   def __post_init__(self):
     object.__setattr__(self, "keys", tuple(self.keys))
@@ -87,6 +95,13 @@ class Rule:
     if reserved & set(self.keys):
       raise ValueError(f"rule {self.name!r}: keys {sorted(reserved & set(self.keys))} are factor or module "
                        f"names ({sorted(reserved)}); pick other names")
+    if (self.margin is None) != (self.shift is None):
+      raise ValueError(f"rule {self.name!r}: margin and shift go together (the budget hold needs both)")
+    if self.shift is not None:
+      key, sign = self.shift
+      if key not in self.keys or float(sign) not in (-1.0, 1.0):
+        raise ValueError(f"rule {self.name!r}: shift must be (one of its keys {self.keys}, +1 or -1), got "
+                         f"{self.shift!r}")
     for field in ("per_value", "replicated"):
       extra = set(getattr(self, field)) - set(self.keys)
       if extra:

@@ -16,8 +16,12 @@ trained by gradient), ``-refit`` the calibration-only block refit (:mod:`softlm_
 every registered selection rule ``R``
 (``softlm``, ``llrc``): ``R`` (the rule's own recipe: SoftLM trains thresholds and weights until the
 budget is met, then fine-tunes; LLRC learns masks with the weights frozen), ``R-noft`` (the selection
-learned by distillation with the weights frozen, on the calibration set) and ``R-ft`` (``R-noft``, then
-fine-tuning of the exported model).
+learned by distillation with the weights frozen, on the calibration set), ``R-ft`` (``R-noft``, then
+fine-tuning of the exported model) and ``R-alloc`` (the selection started at the ``allocated`` ranks, or
+the uniform ones, and learned by distillation on the calibration set with the weights frozen and the
+count held at the target after every update, :func:`softlm_jax.optim.budget_hold`; then the method's
+own decomposition fit at the learned ranks, as ``allocated`` is at its own: zero updates give the
+``allocated`` file).
 
 Policies, in one place:
 
@@ -59,13 +63,15 @@ from softlm_jax import (allocate, budget, calib, checkpoint, files, models, opti
                         svd, tasks, train, tree)
 from softlm_jax.compress import compress_params
 from softlm_jax.config import CompressionConfig
-from softlm_jax.export import export_params, static_svd
+from softlm_jax.export import export_params, static_ranks, static_svd
 from softlm_jax.intercept import intercept
 from softlm_jax.optim import budget_state, make_optimizer
 from softlm_jax.svd import decompose
 
 ALPHA_OPTS = ("adam", "sgd")
 COMPRESS_FROM = ("dense", "teacher")
+#: where a ``<rule>-alloc`` method's learned selection starts (``TrainConfig.select_from``)
+SELECT_FROM = ("allocation", "uniform")
 #: the methods without a learned selection (``-noft``: not fine-tuned)
 STATIC_BASES = ("static", "allocated")
 
@@ -136,6 +142,11 @@ class TrainConfig:
       instead of at ``alpha = 0`` (full rank); the rule then learns its way to the target from there (a
       ramp, ``compress_steps``, still falls from the dense count, so the thresholds hold until the ramp
       reaches the start's count). None: the full-rank start.
+    select_steps: updates of a ``<rule>-alloc`` method's learned selection (distillation on the
+      calibration set, weights frozen, the count held at the target by
+      :func:`softlm_jax.optim.budget_hold` after every update).
+    select_from: where a ``<rule>-alloc`` selection starts: ``"allocation"`` (the Fisher allocation at
+      the target CR) or ``"uniform"`` (the uniform ranks at the target CR).
   """
   steps: Optional[int] = None
   teacher_steps: Optional[int] = None
@@ -169,6 +180,8 @@ class TrainConfig:
   start_file: Optional[str] = None
   teacher_file: Optional[str] = None
   start_allocation: Optional[float] = None
+  select_steps: int = 100
+  select_from: str = "allocation"
 
   def __post_init__(self):
     for name in ("steps", "teacher_steps", "stop_after"):
@@ -176,7 +189,7 @@ class TrainConfig:
       if v is not None and (isinstance(v, bool) or int(v) < 1):
         raise ValueError(f"TrainConfig.{name} must be None or >= 1, got {v!r}")
     for name in ("finetune_steps", "eval_every", "ft_steps", "refit_steps", "warmup_steps", "refit_holdout",
-                 "guard_batches"):
+                 "select_steps", "guard_batches"):
       if int(getattr(self, name)) < 0:
         raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
     for name in ("max_compress_steps", "batch_size", "calib", "calib_grams", "save_every"):
@@ -202,6 +215,8 @@ class TrainConfig:
       raise ValueError(f"TrainConfig.compress_from must be one of {COMPRESS_FROM}, got {self.compress_from!r}")
     if self.start_allocation is not None and not 0.0 < float(self.start_allocation) < 1.0:
       raise ValueError(f"TrainConfig.start_allocation must be a CR in (0, 1), got {self.start_allocation!r}")
+    if self.select_from not in SELECT_FROM:
+      raise ValueError(f"TrainConfig.select_from must be one of {SELECT_FROM}, got {self.select_from!r}")
     if self.alpha_opt not in ALPHA_OPTS:
       raise ValueError(f"TrainConfig.alpha_opt must be one of {ALPHA_OPTS}, got {self.alpha_opt!r}")
 
@@ -253,7 +268,7 @@ def check_methods(ccfg: CompressionConfig, methods) -> None:
   would start elsewhere (ValueError naming both and the fix)."""
   if not svd.get(ccfg.decomposition).takes_ranks:
     return
-  rules_ = [m for m in methods if parse_method(m).rule is not None]
+  rules_ = [m for m in methods if parse_method(m).rule is not None and not parse_method(m).selects_ranks]
   if rules_:
     raise ValueError(f"{', '.join(rules_)} learns its own ranks, but decomposition={ccfg.decomposition!r} fits each "
                      "layer at fixed ranks (its full-rank form is not the dense model): use --preset lm-softlm (the "
@@ -282,7 +297,7 @@ def rule_trains_weights(rule: str) -> bool:
 @dataclasses.dataclass(frozen=True)
 class Method:
   """A parsed method name: ``base`` (``"dense"``, one of :data:`STATIC_BASES` or a rule) and ``variant`` (``""``,
-  ``"noft"``, ``"ft"``)."""
+  ``"noft"``, ``"ft"``, ``"alloc"``)."""
   name: str
   base: str
   variant: str = ""
@@ -302,7 +317,13 @@ class Method:
       return False
     if self.base in STATIC_BASES:
       return self.variant in ("noft", "refit")
-    return self.variant in ("noft", "ft") or not rule_trains_weights(self.base)
+    return self.variant in ("noft", "ft", "alloc") or not rule_trains_weights(self.base)
+
+  @property
+  def selects_ranks(self) -> bool:
+    """A ``<rule>-alloc`` method: the rule learns ranks at the budget (held at every update) on frozen
+    weights, from the allocation; the method's own decomposition is then fit at those ranks."""
+    return self.rule is not None and self.variant == "alloc"
 
   @property
   def joint(self) -> bool:
@@ -316,6 +337,8 @@ def method_names() -> list[str]:
          "allocated-refit"]
   for r in rules.names():
     out += [r, f"{r}-noft", f"{r}-ft"]
+    if rules.get(r).margin is not None:
+      out.append(f"{r}-alloc")
   return out
 
 
@@ -448,6 +471,7 @@ class Comparison:
     do not depend on it); the fill runs per CR.
     """
     score_cfg = cfg.replace(decomposition="whitened") if svd.get(cfg.decomposition).takes_ranks else cfg
+    score_cfg = score_cfg.replace(method="softlm")  # the full-rank model: every threshold below every value
     skey = (key, svd.get(score_cfg.decomposition).key(score_cfg))
     if skey not in self._scores:
       t = time.time()
@@ -490,6 +514,8 @@ class Comparison:
         return jax.tree.map(jnp.asarray, checkpoint.load_compact(self.tcfg.start_file)[0]), cfg
       return self.static_tree(key, base, cfg, allocated=method.base == "allocated"), cfg
     check_methods(cfg, [method.name])
+    if method.selects_ranks:
+      return self.selection_start(key, base, cfg)
     params = compress_params(base, cfg, factors=self.factors(key, base, cfg))
     start = self.tcfg.start_allocation
     if start is not None:
@@ -499,6 +525,39 @@ class Comparison:
       self.log(f"[{method.name}] thresholds start at the allocation of CR {start} "
                f"({budget.count_params(params):,} counted params; target {budget.target_params(params, cfg):,})")
     return params, cfg
+
+  def selection_start(self, key: str, base, cfg: CompressionConfig) -> tuple[dict, CompressionConfig]:
+    """``(params, score_cfg)``: a ``<rule>-alloc`` method's training-form tree at the start of its learned
+    selection, on the decomposition the allocation scores (:meth:`allocation`: ``cfg``'s own, or
+    ``whitened`` when ``cfg``'s factors are fit at fixed ranks), its rule's selection set to keep the
+    ranks of ``TrainConfig.select_from`` at ``cfg.target_ratio``
+    (:func:`softlm_jax.allocate.selection_for_ranks`; LLRC's logits spaced by ``mask_lr``, one update's
+    reach, so a step can move a cut by about one triplet)."""
+    score_cfg = cfg.replace(decomposition="whitened") if svd.get(cfg.decomposition).takes_ranks else cfg
+    params = compress_params(base, score_cfg, factors=self.factors(key, base, score_cfg))
+    if self.tcfg.select_from == "allocation":
+      ranks = self.allocation(key, base, cfg)
+    else:
+      ranks = {p: int(r) for p, r in static_ranks(base, cfg).items()}
+    params = allocate.selection_for_ranks(params, ranks, spacing=cfg.mask_lr)
+    self.log(f"[{cfg.method}-alloc] the selection starts at the {self.tcfg.select_from} of CR {cfg.target_ratio} "
+             f"({budget.count_params(params):,} counted params; target {budget.target_params(params, cfg):,})")
+    return params, score_cfg
+
+  def at_learned_ranks(self, method: Method, cfg: CompressionConfig, start, trained) -> tuple[dict, dict]:
+    """``(exported tree, info)`` of a ``<rule>-alloc`` method: the ranks its selection learned
+    (``trained``, from ``start``), and the exported static SVD of ``cfg``'s decomposition at those ranks
+    (:meth:`static_tree`'s path, so zero updates give the ``allocated`` file bit for bit)."""
+    key, base = self.base(method)
+    ranks0 = {p: int(r) for p, r in budget.layer_ranks(start).items()}
+    ranks = {p: int(r) for p, r in budget.layer_ranks(trained).items()}
+    moved = sum(abs(ranks[p] - ranks0[p]) for p in ranks)
+    info = {"start": self.tcfg.select_from, "steps": self.tcfg.select_steps,
+            "layers_changed": sum(ranks[p] != ranks0[p] for p in ranks), "triplets_moved": moved,
+            "start_ranks": ranks0, "ranks": ranks}
+    self.log(f"[{method.name}] learned ranks: {info['layers_changed']} of {len(ranks)} layers changed, "
+             f"{moved} triplets moved; fitting {cfg.decomposition} at them")
+    return static_svd(base, cfg, ranks, factors=self.factors(key, base, cfg, ranks)), info
 
   def refit(self, method: Method, params, out: str) -> tuple[dict, dict]:
     """``(params, info)``: the block refit of an exported tree (``TrainConfig.refit_steps``), resumable
@@ -577,11 +636,12 @@ class Comparison:
     if method.rule is None:
       return adam
     alpha_tx = optax.sgd(cfg.alpha_lr) if self.tcfg.alpha_opt == "sgd" else None
+    hold = method.selects_ranks  # the count held at the target after every update, not frozen
     if method.joint:
       return make_optimizer(cfg, adam, alpha_tx)
     if rule_trains_weights(method.rule):
-      return make_optimizer(cfg, optax.set_to_zero(), alpha_tx)
-    return make_optimizer(cfg)
+      return make_optimizer(cfg, optax.set_to_zero(), alpha_tx, hold=hold)
+    return make_optimizer(cfg, hold=hold)
 
   def steps_for(self, cr: float) -> int:
     """Steps of a fine-tuned method at ``cr``: ``TrainConfig.steps``, else the total of the joint
@@ -701,15 +761,16 @@ class Comparison:
                                          "export_max_abs_logit_diff", "counted_before_refill") if k in prev})
         res["reused"] = "the frozen-weight run of the same rule and CR earlier in this process"
       else:
-        params, _ = self.initial(method, cr)
-        tx = self.optimizer(method, cfg)
+        params, train_cfg = self.initial(method, cr)
+        tx = self.optimizer(method, train_cfg)
         if method.joint:
           loss = self.task.train_loss(self.model, distill, self._hidden(distill))
           batches, ft = self._task_batches(distill[0] > 0), t.finetune_steps
         else:
-          loss, batches, ft = train.distill_task(self.model.logits_fn()), self._calib_batches(self.base(method)[1]), 0
-        state, hist = self._fit(params, tx, cfg, loss, batches, ckpt, finetune_steps=ft,
-                                target=budget.target_params(params, cfg))
+          loss, batches = train.distill_task(self.model.logits_fn()), self._calib_batches(self.base(method)[1])
+          ft = t.select_steps if method.selects_ranks else 0  # the hold reads as frozen from update 0
+        state, hist = self._fit(params, tx, train_cfg, loss, batches, ckpt, finetune_steps=ft,
+                                target=budget.target_params(params, train_cfg))
         bs = budget_state(state.opt_state)
         res.update(train_steps=int(state.step), history=hist, freeze_step=int(bs.freeze_step))
         trained = state.params
@@ -717,9 +778,13 @@ class Comparison:
         if t.refill and refill is not None and bool(bs.frozen):
           res["counted_before_refill"] = int(budget.count_params(trained))
           trained = refill(trained, cfg)
-        _, tf_metrics, probe_t = self.task.evaluate(self.model, trained, cfg)
+        _, tf_metrics, probe_t = self.task.evaluate(self.model, trained, train_cfg)
         res["training_form_metrics"] = next(iter(tf_metrics.values()))
-        final = export_params(trained, cfg)
+        if method.selects_ranks:  # the method's own decomposition, fit at the learned ranks
+          final, res["selection"] = self.at_learned_ranks(method, cfg, params, trained)
+          probe_t = None
+        else:
+          final = export_params(trained, cfg)
       if method.variant == "ft":
         steps0 = res["train_steps"]
         ft_state, res["finetune_history"] = self._fit(final, self.weights_tx(t.ft_steps, t), None,
@@ -822,7 +887,12 @@ def recipe(method: Method, cfg: CompressionConfig, res: dict, own: Optional[Reci
   ``"propagated; refit 32/block (28/30 blocks kept); fine-tuning 100 steps (reverted)"`` or
   ``"learned ranks on whitened factors: whitened; softlm selection, 190 steps"``."""
   parts = [cfg.decomposition]
-  if method.rule is not None:
+  if method.selects_ranks:
+    sel = res.get("selection", {})
+    parts = [f"{method.rule} selection from the {sel.get('start', 'allocation')} at the budget, weights frozen, "
+             f"{res['train_steps']} steps ({sel.get('layers_changed', 0)} layers' ranks changed)",
+             f"{cfg.decomposition} at the learned ranks"]
+  elif method.rule is not None:
     what = "selection with the weights" if method.joint else "selection, weights frozen"
     parts.append(f"{method.rule} {what}, {res.get('selection_steps', res['train_steps'])} steps")
     if method.variant == "ft":

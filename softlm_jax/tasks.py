@@ -140,9 +140,10 @@ def perplexity(model, params, cfg, windows: np.ndarray, batch: int = 4, progress
 
 
 def wikitext_windows(tok, *, seq_len: int, eval_len: int, eval_windows: int, data_dir: Optional[str] = None,
-                     train: bool = True, calib_len: Optional[int] = None) -> dict:
+                     train: bool = True, calib_len: Optional[int] = None, heldout: bool = False) -> dict:
   """``{"train": (N, seq_len), "test": (eval_windows, eval_len)}`` int32 token windows (train: WikiText-2
-  valid; test: the raw test split's first :data:`EVAL_CHARS` characters). ``train=False`` skips train.
+  valid; test: the raw test split's first :data:`EVAL_CHARS` characters, or with ``heldout`` the rest
+  of it: text no run scores, so no choice is tuned on it). ``train=False`` skips train.
   With ``calib_len`` (and train) also ``"calib": (M, calib_len)``: the same valid tokens in windows of
   that length (the calibration set's)."""
   out = {}
@@ -151,14 +152,16 @@ def wikitext_windows(tok, *, seq_len: int, eval_len: int, eval_windows: int, dat
     out["train"] = data.lm_windows(ids, seq_len)
     if calib_len is not None:
       out["calib"] = data.lm_windows(ids, calib_len)
-  test_ids = tok(data.load_wikitext("test_raw", data_dir)[:EVAL_CHARS])["input_ids"]
+  text = data.load_wikitext("test_raw", data_dir)
+  test_ids = tok(text[EVAL_CHARS:] if heldout else text[:EVAL_CHARS])["input_ids"]
   n = min(eval_windows, len(test_ids) // eval_len)
   out["test"] = data.lm_windows(test_ids, eval_len, n)
   return out
 
 
-def eval_split_name(windows: np.ndarray) -> str:
-  return f"wikitext-2 raw test, first {EVAL_CHARS} chars, {windows.shape[0]}x{windows.shape[1]} tokens"
+def eval_split_name(windows: np.ndarray, heldout: bool = False) -> str:
+  where = f"after the first {EVAL_CHARS} chars (held out)" if heldout else f"first {EVAL_CHARS} chars"
+  return f"wikitext-2 raw test, {where}, {windows.shape[0]}x{windows.shape[1]} tokens"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -101,3 +101,18 @@ def test_pipeline_calibrates_and_fine_tunes_on_their_own_windows(tmp_path):
   np.testing.assert_array_equal(np.concatenate([np.asarray(b) for b in cal]).ravel(), ids[:8 * 16])
   assert np.shape(comp._task_batches(False)(0)["inputs"]) == (4, 48)
   assert [np.shape(b["inputs"]) for b in task.score_batches(8, 4)] == [(4, 16)] * 2
+
+
+@needs_wikitext
+def test_heldout_test_windows_come_after_the_scored_text():
+  """``heldout=True`` (``softlm eval --heldout``): windows of the raw test split after the scored first
+  EVAL_CHARS characters, so no text of theirs is in the scored windows."""
+  text = data.load_wikitext("test_raw")
+  scored = tasks.wikitext_windows(char_tokenizer, seq_len=8, eval_len=64, eval_windows=4, train=False)["test"]
+  held = tasks.wikitext_windows(char_tokenizer, seq_len=8, eval_len=64, eval_windows=4, train=False,
+                                heldout=True)["test"]
+  rest = np.asarray(char_tokenizer(text[tasks.EVAL_CHARS:])["input_ids"], np.int32)
+  first = np.asarray(char_tokenizer(text[:tasks.EVAL_CHARS])["input_ids"], np.int32)
+  np.testing.assert_array_equal(held.ravel(), rest[:4 * 64])
+  np.testing.assert_array_equal(scored.ravel(), first[:4 * 64])
+  assert "held out" in tasks.eval_split_name(held, True) and "held out" not in tasks.eval_split_name(scored)

@@ -17,6 +17,9 @@ def add_parser(sub):
   for action in p._actions:
     if action.dest == "task":
       action.help = "default: the task it was trained on; a GLUE task or 'wikitext'"
+  p.add_argument("--heldout", action="store_true",
+                 help="wikitext: the windows of the raw test split after the scored first 200,000 characters "
+                 "(text no run scores or tunes on), instead of the scored ones")
   p.add_argument("--batch-size", type=options.positive_int, default=32)
   p.add_argument("--out", default=None, help="results folder (default: next to the checkpoint)")
   return p
@@ -33,10 +36,12 @@ def run(args) -> dict:
          "achieved_ratio": info["achieved_ratio"], "counted_params": info["counted_params"], "load_s": load_s}
   if task == tasks.LM_TASK:
     windows = tasks.wikitext_windows(model.tokenizer, seq_len=8, eval_len=args.eval_len or 512,
-                                     eval_windows=args.eval_windows or 16, data_dir=args.data_dir, train=False)
+                                     eval_windows=args.eval_windows or 16, data_dir=args.data_dir, train=False,
+                                     heldout=args.heldout)
     model.check_ids(windows["test"], f"softlm eval {args.checkpoint}: the wikitext test windows")
-    res.update(task=tasks.LM_TASK, eval_split=tasks.eval_split_name(windows["test"]), main_metric="ppl",
-               metrics={"test": {"ppl": tasks.perplexity(model, params, cfg, windows["test"], progress=True)}})
+    split = "heldout" if args.heldout else "test"
+    res.update(task=tasks.LM_TASK, eval_split=tasks.eval_split_name(windows["test"], args.heldout), main_metric="ppl",
+               metrics={split: {"ppl": tasks.perplexity(model, params, cfg, windows["test"], progress=True)}})
   else:
     if task is None and not args.train_file:
       raise SystemExit("softlm: give --task (or --train-file/--eval-file): the checkpoint does not name its task")
@@ -60,7 +65,7 @@ def run(args) -> dict:
       res["main_metric"], res["metrics"][split] = tasks.score(task_name, logits, d)
       print(f"[eval] {task_name} {split}: " + ", ".join(f"{k} {v:.4f}" for k, v in res["metrics"][split].items()))
   res["eval_s"] = time.time() - t
-  stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
+  stem = os.path.splitext(os.path.basename(args.checkpoint))[0] + ("_heldout" if args.heldout else "")
   files.write_json(res, os.path.join(out, f"eval_{stem}_{res['task']}.json"))
   rows = [{"split": s, **{k: round(v, 4) for k, v in m.items()}} for s, m in res["metrics"].items()]
   with open(os.path.join(out, f"eval_{stem}_{res['task']}.md"), "w") as f:

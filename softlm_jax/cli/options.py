@@ -277,6 +277,12 @@ def add_train_args(ap) -> None:
   g.add_argument("--start-allocation", type=fraction, default=None, metavar="CR",
                  help="softlm: thresholds start at the global Fisher allocation of this CR (below --cr), not at "
                  "full rank")
+  g.add_argument("--select-steps", type=nonnegative_int, default=None,
+                 help="R-alloc methods: updates of the learned selection (distillation on the calibration set, "
+                 "weights frozen, the count held at the target; default 100)")
+  g.add_argument("--select-from", choices=("allocation", "uniform"), default=None,
+                 help="R-alloc methods: start the selection at the Fisher allocation (default) or at the uniform "
+                 "ranks of the target CR")
   g.add_argument("--stop-after", type=positive_int, default=None,
                  help="stop each training loop after N steps, checkpoint saved (rerun without it to resume)")
   g.add_argument("--mesh", default=None,
@@ -292,7 +298,8 @@ def add_run_args(ap, *, methods: bool = True, default_methods: Optional[str] = N
     ap.add_argument("--methods", type=methods_arg, default=default_methods,
                     help="comma list of methods (softlm_jax.run.method_names(): dense, dense-ft; static and "
                     "allocated, each also as -noft (training-free) and -refit (block refit only); for each selection "
-                    "rule R: R, R-noft, R-ft); "
+                    "rule R: R, R-noft, R-ft, and R-alloc: its selection learned at the budget from the allocation, "
+                    "then the decomposition fit at the learned ranks); "
                     "default: the preset's (lm, glue: allocated,static,dense; lm-softlm, glue-softlm, paper: "
                     "softlm,static,dense)")
   else:
@@ -330,7 +337,8 @@ _TRAIN = ("finetune_steps", "max_compress_steps", "steps", "teacher_steps", "bat
           "mesh", "stop_after", "refit_steps", "refit_lr", "refit_loss", "refit_holdout", "guard_batches",
           "lr_schedule",
           "warmup_steps",
-          "distill_hidden", "compress_from", "start_file", "teacher_file", "start_allocation")
+          "distill_hidden", "compress_from", "start_file", "teacher_file", "start_allocation", "select_steps",
+          "select_from")
 _DATA = ("task", "data_dir", "train_file", "eval_file", "text_cols", "label_col", "task_type", "eval_limit",
          "max_len", "seq_len", "calib_len", "eval_len", "eval_windows", "curve_windows")
 
