@@ -134,8 +134,44 @@ def budget_freeze(inner: optax.GradientTransformation, target: Optional[int] = N
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+class GlobalRmsState(NamedTuple):
+  """State of :func:`scale_by_global_rms`: the moving mean of the squared gradient over all leaves."""
+  mean_square: jax.Array
+  count: jax.Array
+
+
+def scale_by_global_rms(decay: float = 0.99, eps: float = 1e-20) -> optax.GradientTransformation:
+  """Divides every gradient by one number, the root of a bias-corrected moving mean of the squared
+  gradient over all leaves together: Adam's second moment shared by every coordinate, so the step's
+  scale adapts while the gradients' relative sizes, which rank the triplets, are kept (per-coordinate
+  Adam moves every logit by about its learning rate, however little it matters)."""
+  def init_fn(params):
+    del params
+    return GlobalRmsState(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    del params
+    leaves = jax.tree.leaves(updates)
+    size = sum(x.size for x in leaves)
+    sq = sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves) / max(size, 1)
+    count = state.count + 1
+    mean_square = decay * state.mean_square + (1 - decay) * sq
+    scale = jax.lax.rsqrt(mean_square / (1 - decay ** count.astype(jnp.float32)) + eps)
+    return jax.tree.map(lambda u: u * scale.astype(u.dtype), updates), GlobalRmsState(mean_square, count)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def trade_optimizer(lr: float, momentum: float = 0.9) -> optax.GradientTransformation:
+  """The selection's optimizer under :func:`budget_hold` (``R-alloc`` methods): SGD with momentum on
+  gradients scaled by :func:`scale_by_global_rms`, so a logit's move is its averaged first-order
+  evidence (with ``budget_hold(cost_scaled=True)``: per counted parameter), comparable across layers."""
+  return optax.chain(scale_by_global_rms(), optax.trace(decay=momentum), optax.scale(-lr))
+
+
 def budget_hold(inner: optax.GradientTransformation, target: Optional[int] = None,
-                cfg: Optional[CompressionConfig] = None, min_rank: int = 1) -> optax.GradientTransformation:
+                cfg: Optional[CompressionConfig] = None, min_rank: int = 1,
+                cost_scaled: bool = False) -> optax.GradientTransformation:
   """Holds the count at the budget after every update, for a selection that starts there (e.g. at an
   allocation, :func:`softlm_jax.allocate.logits_for_ranks` / :func:`softlm_jax.allocate.alpha_for_ranks`).
 
@@ -147,6 +183,10 @@ def budget_hold(inner: optax.GradientTransformation, target: Optional[int] = Non
   trades at the budget instead of by a price on the count: every update's count is at most ``target``
   and short of it by less than one triplet's cost (``rows + cols``, under twice that where the next
   triplet would turn a layer dense). Nothing is frozen or masked.
+
+  With ``cost_scaled`` each layer's selection update is first multiplied by the mean over layers of
+  ``rows + cols`` over its own: a triplet's move is then its evidence per counted parameter, the unit in
+  which the fill trades (a 576 x 1536 triplet costs 2.75x a 576 x 192 one).
 
   The state is a :class:`BudgetState` that reads as frozen from the start (``freeze_step`` 0, so
   :func:`softlm_jax.train.fit` runs ``finetune_steps`` updates), with the count after the shift.
@@ -183,6 +223,18 @@ def budget_hold(inner: optax.GradientTransformation, target: Optional[int] = Non
       raise ValueError("budget_hold needs params: call tx.update(grads, opt_state, params)")
     goal = target if target is not None else budget.target_params(params, cfg)
     updates, inner_state = inner.update(updates, state.inner, params)
+    if cost_scaled:
+      before = selection(params)
+      costs = {path: sum(budget.layer_shape(layer)) for path, (_, layer) in before.items()}
+      mean_cost = sum(costs.values()) / len(costs)
+
+      def per_parameter(keypath, u):
+        path = _path(keypath)
+        parent, name = "/".join(path[:-1]), path[-1]
+        if parent in costs and name in before[parent][0].keys:
+          return u * jnp.asarray(mean_cost / costs[parent], u.dtype)
+        return u
+      updates = jax.tree_util.tree_map_with_path(per_parameter, updates)
     layers = selection(optax.apply_updates(params, updates))
     taus = budget.fill_shift([rule.margin(layer) for rule, layer in layers.values()],
                              [budget.layer_shape(layer) for _, layer in layers.values()], goal, min_rank=min_rank)
@@ -254,8 +306,9 @@ def make_optimizer(cfg: CompressionConfig, weights_tx: Optional[optax.GradientTr
   txs = {r.label: optax.set_to_zero() for r in rules.all_rules()}
   txs[WEIGHTS_LABEL] = weights_tx if rule.trains_weights else optax.set_to_zero()
   txs[rule.label] = alpha_tx or rule.optimizer(cfg)
-  wrap = budget_hold if hold else budget_freeze
-  return wrap(optax.multi_transform(txs, param_labels), target=target, cfg=cfg)
+  if hold:  # trades at the budget, each triplet's evidence per counted parameter
+    return budget_hold(optax.multi_transform(txs, param_labels), target=target, cfg=cfg, cost_scaled=True)
+  return budget_freeze(optax.multi_transform(txs, param_labels), target=target, cfg=cfg)
 
 
 def budget_state(opt_state) -> Optional[BudgetState]:

@@ -72,6 +72,8 @@ ALPHA_OPTS = ("adam", "sgd")
 COMPRESS_FROM = ("dense", "teacher")
 #: where a ``<rule>-alloc`` method's learned selection starts (``TrainConfig.select_from``)
 SELECT_FROM = ("allocation", "uniform")
+#: a ``<rule>-alloc`` selection's optimizer (``TrainConfig.select_opt``)
+SELECT_OPTS = ("trade", "adam")
 #: the methods without a learned selection (``-noft``: not fine-tuned)
 STATIC_BASES = ("static", "allocated")
 
@@ -147,6 +149,9 @@ class TrainConfig:
       :func:`softlm_jax.optim.budget_hold` after every update).
     select_from: where a ``<rule>-alloc`` selection starts: ``"allocation"`` (the Fisher allocation at
       the target CR) or ``"uniform"`` (the uniform ranks at the target CR).
+    select_opt: a ``<rule>-alloc`` selection's optimizer: ``"trade"``
+      (:func:`softlm_jax.optim.trade_optimizer`: momentum SGD on globally normalised gradients, each
+      layer's per counted parameter) or ``"adam"`` (the rule's own: every logit moves by about its rate).
   """
   steps: Optional[int] = None
   teacher_steps: Optional[int] = None
@@ -182,6 +187,7 @@ class TrainConfig:
   start_allocation: Optional[float] = None
   select_steps: int = 100
   select_from: str = "allocation"
+  select_opt: str = "trade"
 
   def __post_init__(self):
     for name in ("steps", "teacher_steps", "stop_after"):
@@ -215,6 +221,8 @@ class TrainConfig:
       raise ValueError(f"TrainConfig.compress_from must be one of {COMPRESS_FROM}, got {self.compress_from!r}")
     if self.start_allocation is not None and not 0.0 < float(self.start_allocation) < 1.0:
       raise ValueError(f"TrainConfig.start_allocation must be a CR in (0, 1), got {self.start_allocation!r}")
+    if self.select_opt not in SELECT_OPTS:
+      raise ValueError(f"TrainConfig.select_opt must be one of {SELECT_OPTS}, got {self.select_opt!r}")
     if self.select_from not in SELECT_FROM:
       raise ValueError(f"TrainConfig.select_from must be one of {SELECT_FROM}, got {self.select_from!r}")
     if self.alpha_opt not in ALPHA_OPTS:
@@ -637,6 +645,9 @@ class Comparison:
       return adam
     alpha_tx = optax.sgd(cfg.alpha_lr) if self.tcfg.alpha_opt == "sgd" else None
     hold = method.selects_ranks  # the count held at the target after every update, not frozen
+    if hold and self.tcfg.select_opt == "trade":
+      rule = rules.get(method.rule)
+      alpha_tx = optim.trade_optimizer(cfg.alpha_lr if rule.trains_weights else cfg.mask_lr)
     if method.joint:
       return make_optimizer(cfg, adam, alpha_tx)
     if rule_trains_weights(method.rule):

@@ -134,3 +134,39 @@ def test_hold_refuses_a_rule_without_a_margin_and_a_tree_without_a_selection():
   tx = optim.budget_hold(optax.sgd(0.1), target=10)
   with pytest.raises(ValueError, match="training-form tree"):
     tx.init({"layer": {"kernel": jnp.ones((4, 4))}})
+
+
+def test_global_rms_keeps_the_gradients_relative_sizes():
+  g = {"a": jnp.asarray([1.0, -2.0, 0.5]), "b": jnp.asarray([[4.0, 0.0]])}
+  tx = optim.scale_by_global_rms(decay=0.5)
+  u, st = tx.update(g, tx.init(g))
+  rms = np.sqrt(np.mean(np.square([1.0, -2.0, 0.5, 4.0, 0.0])))
+  np.testing.assert_allclose(u["a"], np.asarray(g["a"]) / rms, rtol=1e-5)  # the first step: bias-corrected
+  np.testing.assert_allclose(u["b"], np.asarray(g["b"]) / rms, rtol=1e-5)
+  u2, _ = tx.update(jax.tree.map(lambda x: 3 * x, g), st)
+  ms = (0.25 * rms**2 + 0.5 * 9 * rms**2) / 0.75  # moving mean of squares over two steps, bias-corrected
+  np.testing.assert_allclose(u2["a"], 3 * np.asarray(g["a"]) / np.sqrt(ms), rtol=1e-5)
+
+
+def test_cost_scaling_moves_a_costly_layers_logits_less():
+  """budget_hold(cost_scaled=True): equal gradients move each layer's logits in inverse proportion to
+  its rows + cols (before the shared shift), so the fill trades evidence per counted parameter."""
+  params, cfg, _ = training_tree("llrc")
+  target = budget.target_params(params, cfg)
+  layers = sl.tree.factored_layers(params)
+  grads = jax.tree.map(jnp.zeros_like, params)
+  grads = sl.tree.map_modules(grads, lambda p, n: {**n, "mask_logits": -jnp.ones_like(n["mask_logits"])}
+                              if "mask_logits" in n else n)
+  moves = {}
+  for scaled in (False, True):
+    tx = optim.budget_hold(optax.sgd(1.0), target=target + 10**6, cost_scaled=scaled)  # everything fits
+    u, _ = tx.update(grads, tx.init(params), params)
+    moves[scaled] = {p: np.asarray(n["mask_logits"]) for p, n in sl.tree.factored_layers(u)}
+  costs = {p: sum(budget.layer_shape(lay)) for p, lay in layers}
+  mean = np.mean(list(costs.values()))
+  base = layers[0][0]
+  for p in costs:  # the shift is shared, so compare each layer's move with the first layer's
+    unscaled = moves[False][p] - moves[False][base][0]
+    scaled = moves[True][p] - moves[True][base][0]
+    np.testing.assert_allclose(unscaled, 0, atol=1e-5)  # sgd(1) of equal gradients: equal moves
+    np.testing.assert_allclose(scaled, mean / costs[p] - mean / costs[base], rtol=1e-4, atol=1e-5)

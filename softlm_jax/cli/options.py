@@ -283,6 +283,9 @@ def add_train_args(ap) -> None:
   g.add_argument("--select-from", choices=("allocation", "uniform"), default=None,
                  help="R-alloc methods: start the selection at the Fisher allocation (default) or at the uniform "
                  "ranks of the target CR")
+  g.add_argument("--select-opt", choices=("trade", "adam"), default=None,
+                 help="R-alloc methods: the selection's optimizer: trade (momentum SGD on globally normalised "
+                 "gradients per counted parameter; default) or adam (the rule's own)")
   g.add_argument("--stop-after", type=positive_int, default=None,
                  help="stop each training loop after N steps, checkpoint saved (rerun without it to resume)")
   g.add_argument("--mesh", default=None,
@@ -338,7 +341,7 @@ _TRAIN = ("finetune_steps", "max_compress_steps", "steps", "teacher_steps", "bat
           "lr_schedule",
           "warmup_steps",
           "distill_hidden", "compress_from", "start_file", "teacher_file", "start_allocation", "select_steps",
-          "select_from")
+          "select_from", "select_opt")
 _DATA = ("task", "data_dir", "train_file", "eval_file", "text_cols", "label_col", "task_type", "eval_limit",
          "max_len", "seq_len", "calib_len", "eval_len", "eval_windows", "curve_windows")
 
