@@ -330,7 +330,8 @@ class Method:
   @property
   def selects_ranks(self) -> bool:
     """A ``<rule>-alloc`` method: the rule learns ranks at the budget (held at every update) on frozen
-    weights, from the allocation; the method's own decomposition is then fit at those ranks."""
+    factors of the method's own decomposition, from the allocation; the decomposition is then fit at
+    the learned ranks."""
     return self.rule is not None and self.variant == "alloc"
 
   @property
@@ -462,7 +463,7 @@ class Comparison:
       self._factors[fkey] = decompose(params, cfg, calibration=self.calibration,
                                       ranks=ranks if d.takes_ranks else None)
       self.log(f"{cfg.decomposition} decomposition of {len(self._factors[fkey])} layers ({key}"
-               f"{', at the allocated ranks' if rkey else ''}): {time.time() - t:.1f}s (calibration passes so "
+               f"{', at the given ranks' if rkey else ''}): {time.time() - t:.1f}s (calibration passes so "
                f"far: {self.grams_collected})")
     return self._factors[fkey]
 
@@ -535,22 +536,23 @@ class Comparison:
     return params, cfg
 
   def selection_start(self, key: str, base, cfg: CompressionConfig) -> tuple[dict, CompressionConfig]:
-    """``(params, score_cfg)``: a ``<rule>-alloc`` method's training-form tree at the start of its learned
-    selection, on the decomposition the allocation scores (:meth:`allocation`: ``cfg``'s own, or
-    ``whitened`` when ``cfg``'s factors are fit at fixed ranks), its rule's selection set to keep the
-    ranks of ``TrainConfig.select_from`` at ``cfg.target_ratio``
-    (:func:`softlm_jax.allocate.selection_for_ranks`; LLRC's logits spaced by ``mask_lr``, one update's
-    reach, so a step can move a cut by about one triplet)."""
-    score_cfg = cfg.replace(decomposition="whitened") if svd.get(cfg.decomposition).takes_ranks else cfg
-    params = compress_params(base, score_cfg, factors=self.factors(key, base, score_cfg))
+    """``(params, cfg)``: a ``<rule>-alloc`` method's training-form tree at the start of its learned
+    selection: ``cfg``'s own decomposition at the ranks of ``TrainConfig.select_from`` (the Fisher
+    allocation of :meth:`allocation`, or the uniform ranks) at ``cfg.target_ratio``, every triplet of
+    those factors a candidate, the rule's selection set to keep exactly those ranks
+    (:func:`softlm_jax.allocate.selection_for_ranks`; LLRC's logits spaced by ``mask_lr``, about one
+    update's reach). For a decomposition fit at fixed ranks (propagated) these are the factors the
+    ``allocated`` (or ``static``) method cuts, so the selection starts at that method's model exactly."""
     if self.tcfg.select_from == "allocation":
       ranks = self.allocation(key, base, cfg)
     else:
       ranks = {p: int(r) for p, r in static_ranks(base, cfg).items()}
+    d = svd.get(cfg.decomposition)
+    params = compress_params(base, cfg, factors=self.factors(key, base, cfg, ranks if d.takes_ranks else None))
     params = allocate.selection_for_ranks(params, ranks, spacing=cfg.mask_lr)
     self.log(f"[{cfg.method}-alloc] the selection starts at the {self.tcfg.select_from} of CR {cfg.target_ratio} "
              f"({budget.count_params(params):,} counted params; target {budget.target_params(params, cfg):,})")
-    return params, score_cfg
+    return params, cfg
 
   def at_learned_ranks(self, method: Method, cfg: CompressionConfig, start, trained) -> tuple[dict, dict]:
     """``(exported tree, info)`` of a ``<rule>-alloc`` method: the ranks its selection learned

@@ -36,7 +36,7 @@ def brute_fill(margins, shapes, target, min_rank):
 
 
 @pytest.mark.parametrize("seed,frac,min_rank",
-                         list(itertools.product(range(3), (0.0, 0.2, 0.5, 0.8, 1.0), (0, 1, 3))))
+                         list(itertools.product(range(2), (0.0, 0.3, 0.6, 1.0), (0, 1, 3))))
 def test_fill_shift_keeps_what_the_one_at_a_time_fill_keeps(seed, frac, min_rank):
   rng = np.random.RandomState(seed)
   margins = [rng.normal(size=min(r, c)).astype(np.float32) for r, c in SHAPES]

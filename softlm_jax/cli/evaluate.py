@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import time
 
-from softlm_jax import data, files, report, tasks
+from softlm_jax import data, files, models, report, tasks
 from softlm_jax.cli import common, options
 
 COMMAND, ORDER = "eval", 3
@@ -12,7 +12,8 @@ COMMAND, ORDER = "eval", 3
 
 def add_parser(sub):
   p = sub.add_parser(COMMAND, help="GLUE metric / your data's metric / perplexity of a compact checkpoint")
-  p.add_argument("checkpoint", help="a compact .safetensors file")
+  p.add_argument("checkpoint", help="a compact .safetensors file, or a --model spec (e.g. smollm2): the dense model "
+                 "as loaded, the reference for the same windows")
   options.add_data_args(p)
   for action in p._actions:
     if action.dest == "task":
@@ -25,11 +26,23 @@ def add_parser(sub):
   return p
 
 
+def load(args):
+  """``(params, info, model, cfg, load_s)``: the compact file's (:func:`common.load_compact_model`), or
+  with a model spec the dense model as loaded (a causal LM for ``--task wikitext``)."""
+  if os.path.exists(args.checkpoint) or args.checkpoint.endswith(".safetensors"):
+    return common.load_compact_model(args.checkpoint)
+  t = time.time()
+  model = models.load(args.checkpoint, "causal_lm" if args.task == tasks.LM_TASK else "classifier")
+  info = {"metadata": {"method": "dense"}, "source_model": model.name, "achieved_ratio": 0.0, "counted_params": None}
+  return model.params, info, model, None, time.time() - t
+
+
 def run(args) -> dict:
-  params, info, model, cfg, load_s = common.load_compact_model(args.checkpoint)
+  params, info, model, cfg, load_s = load(args)
   meta = info["metadata"]
   task = args.task or (None if args.train_file else meta.get("task"))
-  out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
+  out = args.out or (os.path.dirname(os.path.abspath(args.checkpoint)) if cfg is not None or os.path.exists(
+      args.checkpoint) else os.path.join("runs", "eval"))
   os.makedirs(out, exist_ok=True)
   t = time.time()
   res = {"checkpoint": os.path.abspath(args.checkpoint), "method": meta.get("method"), "model": info["source_model"],
