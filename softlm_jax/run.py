@@ -726,7 +726,7 @@ class Comparison:
         self._enforce(res)
       return res
     os.makedirs(out, exist_ok=True)
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     cfg = self.config(method, cr)
     self.write_run_json(out, method, cfg)
     t = self.train_config(method)
@@ -826,7 +826,7 @@ class Comparison:
         path = os.path.join(out, "teacher.safetensors")
         checkpoint.save_compact(path, final, metadata={"method": "dense", "source_model": self.model.name,
                                                        "task": self.task.name})
-      res["wall_s"] = time.time() - t0
+      res["wall_s"], res["cpu_s"] = time.time() - t0, time.process_time() - c0  # cpu: every thread, this process
       files.write_json(res, done)
     except OSError as e:  # a disk that fills, a folder that vanished: late, after the work
       saved = [d for d in ("ckpt", "ckpt_ft", "ckpt_refit") if os.path.isdir(os.path.join(out, d))]
