@@ -126,6 +126,14 @@ def test_lm_compress_train_eval_generate(work, capsys):
   windows = tasks.wikitext_windows(tok, seq_len=8, eval_len=32, eval_windows=2, train=False)["test"]
   ppl = tasks.perplexity(model, params, cfg, windows)
   assert ev["metrics"]["test"]["ppl"] == pytest.approx(ppl, rel=1e-5) == pytest.approx(res["metrics"]["test"]["ppl"])
+  # the dense model by its spec, on the held-out text (after the scored characters)
+  softlm("eval", work["lm"], "--task", "wikitext", "--eval-len", "32", "--eval-windows", "2", "--heldout",
+         "--out", run / "dense")
+  ev = json.loads((run / "dense" / f"eval_{os.path.basename(str(work['lm']))}_heldout_wikitext.json").read_text())
+  dense = sl.models.load(str(work["lm"]), "causal_lm")
+  held = tasks.wikitext_windows(tok, seq_len=8, eval_len=32, eval_windows=2, train=False, heldout=True)["test"]
+  assert ev["method"] == "dense" and "held out" in ev["eval_split"]
+  assert ev["metrics"]["heldout"]["ppl"] == pytest.approx(tasks.perplexity(dense, dense.params, None, held), rel=1e-5)
   out = softlm("generate", path, "--ids", "101,2023,2003", "--max-new-tokens", "5", "--out", run / "gen")
   gen = json.loads((run / "gen" / "generate.json").read_text())
   want = hf.generate(model, params, jnp.asarray([[101, 2023, 2003]], jnp.int32), max_new_tokens=5, cfg=cfg)

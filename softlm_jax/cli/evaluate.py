@@ -29,7 +29,7 @@ def add_parser(sub):
 def load(args):
   """``(params, info, model, cfg, load_s)``: the compact file's (:func:`common.load_compact_model`), or
   with a model spec the dense model as loaded (a causal LM for ``--task wikitext``)."""
-  if os.path.exists(args.checkpoint) or args.checkpoint.endswith(".safetensors"):
+  if os.path.isfile(args.checkpoint) or args.checkpoint.endswith(".safetensors"):
     return common.load_compact_model(args.checkpoint)
   t = time.time()
   model = models.load(args.checkpoint, "causal_lm" if args.task == tasks.LM_TASK else "classifier")
@@ -41,8 +41,8 @@ def run(args) -> dict:
   params, info, model, cfg, load_s = load(args)
   meta = info["metadata"]
   task = args.task or (None if args.train_file else meta.get("task"))
-  out = args.out or (os.path.dirname(os.path.abspath(args.checkpoint)) if cfg is not None or os.path.exists(
-      args.checkpoint) else os.path.join("runs", "eval"))
+  dense = info["metadata"].get("method") == "dense" and not os.path.isfile(args.checkpoint)
+  out = args.out or (os.path.join("runs", "eval") if dense else os.path.dirname(os.path.abspath(args.checkpoint)))
   os.makedirs(out, exist_ok=True)
   t = time.time()
   res = {"checkpoint": os.path.abspath(args.checkpoint), "method": meta.get("method"), "model": info["source_model"],
