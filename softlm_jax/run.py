@@ -556,8 +556,11 @@ class Comparison:
 
   def at_learned_ranks(self, method: Method, cfg: CompressionConfig, start, trained) -> tuple[dict, dict]:
     """``(exported tree, info)`` of a ``<rule>-alloc`` method: the ranks its selection learned
-    (``trained``, from ``start``), and the exported static SVD of ``cfg``'s decomposition at those ranks
-    (:meth:`static_tree`'s path, so zero updates give the ``allocated`` file bit for bit)."""
+    (``trained``, from ``start``); the learned model itself (:func:`softlm_jax.export_params`: the kept
+    triplets of the factors it learned on) and ``cfg``'s decomposition fit again at the learned ranks
+    (:meth:`static_tree`'s path), the second kept only if it does not raise the loss on the guard's
+    held-out calibration batches (:meth:`guarded`; equal losses keep it, so zero updates give the
+    ``allocated`` file bit for bit)."""
     key, base = self.base(method)
     ranks0 = {p: int(r) for p, r in budget.layer_ranks(start).items()}
     ranks = {p: int(r) for p, r in budget.layer_ranks(trained).items()}
@@ -567,7 +570,12 @@ class Comparison:
             "start_ranks": ranks0, "ranks": ranks}
     self.log(f"[{method.name}] learned ranks: {info['layers_changed']} of {len(ranks)} layers changed, "
              f"{moved} triplets moved; fitting {cfg.decomposition} at them")
-    return static_svd(base, cfg, ranks, factors=self.factors(key, base, cfg, ranks)), info
+    learned = export_params(trained, cfg)
+    refit_tree = static_svd(base, cfg, ranks, factors=self.factors(key, base, cfg, ranks))
+    guard: list = []
+    final = self.guarded(method, f"{cfg.decomposition} fit at the learned ranks", learned, refit_tree, cfg, guard)
+    info.update(guard=guard, refit_kept=final is refit_tree)
+    return final, info
 
   def refit(self, method: Method, params, out: str) -> tuple[dict, dict]:
     """``(params, info)``: the block refit of an exported tree (``TrainConfig.refit_steps``), resumable
@@ -689,9 +697,11 @@ class Comparison:
       return {**b, "teacher": teacher} if distill else b
     return batch_fn
 
-  def _calib_batches(self, teacher) -> Callable:
+  def _calib_batches(self, teacher, examples: Optional[int] = None) -> Callable:
+    """Distillation batches from the first ``examples`` calibration examples (default ``calib``)."""
     t = self.tcfg
-    return lambda step: {**self.task.calib_batch(step, t.calib, t.batch_size, t.seed), "teacher": teacher}
+    n = examples or t.calib
+    return lambda step: {**self.task.calib_batch(step, n, t.batch_size, t.seed), "teacher": teacher}
 
   def _distill(self, method: Method) -> tuple:
     """The distillation of a trained method: on for compressed methods and ``dense-ft`` when a
@@ -780,7 +790,9 @@ class Comparison:
           loss = self.task.train_loss(self.model, distill, self._hidden(distill))
           batches, ft = self._task_batches(distill[0] > 0), t.finetune_steps
         else:
-          loss, batches = train.distill_task(self.model.logits_fn()), self._calib_batches(self.base(method)[1])
+          # R-alloc: the allocation's own calibration examples (the guard's stay held out)
+          loss = train.distill_task(self.model.logits_fn())
+          batches = self._calib_batches(self.base(method)[1], t.calib_grams if method.selects_ranks else None)
           ft = t.select_steps if method.selects_ranks else 0  # the hold reads as frozen from update 0
         state, hist = self._fit(params, tx, train_cfg, loss, batches, ckpt, finetune_steps=ft,
                                 target=budget.target_params(params, train_cfg))
@@ -904,7 +916,8 @@ def recipe(method: Method, cfg: CompressionConfig, res: dict, own: Optional[Reci
     sel = res.get("selection", {})
     parts = [f"{method.rule} selection from the {sel.get('start', 'allocation')} at the budget, weights frozen, "
              f"{res['train_steps']} steps ({sel.get('layers_changed', 0)} layers' ranks changed)",
-             f"{cfg.decomposition} at the learned ranks"]
+             f"{cfg.decomposition} fit at the learned ranks" + ("" if sel.get("refit_kept", True) else
+                                                                " (reverted by the guard)")]
   elif method.rule is not None:
     what = "selection with the weights" if method.joint else "selection, weights frozen"
     parts.append(f"{method.rule} {what}, {res.get('selection_steps', res['train_steps'])} steps")
