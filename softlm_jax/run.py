@@ -559,8 +559,8 @@ class Comparison:
     (``trained``, from ``start``); the learned model itself (:func:`softlm_jax.export_params`: the kept
     triplets of the factors it learned on) and ``cfg``'s decomposition fit again at the learned ranks
     (:meth:`static_tree`'s path), the second kept only if it does not raise the loss on the guard's
-    held-out calibration batches (:meth:`guarded`; equal losses keep it, so zero updates give the
-    ``allocated`` file bit for bit)."""
+    held-out calibration batches (:meth:`guarded`). When no triplet moved, the learned model is the
+    start's and the fit is returned as it is (zero updates give the ``allocated`` file bit for bit)."""
     key, base = self.base(method)
     ranks0 = {p: int(r) for p, r in budget.layer_ranks(start).items()}
     ranks = {p: int(r) for p, r in budget.layer_ranks(trained).items()}
@@ -570,8 +570,12 @@ class Comparison:
             "start_ranks": ranks0, "ranks": ranks}
     self.log(f"[{method.name}] learned ranks: {info['layers_changed']} of {len(ranks)} layers changed, "
              f"{moved} triplets moved; fitting {cfg.decomposition} at them")
-    learned = export_params(trained, cfg)
     refit_tree = static_svd(base, cfg, ranks, factors=self.factors(key, base, cfg, ranks))
+    kept0 = {p: np.asarray(budget.kept(lay)) for p, lay in tree.factored_layers(start)}
+    if all(np.array_equal(np.asarray(budget.kept(lay)), kept0[p]) for p, lay in tree.factored_layers(trained)):
+      info.update(guard=[], refit_kept=True)  # nothing moved: the learned model is the start's, fit as it is
+      return refit_tree, info
+    learned = export_params(trained, cfg)
     guard: list = []
     final = self.guarded(method, f"{cfg.decomposition} fit at the learned ranks", learned, refit_tree, cfg, guard)
     info.update(guard=guard, refit_kept=final is refit_tree)
