@@ -425,6 +425,22 @@ def next_step_costs(shapes: Mapping[str, tuple[int, int, int]], ranks: Mapping[s
 # using an allocation
 
 
+def _check_rank_layers(ranks: Mapping[str, int], layers, rule: str) -> None:
+  """Refuses ``ranks`` naming a layer that is not one of ``layers`` (the tree's training-form layers of ``rule``)."""
+  unknown = [p for p in ranks if p not in layers]
+  if unknown:
+    raise ValueError(f"ranks name {len(unknown)} layers that are not {rule} training-form layers of the tree, "
+                     f"e.g. {unknown[:3]}")
+
+
+def _rank_of(path: str, ranks: Mapping[str, int], k: int) -> tuple[int, int]:
+  """``(r, k)``: layer ``path``'s rank from ``ranks``, refused outside ``[0, k]`` (naming the layer)."""
+  r = int(ranks[path])
+  if not 0 <= r <= k:
+    raise ValueError(f"layer '{path}': rank {r} outside [0, {k}] (it holds {k} triplets)")
+  return r, k
+
+
 def alpha_for_ranks(cparams: Mapping, ranks: Mapping[str, int], *, where: float = 0.5) -> dict:
   """SoftLM thresholds that keep exactly ``ranks[path]`` triplets in each layer: ``budget.kept`` counts
   ``r``, the ``r`` largest values (a prefix of a descending spectrum).
@@ -441,20 +457,13 @@ def alpha_for_ranks(cparams: Mapping, ranks: Mapping[str, int], *, where: float 
   """
   if not 0.0 <= where < 1.0:
     raise ValueError(f"where must be in [0, 1), got {where!r}")
-  layers = dict(_softlm_layers(cparams, "alpha_for_ranks"))
-  unknown = [p for p in ranks if p not in layers]
-  if unknown:
-    raise ValueError(f"ranks name {len(unknown)} layers that are not SoftLM training-form layers of the tree, "
-                     f"e.g. {unknown[:3]}")
+  _check_rank_layers(ranks, dict(_softlm_layers(cparams, "alpha_for_ranks")), "SoftLM")
 
   def visit(path, node):
     if path not in ranks:
       return node
-    r = int(ranks[path])
     s = np.asarray(node["s"], np.float32)
-    k = s.size
-    if not 0 <= r <= k:
-      raise ValueError(f"layer '{path}': rank {r} outside [0, {k}] (it holds {k} triplets)")
+    r, k = _rank_of(path, ranks, s.size)
     v = np.sort(s)[::-1]
     if r == 0:
       alpha = np.float32(v[0])
@@ -484,18 +493,12 @@ def logits_for_ranks(cparams: Mapping, ranks: Mapping[str, int], *, spacing: flo
   """
   if not spacing > 0:
     raise ValueError(f"spacing must be > 0, got {spacing!r}")
-  layers = {p: lay for p, lay in tree.factored_layers(cparams) if "mask_logits" in lay}
-  unknown = [p for p in ranks if p not in layers]
-  if unknown:
-    raise ValueError(f"ranks name {len(unknown)} layers that are not LLRC training-form layers of the tree, "
-                     f"e.g. {unknown[:3]}")
+  _check_rank_layers(ranks, {p for p, lay in tree.factored_layers(cparams) if "mask_logits" in lay}, "LLRC")
 
   def visit(path, node):
     if path not in ranks:
       return node
-    r, k = int(ranks[path]), int(np.shape(node["s"])[0])
-    if not 0 <= r <= k:
-      raise ValueError(f"layer '{path}': rank {r} outside [0, {k}] (it holds {k} triplets)")
+    r, k = _rank_of(path, ranks, int(np.shape(node["s"])[0]))
     order = np.argsort(-np.asarray(node["s"], np.float32), kind="stable")
     logits = np.empty(k, np.float32)
     logits[order] = spacing * (r - np.arange(k) - 0.5)

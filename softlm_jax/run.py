@@ -536,7 +536,7 @@ class Comparison:
     return params, cfg
 
   def selection_start(self, key: str, base, cfg: CompressionConfig) -> tuple[dict, CompressionConfig]:
-    """``(params, cfg)``: a ``<rule>-alloc`` method's training-form tree at the start of its learned
+    """``(params, cfg)`` (``cfg`` as given): a ``<rule>-alloc`` method's training-form tree at the start of its learned
     selection: ``cfg``'s own decomposition at the ranks of ``TrainConfig.select_from`` (the Fisher
     allocation of :meth:`allocation`, or the uniform ranks) at ``cfg.target_ratio``, every triplet of
     those factors a candidate, the rule's selection set to keep exactly those ranks
@@ -788,8 +788,8 @@ class Comparison:
                                          "export_max_abs_logit_diff", "counted_before_refill") if k in prev})
         res["reused"] = "the frozen-weight run of the same rule and CR earlier in this process"
       else:
-        params, train_cfg = self.initial(method, cr)
-        tx = self.optimizer(method, train_cfg)
+        params, _ = self.initial(method, cr)
+        tx = self.optimizer(method, cfg)
         if method.joint:
           loss = self.task.train_loss(self.model, distill, self._hidden(distill))
           batches, ft = self._task_batches(distill[0] > 0), t.finetune_steps
@@ -798,8 +798,8 @@ class Comparison:
           loss = train.distill_task(self.model.logits_fn())
           batches = self._calib_batches(self.base(method)[1], t.calib_grams if method.selects_ranks else None)
           ft = t.select_steps if method.selects_ranks else 0  # the hold reads as frozen from update 0
-        state, hist = self._fit(params, tx, train_cfg, loss, batches, ckpt, finetune_steps=ft,
-                                target=budget.target_params(params, train_cfg))
+        state, hist = self._fit(params, tx, cfg, loss, batches, ckpt, finetune_steps=ft,
+                                target=budget.target_params(params, cfg))
         bs = budget_state(state.opt_state)
         res.update(train_steps=int(state.step), history=hist, freeze_step=int(bs.freeze_step))
         trained = state.params
@@ -807,9 +807,9 @@ class Comparison:
         if t.refill and refill is not None and bool(bs.frozen):
           res["counted_before_refill"] = int(budget.count_params(trained))
           trained = refill(trained, cfg)
-        _, tf_metrics, probe_t = self.task.evaluate(self.model, trained, train_cfg)
+        _, tf_metrics, probe_t = self.task.evaluate(self.model, trained, cfg)
         res["training_form_metrics"] = next(iter(tf_metrics.values()))
-        if method.selects_ranks:  # the method's own decomposition, fit at the learned ranks
+        if method.selects_ranks:  # the learned model, or the decomposition fit again at its ranks
           final, res["selection"] = self.at_learned_ranks(method, cfg, params, trained)
           probe_t = None
         else:

@@ -41,8 +41,8 @@ def run(args) -> dict:
   params, info, model, cfg, load_s = load(args)
   meta = info["metadata"]
   task = args.task or (None if args.train_file else meta.get("task"))
-  dense = info["metadata"].get("method") == "dense" and not os.path.isfile(args.checkpoint)
-  out = args.out or (os.path.join("runs", "eval") if dense else os.path.dirname(os.path.abspath(args.checkpoint)))
+  # a dense model spec has no compression config and no file to sit beside
+  out = args.out or (os.path.join("runs", "eval") if cfg is None else os.path.dirname(os.path.abspath(args.checkpoint)))
   os.makedirs(out, exist_ok=True)
   t = time.time()
   res = {"checkpoint": os.path.abspath(args.checkpoint), "method": meta.get("method"), "model": info["source_model"],
