@@ -93,6 +93,9 @@ class TrainConfig:
       every trained compressed method (0: off).
     calib: calibration examples (the first N training ones) of the frozen-weight methods.
     calib_grams: calibration examples of the Grams (whitened decomposition).
+    calib_scores: calibration examples of the Fisher scores of ``allocated`` (the first N of the
+      ``calib_grams``; None: all of them). The scores' gradient pass costs about three forward
+      passes a token, the Grams' about 1.7.
     ft_steps: fine-tuning steps of ``R-ft`` after the frozen-weight run.
     refill: rules with a refill (LLRC): after the budget is met, re-enable dropped values up to the target.
     alpha_opt: the thresholds' optimizer, ``"adam"`` (lr ``CompressionConfig.alpha_lr``) or ``"sgd"``.
@@ -163,6 +166,7 @@ class TrainConfig:
   distill: tuple = (0.0, 1.0)
   calib: int = 256
   calib_grams: int = 128
+  calib_scores: Optional[int] = None
   ft_steps: int = 50
   refill: bool = False
   alpha_opt: str = "adam"
@@ -198,6 +202,9 @@ class TrainConfig:
                  "select_steps", "guard_batches"):
       if int(getattr(self, name)) < 0:
         raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+    if self.calib_scores is not None and not 1 <= int(self.calib_scores) <= int(self.calib_grams):
+      raise ValueError(f"TrainConfig.calib_scores must be None or in [1, calib_grams={self.calib_grams}], got "
+                       f"{self.calib_scores!r}")
     for name in ("max_compress_steps", "batch_size", "calib", "calib_grams", "save_every"):
       if int(getattr(self, name)) < 1:
         raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)!r}")
@@ -470,8 +477,8 @@ class Comparison:
   def allocation(self, key: str, params, cfg: CompressionConfig) -> dict:
     """``{path: rank}``: the global loss-aware allocation at ``cfg.target_ratio``
     (:mod:`softlm_jax.allocate`): Fisher scores of every triplet from one gradient pass of the task's
-    loss over the ``calib_grams`` calibration examples, then the exact budget fill of
-    :func:`softlm_jax.allocate.allocate_ranks`. No weight is trained.
+    loss over the first ``calib_scores`` of the ``calib_grams`` calibration examples, then the exact
+    budget fill of :func:`softlm_jax.allocate.allocate_ranks`. No weight is trained.
 
     The triplets scored are those of a decomposition whose full rank is the dense model: ``cfg``'s
     own, or ``whitened`` when ``cfg``'s factors depend on the ranks (propagated: its full-rank map is
@@ -486,7 +493,7 @@ class Comparison:
       t = time.time()
       cparams = allocate.full_rank(compress_params(params, score_cfg,
                                                    factors=self.factors(key, params, score_cfg)), score_cfg)
-      batches = self.task.score_batches(self.tcfg.calib_grams, self.tcfg.batch_size)
+      batches = self.task.score_batches(self.tcfg.calib_scores or self.tcfg.calib_grams, self.tcfg.batch_size)
       stats = allocate.triplet_stats(cparams, score_cfg, self.task.score_loss(self.model), batches,
                                      progress=self.tcfg.progress, mesh=self.mesh)
       # shapes only: the fill needs the layers' shapes and the dense count, not the full-rank values
@@ -914,11 +921,13 @@ def recipe(method: Method, cfg: CompressionConfig, res: dict, own: Optional[Reci
   """What ran to make a compressed method's model, for the summary: the method's own :class:`Recipe`
   (if it has one), the decomposition, then each step, with what the guard kept, e.g.
   ``"propagated; refit 32/block (28/30 blocks kept); fine-tuning 100 steps (reverted)"`` or
-  ``"learned ranks on whitened factors: whitened; softlm selection, 190 steps"``."""
+  ``"learned ranks on whitened factors: whitened; softlm selection, 190 steps"``; a rank-selecting
+  method's starts with the decomposition at its start ranks."""
   parts = [cfg.decomposition]
   if method.selects_ranks:
     sel = res.get("selection", {})
-    parts = [f"{method.rule} selection from the {sel.get('start', 'allocation')} at the budget, weights frozen, "
+    parts = [f"{cfg.decomposition} at the {sel.get('start', 'allocation')} ranks",
+             f"{method.rule} selection at the budget, weights frozen, "
              f"{res['train_steps']} steps ({sel.get('layers_changed', 0)} layers' ranks changed)",
              f"{cfg.decomposition} fit at the learned ranks" + ("" if sel.get("refit_kept", True) else
                                                                 " (reverted by the guard)")]

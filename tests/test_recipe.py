@@ -330,3 +330,32 @@ def test_refit_variant_needs_refit_steps():
   with pytest.raises(ValueError, match="allocated-refit is the decomposition followed by the block refit, but "
                      "refit_steps is 0"):
     run.check_starts(run.TrainConfig(refit_steps=0), ["allocated-refit"], [0.5])
+
+
+@needs_wikitext
+def test_fisher_scores_take_the_first_calib_scores_examples(tmp_path):
+  """``--calib-scores N``: the allocation is the exact fill of the Fisher scores of the first N
+  calibration examples on the factors of all ``--calib-grams`` ones; without it, of all of them."""
+  from softlm_jax import cli, svd
+  from softlm_jax.cli import options
+  o = options.parse(cli.build_parser(), ["compress", *SMALL, "--preset", "lm", "--cr", "0.5", "--calib-scores", "4",
+                                         "--out", str(tmp_path)]).options
+  assert o.train.calib_scores == 4 and o.train.calib_grams == 8
+  model, task = run.load(o.model, o.data, log=lambda s: None)
+  comp = run.Comparison(model, task, o.compression, o.train, str(tmp_path), log=lambda s: None)
+  method = run.parse_method("allocated")
+  key, base = comp.base(method)
+  cfg = comp.config(method, 0.5)
+  got = comp.allocation(key, base, cfg)
+  score_cfg = cfg.replace(decomposition="whitened", method="softlm")
+  assert svd.get(cfg.decomposition).takes_ranks  # the lm preset's propagated: scored on whitened triplets
+  full = allocate.full_rank(sl.compress_params(base, score_cfg, factors=comp.factors(key, base, score_cfg)), score_cfg)
+
+  def reference(n):
+    stats = allocate.triplet_stats(full, score_cfg, task.score_loss(model), task.score_batches(n, 4), progress=False)
+    return allocate.allocate_ranks(full, cfg, allocate.drop_losses(stats))
+
+  want4, want8 = reference(4), reference(8)
+  assert got == want4 and want4 != want8
+  with pytest.raises(ValueError, match="calib_scores"):
+    run.TrainConfig(calib_grams=8, calib_scores=9)

@@ -229,6 +229,9 @@ def add_train_args(ap) -> None:
                  help="calibration examples (frozen-weight methods: R-noft, llrc)")
   g.add_argument("--calib-grams", type=positive_int, default=None,
                  help="whitened: training examples whose (unpadded) token inputs make the Grams")
+  g.add_argument("--calib-scores", type=positive_int, default=None,
+                 help="allocated: the first N of the --calib-grams examples make the Fisher scores (default: all; "
+                 "the scores' gradient pass costs about twice the Grams' a token)")
   g.add_argument("--ft-steps", "--llrc-ft-steps", dest="ft_steps", type=nonnegative_int, default=None,
                  help="R-ft: fine-tuning steps of the exported model after the frozen-weight run")
   g.add_argument("--refill", action="store_true", default=None,
@@ -335,7 +338,8 @@ def add_process_args(ap) -> None:
 _COMPRESSION = ("sharpness", "gamma", "alpha_lr", "loss", "init_rank", "decomposition", "normalize",
                 "compress_steps", "mask_lr", "tv_weight", "budget_growth", "mask_init", "include", "exclude")
 _TRAIN = ("finetune_steps", "max_compress_steps", "steps", "teacher_steps", "batch_size", "lr", "seed", "distill",
-          "calib", "calib_grams", "ft_steps", "refill", "alpha_opt", "eval_every", "save_every", "keep_ckpt",
+          "calib", "calib_grams", "calib_scores", "ft_steps", "refill", "alpha_opt", "eval_every", "save_every",
+          "keep_ckpt",
           "allow_budget_miss",
           "mesh", "stop_after", "refit_steps", "refit_lr", "refit_loss", "refit_holdout", "guard_batches",
           "lr_schedule",
