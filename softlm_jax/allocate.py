@@ -11,7 +11,8 @@ batches, then spends the parameter budget where the loss needs it, exactly:
    Dropping triplet ``i`` is ``s_i -> 0``, a step of ``-s_i``.
 2. :func:`drop_losses`: for each layer and each prefix rank ``r``, the estimated loss increase of
    keeping only the first ``r`` triplets (``{path: (k+1,)}``, non-increasing, 0 at ``r = k``). Scores
-   (:data:`SCORES`), with ``d_i = g_i s_i`` and ``E_b`` the mean over batches:
+   (:data:`SCORES`), with ``d_i = g_i s_i`` and ``E_b`` the mean over samples (batches, or single
+   examples with ``unit="example"``: :data:`SCORE_UNITS`):
 
    - ``"fisher"`` (the default): ``0.5 * sum_{i>=r} E_b[d_{b,i}^2]``, the diagonal empirical Fisher
      (Gauss-Newton) estimate of the second-order loss increase;
@@ -133,22 +134,36 @@ def with_singular_values(cparams: Mapping, svals: Mapping[str, jax.Array]) -> di
 
 
 def singular_value_grad(loss_fn: Callable[[Any, Any], jax.Array], cfg: CompressionConfig,
-                        mesh: Optional[jax.sharding.Mesh] = None) -> Callable:
+                        mesh: Optional[jax.sharding.Mesh] = None, per_example: bool = False) -> Callable:
   """``step(svals, cparams, batch) -> (loss, {path: dloss/ds (k,)})``, jitted.
 
   ``loss_fn(params, batch) -> scalar`` runs under :func:`softlm_jax.intercept` ``(cfg)``; only the
-  singular values are differentiated (no weight gradient is formed). With ``mesh`` the loss and the
-  gradients come back replicated on it (the batch's rows split along ``data``: XLA sums across it).
+  singular values are differentiated (no weight gradient is formed). With ``per_example`` the loss is
+  taken on each example of the batch alone (``jax.vmap`` over the leading axis of every batch leaf,
+  each example a batch of one) and the step returns ``(loss (B,), {path: (B, k)})``: the same
+  backward pass, the sum over the batch left out. With ``mesh`` the loss and the gradients come back
+  replicated on it (the batch's rows split along ``data``: XLA sums across it).
   """
   def loss_of(svals, cparams, batch):
     with intercept(cfg):
       return loss_fn(with_singular_values(cparams, svals), batch)
-  return shard.jit_replicated(jax.value_and_grad(loss_of), mesh)
+  step = jax.value_and_grad(loss_of)
+  if per_example:
+    batched = step
+
+    def one(svals, cparams, example):
+      return batched(svals, cparams, jax.tree.map(lambda x: x[None], example))
+    step = jax.vmap(one, in_axes=(None, None, 0))
+  return shard.jit_replicated(step, mesh)
+
+
+#: what one sample of the Fisher statistics is: a batch's mean gradient or one example's
+SCORE_UNITS = ("batch", "example")
 
 
 def triplet_stats(cparams: Mapping, cfg: CompressionConfig, loss_fn: Callable[[Any, Any], jax.Array],
                   batches: Iterable, *, progress: bool = True, total: Optional[int] = None,
-                  mesh: Optional[jax.sharding.Mesh] = None) -> dict:
+                  mesh: Optional[jax.sharding.Mesh] = None, unit: str = "batch") -> dict:
   """One pass of gradients with respect to every singular value, over calibration ``batches``.
 
   Args:
@@ -165,21 +180,29 @@ def triplet_stats(cparams: Mapping, cfg: CompressionConfig, loss_fn: Callable[[A
       along ``data`` (every process passes the same global batches) and the per-batch gradients are
       summed across it by XLA. The per-triplet statistics (a few numbers per singular value) run on
       the host.
+    unit: one of :data:`SCORE_UNITS`: a sample ``b`` below is a batch (its mean gradient) or one
+      example (``loss_fn`` on that example alone, :func:`singular_value_grad` ``per_example``; the
+      same floating-point work). At a trained model the per-sample gradients are mostly noise about
+      a small mean, so ``E_b[d_b^2]`` is about ``1 / B`` of the per-example value for batches of
+      ``B``, from ``B`` times fewer samples.
 
   Returns:
     ``{"layers": {path: {"s": (k,), "grad": (k,) mean of g_b, "fisher": (k,) mean of (g_b s)^2,
     "tail_fisher": (k+1,) mean of (sum_{i>=r} g_{b,i} s_i)^2, "tail_first": (k+1,)
-    sum_{i>=r} mean(g_b) s}}, "batches": int, "loss": mean loss}``, float64 numpy arrays.
+    sum_{i>=r} mean(g_b) s}}, "batches": int (samples), "loss": mean loss}``, float64 numpy arrays.
 
   Raises:
-    ValueError: no batches; a non-finite loss or gradient (naming the batch and the layer).
+    ValueError: no batches; an unknown ``unit``; a non-finite loss or gradient (naming the batch and
+      the layer).
   """
+  if unit not in SCORE_UNITS:
+    raise ValueError(f"unknown score unit {unit!r}; expected one of {SCORE_UNITS}")
   full = full_rank(cparams, cfg)
   svals = singular_values(full)
   s64 = {p: np.asarray(v, np.float64) for p, v in svals.items()}
   if mesh is not None:  # host values are replicated inputs (the same on every process)
     full, svals = shard.shard_tree(full, mesh), {p: np.asarray(v) for p, v in svals.items()}
-  step = singular_value_grad(loss_fn, cfg, mesh)
+  step = singular_value_grad(loss_fn, cfg, mesh, per_example=unit == "example")
   acc = {p: {"grad": np.zeros_like(s), "fisher": np.zeros_like(s), "tail_fisher": np.zeros(s.size + 1)}
          for p, s in s64.items()}
   if total is None and hasattr(batches, "__len__"):
@@ -188,27 +211,27 @@ def triplet_stats(cparams: Mapping, cfg: CompressionConfig, loss_fn: Callable[[A
   if progress:
     bar = tqdm(total=total, desc="triplet scores", dynamic_ncols=True, mininterval=2.0)
   n, loss_sum = 0, 0.0
-  for batch in batches:
+  for i, batch in enumerate(batches):
     loss, grads = step(svals, full, batch if mesh is None else shard.shard_batch(batch, mesh))
-    loss = float(loss)
-    if not np.isfinite(loss):
-      raise ValueError(f"calibration batch {n}: the loss is {loss} at the full-rank model")
+    loss = np.atleast_1d(np.asarray(loss, np.float64))  # (samples,)
+    if not np.all(np.isfinite(loss)):
+      raise ValueError(f"calibration batch {i}: the loss is {loss.tolist()} at the full-rank model")
     for p, g in grads.items():
-      g = np.asarray(g, np.float64)
+      g = np.asarray(g, np.float64).reshape(loss.size, -1)  # (samples, k)
       if not np.all(np.isfinite(g)):
         raise ValueError(f"layer '{p}': non-finite gradient of the loss w.r.t. s (shape {g.shape}) on "
-                         f"calibration batch {n}")
+                         f"calibration batch {i}")
       d = g * s64[p]
-      tail = np.concatenate([np.cumsum(d[::-1])[::-1], [0.0]])  # tail[r] = sum_{i >= r} d_i
+      tail = np.concatenate([np.cumsum(d[:, ::-1], axis=1)[:, ::-1], np.zeros((loss.size, 1))], axis=1)
       a = acc[p]
-      a["grad"] += g
-      a["fisher"] += d * d
-      a["tail_fisher"] += tail * tail
-    loss_sum += loss
-    n += 1
+      a["grad"] += g.sum(0)
+      a["fisher"] += (d * d).sum(0)
+      a["tail_fisher"] += (tail * tail).sum(0)
+    loss_sum += float(loss.sum())
+    n += loss.size
     if bar is not None:
       bar.update(1)
-      bar.set_postfix(loss=f"{loss:.4f}")
+      bar.set_postfix(loss=f"{loss_sum / n:.4f}")
   if bar is not None:
     bar.close()
   if n == 0:

@@ -96,6 +96,8 @@ class TrainConfig:
     calib_scores: calibration examples of the Fisher scores of ``allocated`` (the first N of the
       ``calib_grams``; None: all of them). The scores' gradient pass costs about three forward
       passes a token, the Grams' about 1.7.
+    score_unit: a sample of the Fisher statistics (:data:`softlm_jax.allocate.SCORE_UNITS`): a batch's
+      mean gradient or each example's own (the same backward pass; ``batch_size`` times the samples).
     ft_steps: fine-tuning steps of ``R-ft`` after the frozen-weight run.
     refill: rules with a refill (LLRC): after the budget is met, re-enable dropped values up to the target.
     alpha_opt: the thresholds' optimizer, ``"adam"`` (lr ``CompressionConfig.alpha_lr``) or ``"sgd"``.
@@ -167,6 +169,7 @@ class TrainConfig:
   calib: int = 256
   calib_grams: int = 128
   calib_scores: Optional[int] = None
+  score_unit: str = "batch"
   ft_steps: int = 50
   refill: bool = False
   alpha_opt: str = "adam"
@@ -208,6 +211,8 @@ class TrainConfig:
     for name in ("max_compress_steps", "batch_size", "calib", "calib_grams", "save_every"):
       if int(getattr(self, name)) < 1:
         raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+    if self.score_unit not in allocate.SCORE_UNITS:
+      raise ValueError(f"TrainConfig.score_unit must be one of {allocate.SCORE_UNITS}, got {self.score_unit!r}")
     for name in ("lr", "refit_lr"):
       if not getattr(self, name) > 0:
         raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)!r}")
@@ -495,13 +500,14 @@ class Comparison:
                                                    factors=self.factors(key, params, score_cfg)), score_cfg)
       batches = self.task.score_batches(self.tcfg.calib_scores or self.tcfg.calib_grams, self.tcfg.batch_size)
       stats = allocate.triplet_stats(cparams, score_cfg, self.task.score_loss(self.model), batches,
-                                     progress=self.tcfg.progress, mesh=self.mesh)
+                                     progress=self.tcfg.progress, mesh=self.mesh, unit=self.tcfg.score_unit)
       # shapes only: the fill needs the layers' shapes and the dense count, not the full-rank values
       # (0.85 GB for SmolLM2)
       skeleton = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), cparams)
       self._scores[skey] = (skeleton, allocate.drop_losses(stats))
       del cparams
       self.log(f"Fisher scores of the {score_cfg.decomposition} triplets ({key}): {len(batches)} batches, "
+               f"{stats['batches']} samples, "
                f"{time.time() - t:.1f}s")
     akey = skey + (cfg.target_ratio,)
     if akey not in self._allocations:

@@ -383,3 +383,30 @@ def test_svdllm_v2_keeps_more_where_truncation_loses_more():
   uneven = al.svdllm_v2_ranks({a: (u, s, v, np.float32), b: (u, 10 * s, v, np.float32)}, cfg)
   assert uneven[b] > uneven[a] + 2
   assert sum(uneven.values()) * 128 <= int(0.5 * 2 * 64 * 64)
+
+
+def test_per_example_stats_equal_batches_of_one(llama_stats):
+  """``unit="example"`` (one vmapped backward pass a batch) gives the statistics of the same examples
+  fed as batches of one, and the mean gradient of batches of two; its Fisher is larger than the
+  batch-mean one (the per-example gradients are not all aligned)."""
+  model, factors, _ = llama_stats
+  cfg = sl.CompressionConfig(target_ratio=0.5)
+  cp = sl.compress_params(model.params, cfg, factors=factors)
+  rng = np.random.RandomState(1)
+  batches = [jnp.asarray(rng.randint(0, VOCAB, (2, 12)), jnp.int32) for _ in range(2)]
+  loss_fn = lambda p, b: lm_loss(model(b, params=p).logits, b)
+  per_ex = al.triplet_stats(cp, cfg, loss_fn, batches, progress=False, unit="example")
+  ones = al.triplet_stats(cp, cfg, loss_fn, [b[i:i + 1] for b in batches for i in range(2)], progress=False)
+  whole = al.triplet_stats(cp, cfg, loss_fn, batches, progress=False)
+  assert per_ex["batches"] == ones["batches"] == 4 and whole["batches"] == 2
+  np.testing.assert_allclose(per_ex["loss"], ones["loss"], rtol=1e-5)
+  for p, st in per_ex["layers"].items():
+    for k in ("grad", "fisher", "tail_fisher", "tail_first"):
+      np.testing.assert_allclose(st[k], ones["layers"][p][k], rtol=2e-3, atol=1e-6 * np.max(np.abs(st[k])),
+                                 err_msg=f"{p} {k}")
+    np.testing.assert_allclose(st["grad"], whole["layers"][p]["grad"], rtol=2e-3,
+                               atol=1e-6 * np.max(np.abs(st["grad"])))
+  assert sum(st["fisher"].sum() for st in per_ex["layers"].values()) > \
+      sum(st["fisher"].sum() for st in whole["layers"].values())
+  with pytest.raises(ValueError, match="score unit"):
+    al.triplet_stats(cp, cfg, loss_fn, batches, progress=False, unit="token")

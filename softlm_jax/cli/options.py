@@ -13,7 +13,7 @@ import dataclasses
 import os
 from typing import Optional
 
-from softlm_jax import data, models, presets, run, svd, tasks
+from softlm_jax import allocate, data, models, presets, run, svd, tasks
 from softlm_jax.config import LOSSES, NORMALIZATIONS
 
 # ---------------------------------------------------------------------------------------------------
@@ -231,7 +231,10 @@ def add_train_args(ap) -> None:
                  help="whitened: training examples whose (unpadded) token inputs make the Grams")
   g.add_argument("--calib-scores", type=positive_int, default=None,
                  help="allocated: the first N of the --calib-grams examples make the Fisher scores (default: all; "
-                 "the scores' gradient pass costs about twice the Grams' a token)")
+                 "the scores' gradient pass costs several times the Grams' per token)")
+  g.add_argument("--score-unit", choices=allocate.SCORE_UNITS, default=None,
+                 help="allocated: one sample of the Fisher scores is a batch's mean gradient or each example's "
+                 "own (the same backward pass)")
   g.add_argument("--ft-steps", "--llrc-ft-steps", dest="ft_steps", type=nonnegative_int, default=None,
                  help="R-ft: fine-tuning steps of the exported model after the frozen-weight run")
   g.add_argument("--refill", action="store_true", default=None,
@@ -338,7 +341,7 @@ def add_process_args(ap) -> None:
 _COMPRESSION = ("sharpness", "gamma", "alpha_lr", "loss", "init_rank", "decomposition", "normalize",
                 "compress_steps", "mask_lr", "tv_weight", "budget_growth", "mask_init", "include", "exclude")
 _TRAIN = ("finetune_steps", "max_compress_steps", "steps", "teacher_steps", "batch_size", "lr", "seed", "distill",
-          "calib", "calib_grams", "calib_scores", "ft_steps", "refill", "alpha_opt", "eval_every", "save_every",
+          "calib", "calib_grams", "calib_scores", "score_unit", "ft_steps", "refill", "alpha_opt", "eval_every", "save_every",
           "keep_ckpt",
           "allow_budget_miss",
           "mesh", "stop_after", "refit_steps", "refit_lr", "refit_loss", "refit_holdout", "guard_batches",
