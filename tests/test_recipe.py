@@ -332,6 +332,7 @@ def test_refit_variant_needs_refit_steps():
     run.check_starts(run.TrainConfig(refit_steps=0), ["allocated-refit"], [0.5])
 
 
+@slow
 @needs_wikitext
 def test_fisher_scores_take_the_first_calib_scores_examples(tmp_path):
   """``--calib-scores N``: the allocation is the exact fill of the Fisher scores of the first N
