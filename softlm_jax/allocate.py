@@ -222,7 +222,7 @@ def triplet_stats(cparams: Mapping, cfg: CompressionConfig, loss_fn: Callable[[A
         raise ValueError(f"layer '{p}': non-finite gradient of the loss w.r.t. s (shape {g.shape}) on "
                          f"calibration batch {i}")
       d = g * s64[p]
-      tail = np.concatenate([np.cumsum(d[:, ::-1], axis=1)[:, ::-1], np.zeros((loss.size, 1))], axis=1)
+      tail = _tail_sum(d)
       a = acc[p]
       a["grad"] += g.sum(0)
       a["fisher"] += (d * d).sum(0)
@@ -241,13 +241,15 @@ def triplet_stats(cparams: Mapping, cfg: CompressionConfig, loss_fn: Callable[[A
     grad = a["grad"] / n
     first = grad * s64[p]
     layers[p] = {"s": s64[p], "grad": grad, "fisher": a["fisher"] / n, "tail_fisher": a["tail_fisher"] / n,
-                 "tail_first": np.concatenate([np.cumsum(first[::-1])[::-1], [0.0]])}
+                 "tail_first": _tail_sum(first)}
   return {"layers": layers, "batches": n, "loss": loss_sum / n}
 
 
 def _tail_sum(x: np.ndarray) -> np.ndarray:
-  """``out[r] = sum_{i >= r} x_i``, ``(k,) -> (k+1,)``."""
-  return np.concatenate([np.cumsum(x[::-1])[::-1], [0.0]])
+  """``out[..., r] = sum_{i >= r} x[..., i]`` along the last axis, ``(..., k) -> (..., k+1)``."""
+  x = np.asarray(x)
+  return np.concatenate([np.cumsum(x[..., ::-1], axis=-1)[..., ::-1], np.zeros(x.shape[:-1] + (1,), x.dtype)],
+                        axis=-1)
 
 
 def drop_losses(stats: Mapping, score: str = "fisher") -> dict[str, np.ndarray]:

@@ -94,8 +94,8 @@ class TrainConfig:
     calib: calibration examples (the first N training ones) of the frozen-weight methods.
     calib_grams: calibration examples of the Grams (whitened decomposition).
     calib_scores: calibration examples of the Fisher scores of ``allocated`` (the first N of the
-      ``calib_grams``; None: all of them). The scores' gradient pass costs about three forward
-      passes a token, the Grams' about 1.7.
+      ``calib_grams``; None: all of them). The scores' gradient pass costs several times the Grams'
+      per token (BENCHMARKS.md#compression-cost).
     score_unit: a sample of the Fisher statistics (:data:`softlm_jax.allocate.SCORE_UNITS`): a batch's
       mean gradient or each example's own (the same backward pass; ``batch_size`` times the samples).
     ft_steps: fine-tuning steps of ``R-ft`` after the frozen-weight run.

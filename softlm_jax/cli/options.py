@@ -341,9 +341,8 @@ def add_process_args(ap) -> None:
 _COMPRESSION = ("sharpness", "gamma", "alpha_lr", "loss", "init_rank", "decomposition", "normalize",
                 "compress_steps", "mask_lr", "tv_weight", "budget_growth", "mask_init", "include", "exclude")
 _TRAIN = ("finetune_steps", "max_compress_steps", "steps", "teacher_steps", "batch_size", "lr", "seed", "distill",
-          "calib", "calib_grams", "calib_scores", "score_unit", "ft_steps", "refill", "alpha_opt", "eval_every", "save_every",
-          "keep_ckpt",
-          "allow_budget_miss",
+          "calib", "calib_grams", "calib_scores", "score_unit", "ft_steps", "refill", "alpha_opt", "eval_every",
+          "save_every", "keep_ckpt", "allow_budget_miss",
           "mesh", "stop_after", "refit_steps", "refit_lr", "refit_loss", "refit_holdout", "guard_batches",
           "lr_schedule",
           "warmup_steps",
