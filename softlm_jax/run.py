@@ -17,11 +17,12 @@ every registered selection rule ``R``
 (``softlm``, ``llrc``): ``R`` (the rule's own recipe: SoftLM trains thresholds and weights until the
 budget is met, then fine-tunes; LLRC learns masks with the weights frozen), ``R-noft`` (the selection
 learned by distillation with the weights frozen, on the calibration set), ``R-ft`` (``R-noft``, then
-fine-tuning of the exported model) and ``R-alloc`` (the selection started at the ``allocated`` ranks, or
+fine-tuning of the exported model), ``R-alloc`` (the selection started at the ``allocated`` ranks, or
 the uniform ones, and learned by distillation on the calibration set with the weights frozen and the
 count held at the target after every update, :func:`softlm_jax.optim.budget_hold`; then the method's
 own decomposition fit at the learned ranks, as ``allocated`` is at its own: zero updates give the
-``allocated`` file).
+``allocated-noft`` file) and ``R-alloc-ft`` (``R-alloc``, then the fine-tuning ``allocated`` gets, guarded
+the same way).
 
 Policies, in one place:
 
@@ -317,7 +318,7 @@ def rule_trains_weights(rule: str) -> bool:
 @dataclasses.dataclass(frozen=True)
 class Method:
   """A parsed method name: ``base`` (``"dense"``, one of :data:`STATIC_BASES` or a rule) and ``variant`` (``""``,
-  ``"noft"``, ``"ft"``, ``"alloc"``)."""
+  ``"noft"``, ``"ft"``, ``"alloc"``, ``"alloc-ft"``)."""
   name: str
   base: str
   variant: str = ""
@@ -337,14 +338,20 @@ class Method:
       return False
     if self.base in STATIC_BASES:
       return self.variant in ("noft", "refit")
-    return self.variant in ("noft", "ft", "alloc") or not rule_trains_weights(self.base)
+    return self.variant in ("noft", "ft", "alloc", "alloc-ft") or not rule_trains_weights(self.base)
 
   @property
   def selects_ranks(self) -> bool:
-    """A ``<rule>-alloc`` method: the rule learns ranks at the budget (held at every update) on frozen
-    factors of the method's own decomposition, from the allocation; the decomposition is then fit at
-    the learned ranks."""
-    return self.rule is not None and self.variant == "alloc"
+    """A ``<rule>-alloc`` (or ``-alloc-ft``) method: the rule learns ranks at the budget (held at every
+    update) on frozen factors of the method's own decomposition, from the allocation; the decomposition
+    is then fit at the learned ranks."""
+    return self.rule is not None and self.variant in ("alloc", "alloc-ft")
+
+  @property
+  def tunes_export(self) -> bool:
+    """A frozen-weight rule's exported model is fine-tuned after (``R-ft``, ``R-alloc-ft``): the run
+    reuses the frozen-weight run (``R-noft``, ``R-alloc``) of the same rule and CR in this process."""
+    return self.rule is not None and self.variant in ("ft", "alloc-ft")
 
   @property
   def joint(self) -> bool:
@@ -359,7 +366,7 @@ def method_names() -> list[str]:
   for r in rules.names():
     out += [r, f"{r}-noft", f"{r}-ft"]
     if rules.get(r).margin is not None:
-      out.append(f"{r}-alloc")
+      out += [f"{r}-alloc", f"{r}-alloc-ft"]
   return out
 
 
@@ -794,11 +801,12 @@ class Comparison:
       if guard:
         res["guard"] = {"batches": len(self.guard_batches()), "steps": guard}
     else:
-      reuse = self._frozen.get((method.rule, cr)) if method.variant == "ft" else None
+      reuse = self._frozen.get((method.rule, cr, method.selects_ranks)) if method.tunes_export else None
       if reuse is not None:
         final, prev = reuse
         res.update({k: prev[k] for k in ("train_steps", "history", "freeze_step", "training_form_metrics",
-                                         "export_max_abs_logit_diff", "counted_before_refill") if k in prev})
+                                         "export_max_abs_logit_diff", "counted_before_refill", "selection")
+                    if k in prev})
         res["reused"] = "the frozen-weight run of the same rule and CR earlier in this process"
       else:
         params, _ = self.initial(method, cr)
@@ -827,14 +835,20 @@ class Comparison:
           probe_t = None
         else:
           final = export_params(trained, cfg)
-      if method.variant == "ft":
-        steps0 = res["train_steps"]
-        ft_state, res["finetune_history"] = self._fit(final, self.weights_tx(t.ft_steps, t), None,
+      if method.tunes_export:  # R-ft: ft_steps; R-alloc-ft: allocated's fine-tuning and guard
+        steps0, ft_steps = res["train_steps"], (self.steps_for(cr) if method.selects_ranks else t.ft_steps)
+        ft_state, res["finetune_history"] = self._fit(final, self.weights_tx(ft_steps, t), None,
                                                       self.task.train_loss(self.model, distill,
                                                                            self._hidden(distill)),
                                                       self._task_batches(distill[0] > 0),
-                                                      os.path.join(out, "ckpt_ft"), steps=t.ft_steps)
-        final, res["train_steps"], res["selection_steps"] = ft_state.params, steps0 + t.ft_steps, steps0
+                                                      os.path.join(out, "ckpt_ft"), steps=ft_steps)
+        res["train_steps"], res["selection_steps"] = steps0 + ft_steps, steps0
+        if method.selects_ranks:
+          guard: list = []
+          final = self.guarded(method, "fine-tuning", final, ft_state.params, cfg, guard)
+          res["guard"] = {"batches": len(self.guard_batches()), "steps": guard}
+        else:
+          final = ft_state.params
         probe_t = None
     if method.compressed:
       res["recipe"] = recipe(method, cfg, res, self.recipes.get(method.name))
@@ -879,7 +893,8 @@ class Comparison:
         shutil.rmtree(os.path.join(out, d), ignore_errors=True)
 
   def _after(self, method: Method, cr: float, res: dict, final) -> None:
-    """Bookkeeping after a method: the learned step budget, the teacher, frozen runs for ``R-ft``."""
+    """Bookkeeping after a method: the learned step budget, the teacher, frozen runs for ``R-ft`` and
+    ``R-alloc-ft``."""
     if method.joint:
       self.learned_steps[cr] = res["train_steps"]
     if method.name == "dense" and self.task.dense_trains and not self.tcfg.teacher_file:
@@ -888,8 +903,8 @@ class Comparison:
         self.teacher = final
       elif os.path.exists(path):
         self.teacher = jax.tree.map(jnp.asarray, checkpoint.load_compact(path)[0])
-    if method.rule is not None and method.frozen and method.variant != "ft" and final is not None:
-      self._frozen[(method.rule, cr)] = (final, res)
+    if method.rule is not None and method.frozen and not method.tunes_export and final is not None:
+      self._frozen[(method.rule, cr, method.selects_ranks)] = (final, res)
 
   def budget_miss(self, res: dict) -> Optional[str]:
     """The message of a missed budget that is an error under this config, else None."""
@@ -934,9 +949,14 @@ def recipe(method: Method, cfg: CompressionConfig, res: dict, own: Optional[Reci
     sel = res.get("selection", {})
     parts = [f"{cfg.decomposition} at the {sel.get('start', 'allocation')} ranks",
              f"{method.rule} selection at the budget, weights frozen, "
-             f"{res['train_steps']} steps ({sel.get('layers_changed', 0)} layers' ranks changed)",
+             f"{res.get('selection_steps', res['train_steps'])} steps "
+             f"({sel.get('layers_changed', 0)} layers' ranks changed)",
              f"{cfg.decomposition} fit at the learned ranks" + ("" if sel.get("refit_kept", True) else
                                                                 " (reverted by the guard)")]
+    if method.tunes_export:
+      kept = all(g["kept"] for g in (res.get("guard") or {}).get("steps", []))
+      parts.append(f"fine-tuning {res['train_steps'] - res['selection_steps']} steps" + ("" if kept else
+                                                                                        " (reverted)"))
   elif method.rule is not None:
     what = "selection with the weights" if method.joint else "selection, weights frozen"
     parts.append(f"{method.rule} {what}, {res.get('selection_steps', res['train_steps'])} steps")
@@ -1127,11 +1147,12 @@ def needs_teacher(task: tasks.Task, tcfg: TrainConfig, methods) -> bool:
 
 def order_methods(names: list[str], task: tasks.Task, teacher_first: bool) -> list[str]:
   """Run order: a classifier's dense teacher first (``teacher_first``: :func:`needs_teacher`), then
-  the learned rules trained with the weights (they set the step budget), the rest, ``R-ft`` last."""
+  the learned rules trained with the weights (they set the step budget), the rest, ``R-ft`` and
+  ``R-alloc-ft`` last."""
   methods = [parse_method(n) for n in dict.fromkeys(names)]
 
   def key(m: Method):
-    return (not (teacher_first and m.name == "dense"), not m.joint, m.variant == "ft")
+    return (not (teacher_first and m.name == "dense"), not m.joint, m.tunes_export)
   return [m.name for m in sorted(methods, key=key)]
 
 

@@ -104,6 +104,8 @@ def test_method_names_follow_the_rules():
     assert {rule, f"{rule}-noft", f"{rule}-ft"} <= set(names)
   assert run.parse_method("llrc-ft").frozen and run.parse_method("softlm").joint
   assert run.parse_method("llrc").frozen and not run.parse_method("static").frozen
+  m = run.parse_method("llrc-alloc-ft")
+  assert m.frozen and m.selects_ranks and m.tunes_export and not run.parse_method("llrc-alloc").tunes_export
   with pytest.raises(ValueError, match="unknown method 'lora'"):
     run.parse_method("lora")
 

@@ -1,6 +1,7 @@
 """``R-alloc`` methods end to end on a tiny Llama: with zero updates the learned selection is its start,
-so the file is the allocated (or, from uniform, the static) method's array for array; with updates the
-ranks move, the count stays at the target, and the file holds the learned ranks."""
+so the file is the allocated (or, from uniform, the static) method's array for array, and ``R-alloc-ft``'s
+is ``allocated``'s (the same fine-tuning); with updates the ranks move, the count stays at the target, and
+the file holds the learned ranks."""
 import json
 
 import numpy as np
@@ -38,6 +39,24 @@ def test_zero_updates_give_the_start_file(tmp_path, start, reference):
     res = results(tmp_path, m)
     assert res["selection"]["layers_changed"] == 0 and res["selection"]["start"] == start
     assert res["metrics"] == results(tmp_path, reference)["metrics"]
+
+
+def test_alloc_ft_is_the_allocated_fine_tuning_of_the_selection(tmp_path):
+  """With zero selection updates ``llrc-alloc-ft`` fine-tunes the ``allocated-noft`` file with
+  ``allocated``'s steps, batches and guard, so (no refit) its file is ``allocated``'s."""
+  cli.run(["train", *LM, "--methods", "allocated,llrc-alloc,llrc-alloc-ft", "--select-steps", "0",
+           "--refit-steps", "0", "--steps", "3", "--out", str(tmp_path)])
+  want, want_ranks = compact(tmp_path / "allocated" / "compact.safetensors")
+  got, ranks = compact(tmp_path / "llrc-alloc-ft" / "compact.safetensors")
+  assert ranks == want_ranks and got.keys() == want.keys()
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7, err_msg=k)
+  res, ref = results(tmp_path, "llrc-alloc-ft"), results(tmp_path, "allocated")
+  assert res["train_steps"] == 3 and res["selection_steps"] == 0 and res["selection"]["layers_changed"] == 0
+  assert res["reused"] and res["guard"]["steps"][0]["step"] == "fine-tuning"
+  assert res["recipe"].endswith("fine-tuning 3 steps" + ("" if ref["guard"]["steps"][-1]["kept"] else " (reverted)"))
+  m = ref["main_metric"]
+  np.testing.assert_allclose(res["metrics"]["test"][m], ref["metrics"]["test"][m], rtol=1e-5)
 
 
 def test_updates_move_the_ranks_at_the_budget(tmp_path):

@@ -308,7 +308,8 @@ def add_run_args(ap, *, methods: bool = True, default_methods: Optional[str] = N
                     help="comma list of methods (softlm_jax.run.method_names(): dense, dense-ft; static and "
                     "allocated, each also as -noft (training-free) and -refit (block refit only); for each selection "
                     "rule R: R, R-noft, R-ft, and R-alloc: its selection learned at the budget from the allocation, "
-                    "then the decomposition fit at the learned ranks); "
+                    "then the decomposition fit at the learned ranks, and R-alloc-ft: R-alloc, then fine-tuned as "
+                    "allocated is); "
                     "default: the preset's (lm, glue: allocated,static,dense; lm-softlm, glue-softlm, paper: "
                     "softlm,static,dense)")
   else:
