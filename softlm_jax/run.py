@@ -698,6 +698,14 @@ class Comparison:
 
   # -- training
 
+  def _tune(self, params, steps: int, distill, ckpt: str):
+    """``(state, history)``: ``steps`` updates of every weight of ``params`` (an exported or dense tree)
+    on the task loss with ``distill``'s distillation (:meth:`_distill`), checkpointed in ``ckpt``: the
+    teacher's training and every method's fine-tuning."""
+    return self._fit(params, self.weights_tx(steps, self.tcfg), None,
+                     self.task.train_loss(self.model, distill, self._hidden(distill)),
+                     self._task_batches(distill[0] > 0), ckpt, steps=steps)
+
   def _fit(self, params, tx, cfg, loss, batch_fn, ckpt, **kw):
     t = self.tcfg
     state = train.init_state(params, tx, seed=t.seed, mesh=self.mesh)
@@ -774,9 +782,7 @@ class Comparison:
       trains = method.variant == "ft" or self.task.dense_trains
       steps = (t.teacher_steps or self.steps_for(cr)) if (method.name == "dense" and trains) else self.steps_for(cr)
       if trains:
-        loss = self.task.train_loss(self.model, distill, self._hidden(distill))
-        state, res["history"] = self._fit(self.dense, self.weights_tx(steps, t), None, loss,
-                                          self._task_batches(distill[0] > 0), ckpt, steps=steps)
+        state, res["history"] = self._tune(self.dense, steps, distill, ckpt)
         final, res["train_steps"] = state.params, int(state.step)
       else:
         final, res["train_steps"] = self.dense, 0
@@ -793,9 +799,7 @@ class Comparison:
         if res.get("refit"):  # what the refit alone gave, before the fine-tuning
           _, res["refit"]["metrics"], _ = self.task.evaluate(self.model, final, None)
         steps = self.steps_for(cr)
-        state, res["history"] = self._fit(final, self.weights_tx(steps, t), None,
-                                          self.task.train_loss(self.model, distill, self._hidden(distill)),
-                                          self._task_batches(distill[0] > 0), ckpt, steps=steps)
+        state, res["history"] = self._tune(final, steps, distill, ckpt)
         res["train_steps"] = int(state.step)
         final = self.guarded(method, "fine-tuning", final, state.params, cfg, guard)
       if guard:
@@ -837,11 +841,7 @@ class Comparison:
           final = export_params(trained, cfg)
       if method.tunes_export:  # R-ft: ft_steps; R-alloc-ft: allocated's fine-tuning and guard
         steps0, ft_steps = res["train_steps"], (self.steps_for(cr) if method.selects_ranks else t.ft_steps)
-        ft_state, res["finetune_history"] = self._fit(final, self.weights_tx(ft_steps, t), None,
-                                                      self.task.train_loss(self.model, distill,
-                                                                           self._hidden(distill)),
-                                                      self._task_batches(distill[0] > 0),
-                                                      os.path.join(out, "ckpt_ft"), steps=ft_steps)
+        ft_state, res["finetune_history"] = self._tune(final, ft_steps, distill, os.path.join(out, "ckpt_ft"))
         res["train_steps"], res["selection_steps"] = steps0 + ft_steps, steps0
         if method.selects_ranks:
           guard: list = []
@@ -945,6 +945,7 @@ def recipe(method: Method, cfg: CompressionConfig, res: dict, own: Optional[Reci
   ``"learned ranks on whitened factors: whitened; softlm selection, 190 steps"``; a rank-selecting
   method's starts with the decomposition at its start ranks."""
   parts = [cfg.decomposition]
+  kept = {g["step"]: g["kept"] for g in (res.get("guard") or {}).get("steps", [])}
   if method.selects_ranks:
     sel = res.get("selection", {})
     parts = [f"{cfg.decomposition} at the {sel.get('start', 'allocation')} ranks",
@@ -954,16 +955,14 @@ def recipe(method: Method, cfg: CompressionConfig, res: dict, own: Optional[Reci
              f"{cfg.decomposition} fit at the learned ranks" + ("" if sel.get("refit_kept", True) else
                                                                 " (reverted by the guard)")]
     if method.tunes_export:
-      kept = all(g["kept"] for g in (res.get("guard") or {}).get("steps", []))
-      parts.append(f"fine-tuning {res['train_steps'] - res['selection_steps']} steps" + ("" if kept else
-                                                                                        " (reverted)"))
+      parts.append(f"fine-tuning {res['train_steps'] - res['selection_steps']} steps"
+                   + ("" if kept.get("fine-tuning", True) else " (reverted)"))
   elif method.rule is not None:
     what = "selection with the weights" if method.joint else "selection, weights frozen"
     parts.append(f"{method.rule} {what}, {res.get('selection_steps', res['train_steps'])} steps")
     if method.variant == "ft":
       parts.append(f"fine-tuning {res['train_steps'] - res['selection_steps']} steps")
   else:
-    kept = {g["step"]: g["kept"] for g in (res.get("guard") or {}).get("steps", [])}
     r = res.get("refit")
     if r:
       parts.append(f"refit {r['steps_per_block']}/block ({r['blocks_kept']}/{len(r['blocks'])} blocks kept)"
